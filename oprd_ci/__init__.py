@@ -1,0 +1,1 @@
+"""oprd_ci package."""

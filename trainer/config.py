@@ -1,0 +1,344 @@
+"""The one typed configuration tree of oprd-ci, loaded from ``params.yaml``.
+
+Every default lives here. Every section rejects unknown keys (``extra="forbid"``) and every choice is a
+``Literal``, so a typo in ``params.yaml`` fails at load time with the dotted key, what was given and what is
+allowed, instead of silently running the default.
+
+Sections and who reads them:
+
+==============  =====================================================================================
+``models``      trainer: teacher / student-base locations and load options
+``task``        pipelines (bootstrap): the embedded synthetic task; ``prompts_file`` for real data
+``rollout``     trainer: on-policy sampling (engine, temperature, lengths) and the pre-flight checks
+``distill``     trainer: the objective (OPRD / OPD baselines / combined), steps and batch shape
+``optim``       trainer: AdamW + warm-up/cosine schedule, clipping, precision
+``parallel``    trainer: torchrun / FSDP2 topology
+``checkpoint``  trainer: DCP checkpoint cadence and retention
+``evaluate``    pipelines: sampling and suites for the evaluate stage
+``tracking``    pipelines: MLflow location and cost accounting
+``gate``        pipelines/server: registry location, model name and policy file
+==============  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DistillConfig",
+    "EvalSuite",
+    "EvaluateConfig",
+    "GateConfig",
+    "ModelSource",
+    "ModelsConfig",
+    "OPDConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "Params",
+    "RepConfig",
+    "RolloutConfig",
+    "TaskConfig",
+    "TinyModelSpec",
+    "TrackingConfig",
+    "load_params",
+]
+
+LayerMode = Literal["last", "all", "even", "odd"]
+PositionMode = Literal["last", "all", "last_k", "first_k"]
+Method = Literal["oprd", "opd_sampled", "opd_topk", "full_kl", "combined"]
+PosInt = Annotated[int, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased so the user knows which key to change and how."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------------- models
+class TinyModelSpec(_Section):
+    """Architecture of a config-built Qwen2 model (the embedded default and the tests)."""
+
+    hidden_size: PosInt = 128
+    intermediate_size: PosInt = 512
+    num_hidden_layers: PosInt = 4
+    num_attention_heads: PosInt = 4
+    num_key_value_heads: PosInt = 4
+    max_position_embeddings: PosInt = 64
+    rope_theta: float = 1.0e4
+    tie_word_embeddings: bool = True
+
+
+class ModelSource(_Section):
+    """Where one model comes from: a local Hugging Face directory (safetensors only)."""
+
+    path: str
+    revision: str | None = None
+    """Free-form identity recorded in lineage (e.g. the hub commit the directory was downloaded at)."""
+
+
+class ModelsConfig(_Section):
+    teacher: ModelSource = ModelSource(path="artifacts/models/teacher")
+    student: ModelSource = ModelSource(path="artifacts/models/student-base")
+    tokenizer: str | None = None
+    """Tokenizer directory; ``None`` means the student's directory."""
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of the loaded weights (the trainer keeps fp32 masters for the student)."""
+    embedded: bool = True
+    """True: the bootstrap stage builds the tiny task, tokenizer, teacher and student base itself."""
+    tiny: TinyModelSpec = TinyModelSpec()
+
+
+# ----------------------------------------------------------------------------------------------------- task
+class TaskConfig(_Section):
+    """The embedded synthetic reasoning task (multi-step arithmetic with a worked chain and ``\\boxed{}``)."""
+
+    seed: int = 0
+    num_train: PosInt = 5000
+    num_val: PosInt = 200
+    num_eval: PosInt = 500
+    teacher_steps: PosInt = 2500
+    student_base_step: PosInt = 900
+    """The student base is this early checkpoint of the teacher's own training run (shared lineage)."""
+    prompts_file: str | None = None
+    """A json/jsonl/parquet file with a ``prompt`` column to use instead of the embedded prompts."""
+
+
+# -------------------------------------------------------------------------------------------------- rollout
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    max_new_tokens: PosInt = 42
+    num_prompts: PosInt = 64
+    """Prompts used by the rollout stage for pre-flight statistics."""
+    n_responses: PosInt = 1
+    min_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.3
+    """Refuse vanilla OPRD when the mean per-layer student/teacher cosine on the student's own rollouts is below
+    this (unrelated hidden bases: raw-MSE OPRD destroys the student)."""
+    allow_unaligned: bool = False
+    """Explicit override of the ``min_cosine`` refusal."""
+
+
+# -------------------------------------------------------------------------------------------------- distill
+class RepConfig(_Section):
+    """Representation (hidden-state) loss, oprd-method.md section 2."""
+
+    layers: LayerMode | list[PosInt] = "all"
+    """``last | all | even | odd`` or explicit HF hidden-state indices (1..L; 0 = embeddings is never used)."""
+    positions: PositionMode = "all"
+    k: PosInt = 2000
+    """Width for ``last_k`` / ``first_k``."""
+    normalize: bool = False
+    """False: raw MSE/d (paper Eq. 6, reference ``main``). True: L2-normalized vectors (``OPRD-Bridge`` HEAD)."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    coef: NonNegFloat = 1.0
+
+
+class OPDConfig(_Section):
+    """Output-space baselines, oprd-method.md section 4."""
+
+    top_k: PosInt = 16
+    weight: Literal["student_p", "teacher_p", "none"] = "student_p"
+    teacher_temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    kl_chunk_size: PosInt = 256
+    """Tokens per chunk for the chunked full-vocabulary reverse KL."""
+    mu: NonNegFloat = 1.0
+    """Weight of the representation term in ``combined`` (``opd_sampled + mu * rep``)."""
+
+
+class DistillConfig(_Section):
+    method: Method = "oprd"
+    steps: PosInt = 300
+    prompts_per_step: PosInt = 16
+    n_responses: PosInt = 4
+    seed: int = 0
+    rep: RepConfig = RepConfig()
+    opd: OPDConfig = OPDConfig()
+    log_every: PosInt = 1
+    eval_every: int = Field(default=25, ge=0)
+    """Greedy validation accuracy every N steps (0 = off); used to choose the exported checkpoint."""
+    select_best: bool = True
+    """Export the checkpoint with the best validation accuracy instead of the last one."""
+
+
+class OptimConfig(_Section):
+    lr: Annotated[float, Field(gt=0.0)] = 1.0e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: NonNegFloat = 0.01
+    grad_clip: NonNegFloat = 1.0
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    fused: bool | None = None
+    """``None``: fused AdamW where torch supports it for the parameters' device."""
+    bf16: bool = False
+    """bf16 autocast for forward passes (fp32 master weights). Off by default on CPU: no speed-up there."""
+    num_threads: int = Field(default=0, ge=0)
+    """torch intra-op threads per process (0 = leave torch's default)."""
+
+
+class ParallelConfig(_Section):
+    nproc_per_node: PosInt = 1
+    nnodes: PosInt = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    rdzv_endpoint: str | None = None
+
+
+class CheckpointConfig(_Section):
+    dir: str = "artifacts/checkpoints"
+    every: int = Field(default=50, ge=0)
+    """Save every N steps (0 = only at the end)."""
+    keep_last: PosInt = 2
+    resume: bool = True
+
+
+# ------------------------------------------------------------------------------------------------- evaluate
+class EvalSuite(_Section):
+    name: str
+    path: str | None = None
+    """``None`` for the embedded held-out set; else a json/jsonl/parquet file with prompt/answer columns."""
+    limit: int | None = Field(default=None, gt=0)
+
+
+class EvaluateConfig(_Section):
+    k: PosInt = 4
+    temperature: NonNegFloat = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    max_new_tokens: PosInt = 42
+    batch_size: PosInt = 128
+    seed: int = 1234
+    suites: list[EvalSuite] = [EvalSuite(name="embedded")]
+
+
+# ------------------------------------------------------------------------------------------ tracking / gate
+class TrackingConfig(_Section):
+    uri: str | None = None
+    """``None``: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the project root."""
+    experiment: str = "oprd-ci"
+    price_per_device_hour: NonNegFloat = 0.05
+    """USD per device-hour, for the cost estimate the gate budgets (a CPU core-hour by default)."""
+    retries: int = Field(default=3, ge=0)
+
+
+class GateConfig(_Section):
+    model_name: str = "oprd-student"
+    registry_url: str | None = None
+    """``None``: ``$OPRD_REGISTRY_URL`` if set, else the registry app in-process on the local database."""
+    policy: str = "policies/default.yaml"
+    alias: str = "champion"
+
+
+# --------------------------------------------------------------------------------------------------- root
+class Params(_Section):
+    """The root of ``params.yaml``."""
+
+    seed: int = 0
+    models: ModelsConfig = ModelsConfig()
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    distill: DistillConfig = DistillConfig()
+    optim: OptimConfig = OptimConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    gate: GateConfig = GateConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        rep = self.distill.rep
+        if isinstance(rep.layers, list) and len(set(rep.layers)) != len(rep.layers):
+            raise ValueError(f"distill.rep.layers has duplicates: {rep.layers}; list each HF index once")
+        if self.distill.method in ("opd_topk",) and self.distill.opd.top_k < 2:
+            raise ValueError("distill.opd.top_k must be >= 2 for opd_topk (use opd_sampled for a single token)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- load
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at ``loc`` (for 'did you mean')."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return sorted(cls.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = Params) -> str:
+    """One line per problem: ``source: dotted.key: what is wrong (got X); allowed/hint``."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean '{guess[0]}'? " if guess else ""
+            lines.append(f"{source}: {key}: unknown key; {hint}allowed keys here: {', '.join(allowed)}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Params:
+    """Load and validate ``params.yaml``.
+
+    ``path=None`` (or a missing default ``params.yaml``) gives the built-in defaults. ``overrides`` are dotted keys,
+    either a dict or ``["distill.method=opd_sampled", ...]`` with YAML-parsed values (as ``dvc exp run -S``).
+    Raises :class:`ConfigError` with one readable line per problem.
+    """
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if p.exists():
+            source = str(p)
+            try:
+                loaded = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+            tree = loaded
+        elif str(path) != "params.yaml":
+            raise ConfigError(f"{p}: no such config file")
+    if isinstance(overrides, list):
+        parsed: dict[str, Any] = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. distill.method=opd_sampled")
+            k, v = item.split("=", 1)
+            parsed[k.strip()] = yaml.safe_load(v)
+        overrides = parsed
+    for k, v in (overrides or {}).items():
+        _set_dotted(tree, k, v)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
