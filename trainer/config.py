@@ -113,6 +113,21 @@ class TaskConfig(_Section):
     """The student base is this early checkpoint of the teacher's own training run (shared lineage)."""
     prompts_file: str | None = None
     """A json/jsonl/parquet file with a ``prompt`` column to use instead of the embedded prompts."""
+    teacher_lr: Annotated[float, Field(gt=0.0)] = 2.0e-3
+    """Peak AdamW learning rate of the teacher's from-scratch SFT (betas 0.9/0.98, wd 0.01, clip 1.0)."""
+    teacher_batch_size: PosInt = 64
+    """Sequences per teacher SFT step, drawn fresh from the problem generator (never val/eval prompts)."""
+    teacher_warmup_steps: int = Field(default=100, ge=0)
+    """Linear warm-up steps; then cosine decay over the rest of ``teacher_steps`` (a constant lr oscillates)."""
+    teacher_min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    """Final lr of the cosine schedule as a fraction of ``teacher_lr``."""
+    teacher_target_acc: Annotated[float, Field(gt=0.0, le=1.0)] = 0.97
+    """Stop the teacher run early once greedy val accuracy reaches this (only after ``student_base_step``)."""
+    eval_every: PosInt = 100
+    """Greedy val-accuracy evaluation every N teacher steps (the best one becomes the teacher)."""
+    num_threads: int = Field(default=1, ge=0)
+    """torch intra-op threads for the bootstrap (0 = torch's default). Weights are byte-identical for one seed
+    and one thread count; 1 avoids OpenMP oversubscription on shared 2-core machines."""
 
 
 # -------------------------------------------------------------------------------------------------- rollout
@@ -262,7 +277,9 @@ class Params(_Section):
         if isinstance(rep.layers, list) and len(set(rep.layers)) != len(rep.layers):
             raise ValueError(f"distill.rep.layers has duplicates: {rep.layers}; list each HF index once")
         if self.distill.method in ("opd_topk",) and self.distill.opd.top_k < 2:
-            raise ValueError("distill.opd.top_k must be >= 2 for opd_topk (use opd_sampled for a single token)")
+            raise ValueError(
+                "distill.opd.top_k must be >= 2 for opd_topk (use opd_sampled for a single token)"
+            )
         return self
 
 
@@ -272,7 +289,9 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     cls: Any = model
     for part in loc[:-1]:
         field = cls.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return []
         cls = field.annotation
     return sorted(cls.model_fields)
@@ -306,7 +325,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Params:
+def load_params(
+    path: str | Path | None = "params.yaml", overrides: dict[str, Any] | list[str] | None = None
+) -> Params:
     """Load and validate ``params.yaml``.
 
     ``path=None`` (or a missing default ``params.yaml``) gives the built-in defaults. ``overrides`` are dotted keys,
@@ -324,7 +345,9 @@ def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, An
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
             if not isinstance(loaded, dict):
-                raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+                raise ConfigError(
+                    f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}"
+                )
             tree = loaded
         elif str(path) != "params.yaml":
             raise ConfigError(f"{p}: no such config file")
