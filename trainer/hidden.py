@@ -210,6 +210,7 @@ def capture_hidden_states(
     positions: PositionMode,
     k: int = 1,
     with_logits: bool = False,
+    shift: int = 0,
 ) -> SelectedStates:
     """Run ``model`` once and return the selected hidden states at the response slots.
 
@@ -221,6 +222,8 @@ def capture_hidden_states(
         with_logits: also return next-token logits for the R response tokens (``[B, R, V]``, computed from
             the R positions before each response token only); used by the OPD and combined objectives so that
             both terms come from one forward.
+        shift: 0 = the response slots themselves (OPRD semantics); 1 = the slots *predicting* each response
+            token (positions ``[-R-1:-1]``), used to compute output distributions from final states.
 
     Grad flows through the returned states when called with grad enabled; call under ``torch.no_grad()``
     for the teacher. No ``[B, P+R, V]`` logits are ever built.
@@ -233,7 +236,8 @@ def capture_hidden_states(
     def make_hook(index: int):
         def hook(_mod: nn.Module, _inp: tuple, out: Tensor | tuple) -> None:
             h = out[0] if isinstance(out, tuple) else out
-            captured[index] = h[:, -r:, :]  # slice to response slots before anything else
+            end = h.shape[1] - shift
+            captured[index] = h[:, end - r : end, :]  # slice to response slots before anything else
 
         return hook
 

@@ -1,0 +1,209 @@
+"""The per-step objective of each distillation method: what the no-grad passes compute, and the student loss.
+
+A step is ``targets = objective.prepare(student, teacher, batch)`` (no grad: the teacher pass, plus the student's
+old-log-prob pass for output-space methods, as the reference does) followed by
+``loss, metrics = objective.loss(student, batch, targets, denominators)`` (one student forward with grad).
+
+==============  ==========================================================  =========================================
+method          no-grad passes                                              student forward (with grad)
+==============  ==========================================================  =========================================
+``oprd``        teacher: selected hidden states only (no logits)            selected hidden states only (no logits)
+``opd_sampled`` student: log p_old(ŷ); teacher: log q(ŷ)                    logits at the R response positions
+``opd_topk``    student: top-k ids + log p_old; teacher: log q at the ids   logits at the R response positions
+``full_kl``     teacher: logits (plain) or final states (chunked)           logits (plain) or final states (chunked)
+``combined``    student: log p_old(ŷ); teacher: states + log q(ŷ)           states + logits, one forward
+==============  ==========================================================  =========================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from trainer.config import DistillConfig
+from trainer.hidden import capture_hidden_states, num_decoder_layers
+from trainer.losses import (
+    combined_loss,
+    full_vocab_reverse_kl,
+    full_vocab_reverse_kl_chunked,
+    opd_sampled_token_loss,
+    opd_topk_loss,
+    representation_cosine,
+    representation_loss,
+    token_logprobs,
+)
+from trainer.models import LayerPlan
+from trainer.rollout import RolloutBatch
+
+__all__ = ["Denominators", "Objective", "Targets"]
+
+
+@dataclass
+class Targets:
+    """What the no-grad passes produced for one rollout batch (shapes: B rows, R response slots)."""
+
+    states: Tensor | None = None  # [B, Λ, W, D] teacher states, compute dtype
+    state_mask: Tensor | None = None  # [B, W]
+    token_logprobs: Tensor | None = None  # [B, R] teacher log q(ŷ_t)
+    old_logprobs: Tensor | None = None  # [B, R] or [B, R, k] student no-grad log-probs
+    topk_ids: Tensor | None = None  # [B, R, k]
+    topk_logprobs: Tensor | None = None  # [B, R, k] teacher log q at the student's top-k ids
+    logits: Tensor | None = None  # [B, R, V] teacher logits (plain full-vocab KL)
+    final_states: Tensor | None = None  # [B, R, D_T] teacher final states predicting each token (chunked KL)
+    head_weight: Tensor | None = None  # [V, D_T] teacher LM head (chunked KL)
+
+    def to(self, device: torch.device) -> Targets:
+        return Targets(
+            **{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        )
+
+
+@dataclass
+class Denominators:
+    """Global (all ranks, all micro-batches) counts the losses are normalized by."""
+
+    selected: Tensor  # selected representation slots
+    response: Tensor  # valid response tokens
+
+
+def _full(t: Tensor) -> Tensor:
+    """A plain tensor from a possibly FSDP2-sharded parameter (teacher weights are constants)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Objective:
+    """Binds a :class:`DistillConfig` and a :class:`LayerPlan` to the no-grad and grad passes of one step."""
+
+    def __init__(
+        self, cfg: DistillConfig, plan: LayerPlan, *, monitor_cosine: bool = True, chunked_kl: bool = True
+    ):
+        self.cfg = cfg
+        self.plan = plan
+        self.method = cfg.method
+        self.uses_states = self.method in ("oprd", "combined")
+        self.monitor_cosine = monitor_cosine
+        # Capturing states for cosine monitoring in OPD runs costs memory; the benchmark turns it off.
+        self.capture_states = self.uses_states or monitor_cosine
+        self.chunked_kl = chunked_kl
+
+    # ----------------------------------------------------------------------------------------- no grad
+    @torch.no_grad()
+    def prepare(self, student: nn.Module, teacher: nn.Module, batch: RolloutBatch) -> Targets:
+        rep, opd = self.cfg.rep, self.cfg.opd
+        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
+        resp_ids = batch.input_ids[:, -batch.response_mask.shape[1] :]
+        out = Targets()
+        if self.method in ("opd_sampled", "combined", "opd_topk"):
+            # The reference's compute_log_prob pass; equal to the update's detached values on-policy.
+            s = capture_hidden_states(student, *args, [num_decoder_layers(student)], "last", with_logits=True)
+            if self.method == "opd_topk":
+                out.topk_ids = s.logits.topk(opd.top_k, dim=-1).indices
+                out.old_logprobs = token_logprobs(s.logits, out.topk_ids)
+            else:
+                out.old_logprobs = token_logprobs(s.logits, resp_ids)
+            del s
+        if self.method == "full_kl":
+            if self.chunked_kl:
+                t = capture_hidden_states(teacher, *args, [num_decoder_layers(teacher)], "all", shift=1)
+                out.final_states = t.states[:, 0]
+                out.head_weight = _full(teacher.get_output_embeddings().weight)
+            else:
+                t = capture_hidden_states(
+                    teacher, *args, [num_decoder_layers(teacher)], "last", with_logits=True
+                )
+                out.logits = t.logits
+            return out
+        layers = self.plan.teacher if self.capture_states else [num_decoder_layers(teacher)]
+        positions = rep.positions if self.capture_states else "last"
+        want_logits = self.method != "oprd"
+        t = capture_hidden_states(teacher, *args, layers, positions, rep.k, with_logits=want_logits)
+        if self.capture_states:
+            out.states, out.state_mask = t.states, t.mask
+        if self.method in ("opd_sampled", "combined"):
+            out.token_logprobs = token_logprobs(t.logits, resp_ids, opd.teacher_temperature)
+        elif self.method == "opd_topk":
+            out.topk_logprobs = token_logprobs(t.logits, out.topk_ids, opd.teacher_temperature)
+        return out
+
+    def denominators(self, batch: RolloutBatch, targets: Targets) -> Denominators:
+        """Local counts; the trainer all-reduces them (SUM) across ranks before :meth:`loss`."""
+        sel = targets.state_mask.sum() if targets.state_mask is not None else batch.response_mask.sum()
+        return Denominators(selected=sel.float(), response=batch.response_mask.sum().float())
+
+    # ------------------------------------------------------------------------------------------- grad
+    def loss(
+        self, student: nn.Module, batch: RolloutBatch, targets: Targets, den: Denominators
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Student forward with grad and the method's loss; returns ``(loss, metrics)``.
+
+        ``metrics`` holds Python floats of the local contribution: ``loss/<term>`` and, when states are captured,
+        ``rep/cosine/layer_<i>`` per HF layer index.
+        """
+        rep, opd = self.cfg.rep, self.cfg.opd
+        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
+        resp_ids = batch.input_ids[:, -batch.response_mask.shape[1] :]
+        mask = batch.response_mask
+        metrics: dict[str, float] = {}
+        if self.method == "full_kl":
+            return self._full_kl(student, args, targets, mask, den)
+        want_logits = self.method != "oprd"
+        layers = self.plan.student if self.capture_states else [num_decoder_layers(student)]
+        positions = rep.positions if self.capture_states else "last"
+        s = capture_hidden_states(student, *args, layers, positions, rep.k, with_logits=want_logits)
+        rep_loss = opd_loss = None
+        if self.uses_states:
+            rep_loss = representation_loss(
+                s.states, targets.states, targets.state_mask,
+                normalize=rep.normalize, aggregation=rep.aggregation,
+                coef=rep.coef if self.method == "oprd" else 1.0, denominator=den.selected,
+            )  # fmt: skip
+            metrics["loss/rep"] = rep_loss.item()
+        if self.capture_states and targets.states is not None:
+            for idx, c in zip(
+                self.plan.student, representation_cosine(s.states, targets.states, s.mask), strict=True
+            ):
+                metrics[f"rep/cosine/layer_{idx}"] = c.item()
+        if self.method in ("opd_sampled", "combined"):
+            lp = token_logprobs(s.logits, resp_ids)
+            opd_loss = opd_sampled_token_loss(
+                lp, targets.token_logprobs, mask, old_logprobs=targets.old_logprobs, denominator=den.response
+            )
+        elif self.method == "opd_topk":
+            lp = token_logprobs(s.logits, targets.topk_ids)
+            opd_loss = opd_topk_loss(
+                lp, targets.topk_logprobs, mask, old_logprobs=targets.old_logprobs,
+                weight=opd.weight, denominator=den.response,
+            )  # fmt: skip
+        if opd_loss is not None:
+            metrics["loss/opd"] = opd_loss.item()
+        if self.method == "combined":
+            loss = combined_loss(opd_loss, rep_loss, opd.mu)
+        else:
+            loss = rep_loss if self.method == "oprd" else opd_loss
+        metrics["loss/total"] = loss.item()
+        return loss, metrics
+
+    def _full_kl(self, student, args, targets: Targets, mask: Tensor, den: Denominators):
+        opd = self.cfg.opd
+        n_s = num_decoder_layers(student)
+        if self.chunked_kl:
+            s = capture_hidden_states(student, *args, [n_s], "all", shift=1)
+            flat = mask.reshape(-1).bool()
+            hs = s.states[:, 0].reshape(-1, s.states.shape[-1])[flat]
+            ht = targets.final_states.reshape(-1, targets.final_states.shape[-1])[flat]
+            loss = full_vocab_reverse_kl_chunked(
+                hs, student.get_output_embeddings().weight, ht, targets.head_weight, torch.ones(hs.shape[0]),
+                chunk_size=opd.kl_chunk_size, teacher_temperature=opd.teacher_temperature, denominator=den.response,
+            )  # fmt: skip
+        else:
+            s = capture_hidden_states(student, *args, [n_s], "last", with_logits=True)
+            loss = full_vocab_reverse_kl(
+                s.logits,
+                targets.logits,
+                mask,
+                teacher_temperature=opd.teacher_temperature,
+                denominator=den.response,
+            )
+        return loss, {"loss/kl": loss.item(), "loss/total": loss.item()}
