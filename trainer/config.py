@@ -108,7 +108,8 @@ class TaskConfig(_Section):
     num_train: PosInt = 5000
     num_val: PosInt = 200
     num_eval: PosInt = 500
-    teacher_steps: PosInt = 2500
+    teacher_steps: PosInt = 2000
+    """Length of the teacher run and of its cosine lr schedule (it may stop earlier, see ``teacher_target_acc``)."""
     student_base_step: PosInt = 900
     """The student base is this early checkpoint of the teacher's own training run (shared lineage)."""
     prompts_file: str | None = None
