@@ -1,0 +1,230 @@
+"""Alias moves: compare-and-set on the alias revision, one audit row and one outbox row per move, all in the
+caller's transaction. Rollback is a new event (a move back), never a deletion of history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from server.auth import Principal
+from server.errors import Conflict, Forbidden, NotFound
+from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem, Policy, RegisteredModel, utcnow
+from server.registry import ensure_ready, get_model, get_version, next_audit_seq
+
+MOVE_ACTIONS = ("promote", "rollback", "auto_rollback")
+
+
+@dataclass(frozen=True)
+class Move:
+    action: str
+    to_version: int
+    expected_revision: int
+    reason: str
+    decision_id: int | None = None
+    policy_version: int | None = None
+    override: bool = False
+
+
+def get_alias(s: Session, model: RegisteredModel, alias: str, *, lock: bool = False) -> Alias | None:
+    stmt = select(Alias).where(Alias.model_id == model.id, Alias.alias == alias)
+    return s.scalar(stmt.with_for_update() if lock else stmt)
+
+
+def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, move: Move) -> Alias:
+    """CAS the alias from ``move.expected_revision`` to ``revision + 1``; write the audit and outbox rows.
+
+    The caller holds the model lock. Raises Conflict on a stale revision or a no-op move.
+    """
+    row = get_alias(s, model, alias, lock=True)
+    current = row.revision if row is not None else 0
+    if move.expected_revision != current:
+        raise Conflict(
+            f"expected_revision: {model.name}@{alias} is at revision {current}, not {move.expected_revision}"
+        )
+    from_version = row.version if row is not None else None
+    if from_version == move.to_version:
+        raise Conflict(f"version: {model.name}@{alias} already points to v{move.to_version}")
+    if row is None:
+        row = Alias(model_id=model.id, alias=alias, version=move.to_version, revision=1)
+        s.add(row)
+        s.flush()
+    else:
+        res = s.execute(
+            update(Alias)
+            .where(Alias.id == row.id, Alias.revision == current)
+            .values(version=move.to_version, revision=current + 1, updated_at=utcnow())
+            .execution_options(synchronize_session="fetch")
+        )
+        if res.rowcount != 1:  # belt and braces: the lock should make this impossible
+            raise Conflict(f"expected_revision: {model.name}@{alias} changed concurrently")
+        s.refresh(row)
+    s.add(
+        AuditEvent(
+            model_id=model.id,
+            seq=next_audit_seq(model),
+            action=move.action,
+            alias=alias,
+            from_version=from_version,
+            to_version=move.to_version,
+            alias_revision=row.revision,
+            actor=who.name,
+            role=who.role,
+            reason=move.reason,
+            decision_id=move.decision_id,
+            policy_version=move.policy_version,
+            override=move.override,
+        )
+    )
+    s.add(
+        OutboxItem(
+            kind="set_alias", model_name=model.name, payload={"alias": alias, "version": move.to_version}
+        )
+    )
+    return row
+
+
+def current_policy(s: Session, model: RegisteredModel) -> Policy | None:
+    return s.scalar(
+        select(Policy).where(Policy.model_id == model.id).order_by(Policy.version.desc()).limit(1)
+    )
+
+
+def check_promotable(
+    s: Session, who: Principal, model: RegisteredModel, mv: ModelVersion, *, override: bool
+) -> tuple[Decision | None, Policy | None]:
+    """The decision that allows promoting ``mv`` under the current policy, or raise Conflict/Forbidden.
+
+    An override skips the policy but needs the admin role; it is recorded on the audit row.
+    """
+    ensure_ready(mv)
+    policy = current_policy(s, model)
+    decision = s.scalar(
+        select(Decision).where(Decision.model_version_id == mv.id).order_by(Decision.id.desc()).limit(1)
+    )
+    if override:
+        if not who.at_least("admin"):
+            raise Forbidden("override: only the admin role may promote against the policy")
+        return decision, policy
+    if policy is None:
+        raise Conflict(f"policy: {model.name} has no policy; an admin must set one (oprd-ci policy set)")
+    if decision is None:
+        raise Conflict(f"gate: v{mv.version} has no decision; submit evidence first (oprd-ci gate)")
+    if decision.policy_id != policy.id:
+        raise Conflict(
+            f"gate: v{mv.version} was decided under an older policy; resubmit evidence for policy v{policy.version}"
+        )
+    if decision.verdict != "PROMOTE":
+        failing = [
+            f"{c['criterion']}{'/' + c['suite'] if c.get('suite') else ''}"
+            for c in decision.criteria
+            if c["status"] in ("FAIL", "INCONCLUSIVE")
+        ]
+        raise Conflict(
+            f"gate: v{mv.version} decision {decision.id} is {decision.verdict} (failing: {', '.join(failing)})"
+        )
+    return decision, policy
+
+
+def promote(
+    s: Session,
+    who: Principal,
+    name: str,
+    alias: str,
+    *,
+    version: int,
+    expected_revision: int,
+    reason: str,
+    override: bool,
+) -> Alias:
+    model = get_model(s, name, lock=True)
+    mv = get_version(s, model, version)
+    decision, policy = check_promotable(s, who, model, mv, override=override)
+    return move_alias(
+        s,
+        who,
+        model,
+        alias,
+        Move(
+            action="promote",
+            to_version=version,
+            expected_revision=expected_revision,
+            reason=reason,
+            decision_id=decision.id if decision else None,
+            policy_version=policy.version if policy else None,
+            override=override,
+        ),
+    )
+
+
+def rollback_target(s: Session, model: RegisteredModel, alias: str, to_version: int | None) -> int:
+    """The version a rollback of ``alias`` goes to.
+
+    Default: walking the alias history backwards from the latest promotion of the current version, the
+    previous *promoted* READY version (so repeated rollbacks step back through promotions, not toggle).
+    With ``to_version``: it must have been pointed to by this alias before and still be READY.
+    """
+    row = get_alias(s, model, alias)
+    if row is None:
+        raise NotFound(f"alias: {model.name}@{alias} does not exist")
+    events = s.execute(
+        select(AuditEvent.seq, AuditEvent.action, AuditEvent.to_version)
+        .where(
+            AuditEvent.model_id == model.id, AuditEvent.alias == alias, AuditEvent.action.in_(MOVE_ACTIONS)
+        )
+        .order_by(AuditEvent.seq.desc())
+    ).all()
+    ready = set(
+        s.scalars(
+            select(ModelVersion.version).where(
+                ModelVersion.model_id == model.id, ModelVersion.status == "READY"
+            )
+        )
+    )
+    if to_version is not None:
+        if to_version not in {e.to_version for e in events}:
+            raise Conflict(f"to_version: v{to_version} was never {model.name}@{alias}")
+        if to_version not in ready:
+            raise Conflict(f"to_version: v{to_version} is retired")
+        return to_version
+    anchor = next((e.seq for e in events if e.action == "promote" and e.to_version == row.version), None)
+    for e in events:
+        if (
+            anchor is not None
+            and e.seq < anchor
+            and e.action == "promote"
+            and e.to_version != row.version
+            and e.to_version in ready
+        ):
+            return e.to_version
+    raise Conflict(f"to_version: {model.name}@{alias} has no earlier promoted READY version to roll back to")
+
+
+def rollback(
+    s: Session,
+    who: Principal,
+    name: str,
+    alias: str,
+    *,
+    expected_revision: int,
+    reason: str,
+    to_version: int | None,
+    action: str = "rollback",
+    decision_id: int | None = None,
+) -> Alias:
+    model = get_model(s, name, lock=True)
+    target = rollback_target(s, model, alias, to_version)
+    return move_alias(
+        s,
+        who,
+        model,
+        alias,
+        Move(
+            action=action,
+            to_version=target,
+            expected_revision=expected_revision,
+            reason=reason,
+            decision_id=decision_id,
+        ),
+    )

@@ -1,0 +1,95 @@
+"""``create_app``: the registry ASGI app (routes, auth, body guard, migrations, token bootstrap, reconciler).
+
+The same app serves HTTP (``oprd-ci serve``) and in-process CLI calls (``local_actor`` set: requests without
+a token act as that local admin on the local database).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server.auth import authorize, ensure_token, parse_token_list
+from server.body_guard import BodyGuard
+from server.db import Database
+from server.errors import RegistryError
+from server.migrate import upgrade
+from server.mlflow_mirror import MlflowMirror
+from server.reconciler import Reconciler
+from server.routes import admin, aliases, versions
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def _bootstrap_tokens(db: Database, settings: ServerSettings) -> None:
+    entries = parse_token_list(settings.tokens) if settings.tokens else []
+    if settings.admin_token:
+        entries.append(("bootstrap-admin", "admin", settings.admin_token))
+
+    def tx(s):  # type: ignore[no-untyped-def]
+        for name, role, secret in entries:
+            ensure_token(s, name=name, role=role, secret=secret)
+
+    if entries:
+        db.transact(tx)
+
+
+def create_app(
+    settings: ServerSettings | None = None, *, local_actor: str | None = None, run_reconciler: bool = True
+) -> FastAPI:
+    """Build the app. Migrations run and tokens are ensured here (synchronously), so a returned app is ready.
+
+    Args:
+        settings: deployment settings; default ``ServerSettings()`` from the environment.
+        local_actor: in-process mode; token-less requests act as admin ``local:<local_actor>``.
+        run_reconciler: start the background MLflow reconciler in the lifespan (tests may drive it by hand).
+    """
+    settings = settings or ServerSettings()
+    db = Database(settings)
+    upgrade(db.engine)
+    _bootstrap_tokens(db, settings)
+    mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
+    reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if run_reconciler:
+            reconciler.start()
+        try:
+            yield
+        finally:
+            reconciler.stop()
+            db.dispose()
+
+    app = FastAPI(
+        title="oprd-ci registry",
+        version="1",
+        lifespan=lifespan,
+        dependencies=[Depends(authorize)],
+        responses={401: {"description": "missing or invalid token"}, 403: {"description": "role too low"}},
+    )
+    app.state.settings, app.state.db, app.state.reconciler, app.state.local_actor = (
+        settings,
+        db,
+        reconciler,
+        local_actor,
+    )
+    for router in (versions.router, aliases.router, admin.router):
+        app.include_router(router)
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: ``uvicorn --factory server.app:app_from_env``."""
+    return create_app()

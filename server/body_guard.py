@@ -1,0 +1,93 @@
+"""ASGI middleware that vets request bodies before FastAPI parses them.
+
+- larger than ``max_body_bytes`` (declared or streamed) -> 413
+- a body on POST/PUT/PATCH that is not ``application/json`` -> 415
+- JSON with duplicate keys -> 422 (``json`` would silently keep the last one; an attacker could hide a field)
+The raw body is kept in ``scope["oprd.body"]`` for the idempotency fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate JSON key {k!r}")
+        out[k] = v
+    return out
+
+
+class BodyGuard:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app, self.max = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max):
+            await _error(
+                send, 413, "body: larger than the limit" if declared.isdigit() else "content-length: invalid"
+            )
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max:
+                await _error(send, 413, f"body: larger than {self.max} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body:
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                await _error(send, 415, "content-type: must be application/json")
+                return
+            try:
+                json.loads(body, object_pairs_hook=_reject_duplicates)
+            except ValueError as exc:
+                await _error(send, 422, f"body: {exc}")
+                return
+        scope["oprd.body"] = body
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _error(send: Send, status: int, detail: str) -> None:
+    payload = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

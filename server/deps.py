@@ -1,0 +1,34 @@
+"""Typed dependency aliases shared by the route modules."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Query, Request
+
+from server.db import Database
+from server.names import NAME_PATTERN
+from server.reconciler import Reconciler
+from server.settings import ServerSettings
+
+ModelName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=128, description="Registered model name")]
+AliasName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=128, description="Alias, e.g. champion")]
+VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="Model version number")]
+
+
+def get_db(request: Request) -> Database:
+    return request.app.state.db
+
+
+def get_settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+def get_reconciler(request: Request) -> Reconciler:
+    return request.app.state.reconciler
+
+
+DbDep = Annotated[Database, Depends(get_db)]
+SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
+AliasQuery = Annotated[str, Query(pattern=NAME_PATTERN, max_length=128, description="Alias the gate moves")]

@@ -1,0 +1,78 @@
+"""Exactly-once mutations: run a unit of work in one transaction, optionally keyed by ``Idempotency-Key``.
+
+The stored outcome (status + JSON body) of a successful request is written in the same transaction as its
+effects, so a retry with the same key and the same request replays it (``Idempotent-Replayed: true``) and
+changes nothing; the same key with a different request is refused with 422. Concurrent requests with one
+key serialise on the model lock (PostgreSQL) or the write lock (SQLite), so the second one sees the first's
+record instead of doing the work twice. Failed requests store nothing: they changed nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+
+from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from server.auth import Principal
+from server.errors import Invalid
+from server.orm import IdempotencyRecord, OutboxItem, RegisteredModel
+
+_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_fingerprint(request: Request) -> str:
+    body: bytes = request.scope.get("oprd.body", b"")
+    return hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + body).hexdigest()
+
+
+def run_mutation(
+    request: Request,
+    who: Principal,
+    model_name: str | None,
+    work: Callable[[Session], BaseModel],
+    status_code: int = 200,
+) -> JSONResponse:
+    """Run ``work(session)`` in a retried write transaction with idempotency-key handling; after commit, wait
+    briefly for the reconciler to mirror the new outbox rows to MLflow (best effort, never changes the body)."""
+    state = request.app.state
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _KEY.match(key):
+        raise Invalid("Idempotency-Key: 1-128 characters from [A-Za-z0-9._:-]")
+    fingerprint = request_fingerprint(request)
+
+    def tx(s: Session) -> tuple[int, dict, bool, int]:
+        if model_name is not None:
+            # Lock first, then look for the key: a concurrent duplicate waits here and then replays.
+            s.scalar(select(RegisteredModel.id).where(RegisteredModel.name == model_name).with_for_update())
+        if key is not None:
+            rec = s.get(IdempotencyRecord, (key, who.name))
+            if rec is not None:
+                if rec.request_sha256 != fingerprint:
+                    raise Invalid("Idempotency-Key: already used with a different request")
+                return rec.status_code, rec.response, True, 0
+        body = jsonable_encoder(work(s))
+        if key is not None:
+            s.add(
+                IdempotencyRecord(
+                    key=key,
+                    actor=who.name,
+                    request_sha256=fingerprint,
+                    status_code=status_code,
+                    response=body,
+                )
+            )
+        s.flush()
+        return status_code, body, False, s.scalar(select(func.max(OutboxItem.id))) or 0
+
+    code, body, replayed, outbox_id = state.db.transact(tx)
+    if outbox_id and state.reconciler.mirror is not None:
+        state.reconciler.wait_applied(outbox_id, state.settings.sync_wait_s)
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    return JSONResponse(body, status_code=code, headers=headers)

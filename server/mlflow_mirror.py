@@ -1,0 +1,78 @@
+"""The only code that writes to MLflow: idempotent application of outbox rows to the model registry.
+
+Every operation can be replayed safely: registered-model creation tolerates "already exists", a model
+version that already exists with the expected number is left alone, and ``set_registered_model_alias`` is
+an upsert. A version number MLflow assigns that differs from ours is a divergence and raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+
+class MirrorDivergence(RuntimeError):
+    """MLflow holds state that contradicts the registry database and cannot be fixed by a replay."""
+
+
+class MlflowMirror:
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        # Created lazily: a sqlite tracking store runs its migrations on first use (seconds).
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    def apply(self, kind: str, model: str, payload: dict[str, Any]) -> None:
+        """Apply one outbox row. Raises ``MlflowException``/``OSError`` when MLflow is unreachable."""
+        if kind == "create_version":
+            self._create_version(model, payload)
+        elif kind == "set_alias":
+            self.client.set_registered_model_alias(model, payload["alias"], str(payload["version"]))
+        elif kind == "set_version_tag":
+            self.client.set_model_version_tag(
+                model, str(payload["version"]), payload["key"], payload["value"]
+            )
+        else:
+            raise ValueError(f"unknown outbox kind {kind!r}")
+
+    def aliases(self, model: str) -> dict[str, int]:
+        """alias -> version as MLflow reports it (values are str over HTTP, int on sqlite; normalised)."""
+        try:
+            rm = self.client.get_registered_model(model)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+        return {alias: int(v) for alias, v in rm.aliases.items()}
+
+    def _create_version(self, model: str, p: dict[str, Any]) -> None:
+        try:
+            self.client.create_registered_model(model, tags={"oprd.managed_by": "oprd-ci registry"})
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = int(p["version"])
+        try:
+            existing = self.client.get_model_version(model, str(version))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            existing = None
+        if existing is not None:
+            if existing.source != p["source"]:
+                raise MirrorDivergence(
+                    f"MLflow {model} v{version} has source {existing.source!r}, registry has {p['source']!r}"
+                )
+            return
+        mv = self.client.create_model_version(
+            model, p["source"], run_id=p.get("run_id"), tags=p.get("tags") or None
+        )
+        if int(mv.version) != version:
+            raise MirrorDivergence(f"MLflow assigned {model} v{mv.version}, registry expected v{version}")

@@ -1,0 +1,163 @@
+"""SQLAlchemy 2 tables of the registry. The database is the source of truth; MLflow mirrors it via the outbox.
+
+Row-level invariants:
+- ``aliases.revision`` is the alias's ETag: it starts at 1 and grows by exactly 1 per move (compare-and-set).
+- ``audit_events.seq`` is gapless and strictly increasing per model (taken from ``registered_models.audit_seq``
+  under the model row lock, not from a sequence, because sequences leave gaps on rollback).
+- ``audit_events`` is append-only (the migration installs triggers that refuse UPDATE and DELETE).
+- ``model_versions.version`` is assigned from ``registered_models.next_version`` under the same lock, so it
+  equals the version number MLflow assigns when the outbox replays creations in order.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked: Mapped[bool] = mapped_column(default=False)
+
+
+class RegisteredModel(Base):
+    __tablename__ = "registered_models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_version: Mapped[int] = mapped_column(default=1)
+    audit_seq: Mapped[int] = mapped_column(default=0)
+    """Seq of the last audit event of this model (0 = none yet)."""
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("model_id", "version"),
+        UniqueConstraint("model_id", "manifest_sha256"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"))
+    version: Mapped[int]
+    artifact_path: Mapped[str] = mapped_column(Text)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    files: Mapped[dict[str, Any]]
+    """``{relpath: sha256}`` as verified at registration."""
+    mlflow_source: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    logged_model_id: Mapped[str | None] = mapped_column(String(64))
+    teacher: Mapped[str | None] = mapped_column(String(256), index=True)
+    """Teacher identity (name or artifact sha256) from the lineage, used to retire every student of a teacher."""
+    status: Mapped[str] = mapped_column(String(16), default="READY")
+    retired_reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Policy(Base):
+    __tablename__ = "policies"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"))
+    version: Mapped[int]
+    spec: Mapped[dict[str, Any]]
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Evidence(Base):
+    __tablename__ = "evidence"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    payload: Mapped[dict[str, Any]]
+    submitted_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Decision(Base):
+    __tablename__ = "decisions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    evidence_id: Mapped[int] = mapped_column(ForeignKey("evidence.id"))
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    verdict: Mapped[str] = mapped_column(String(16))
+    criteria: Mapped[list[Any]]
+    champion_version: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Alias(Base):
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("model_id", "alias"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"))
+    alias: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int]
+    revision: Mapped[int]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+    __table_args__ = (UniqueConstraint("model_id", "seq"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"))
+    seq: Mapped[int]
+    action: Mapped[str] = mapped_column(String(32))
+    """promote | rollback | auto_rollback | retire | policy_set"""
+    alias: Mapped[str | None] = mapped_column(String(128))
+    from_version: Mapped[int | None]
+    to_version: Mapped[int | None]
+    alias_revision: Mapped[int | None]
+    actor: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    decision_id: Mapped[int | None] = mapped_column(ForeignKey("decisions.id"))
+    policy_version: Mapped[int | None]
+    override: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OutboxItem(Base):
+    """A pending MLflow write. Applied in ``id`` order by the reconciler; every kind is idempotent."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "applied_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    """create_version | set_alias | set_version_tag"""
+    model_name: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    applied_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class IdempotencyRecord(Base):
+    """The stored outcome of a successful mutation, replayed for a retried ``Idempotency-Key``."""
+
+    __tablename__ = "idempotency_keys"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    actor: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int]
+    response: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,69 @@
+"""Declarative, versioned promotion policies (the YAML in ``policies/`` and the ``policies`` table).
+
+A policy only states thresholds; ``server.decision`` turns a policy plus evidence into a verdict. Every
+threshold left ``None`` is not checked; every threshold that is set needs its metric in the evidence (a
+missing metric fails closed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.names import SuiteName
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Ratio = Annotated[float, Field(gt=0.0, le=1000.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SuiteRule(_Strict):
+    """Criteria on one eval suite. Scores are per-problem Avg@k fractions (n_correct / k) in [0, 1]."""
+
+    floor: Fraction | None = None
+    """Absolute floor on the candidate's mean Avg@k."""
+    non_inferiority_margin: Fraction | None = None
+    """Paired test vs the champion on the same problems: PASS when the lower bootstrap bound of the mean
+    per-problem difference (candidate - champion) is above ``-margin``."""
+    max_teacher_gap: Fraction | None = None
+    """``teacher_mean - candidate_mean`` must not exceed this."""
+    min_problems: int = Field(default=1, ge=1)
+    """Fewer (paired) problems than this makes the statistical criteria INCONCLUSIVE."""
+
+
+class Budget(_Strict):
+    """An absolute cap and/or a cap relative to the champion's value of the same metric."""
+
+    max: float | None = Field(default=None, ge=0.0)
+    max_ratio_to_champion: Ratio | None = None
+
+
+class Bootstrap(_Strict):
+    seed: int = 0
+    n_resamples: int = Field(default=2000, ge=100, le=100_000)
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    """One-sided confidence of the non-inferiority bound."""
+
+
+class PolicySpec(_Strict):
+    """A promotion policy. ``suites`` names every suite the evidence must contain."""
+
+    suites: dict[SuiteName, SuiteRule] = Field(min_length=1)
+    length_tokens: Budget = Budget()
+    """Mean response length of the candidate in tokens (averaged over the policy's suites)."""
+    cost_usd: Budget = Budget()
+    device_hours: Budget = Budget()
+    bootstrap: Bootstrap = Bootstrap()
+    auto_rollback: bool = False
+    """Roll the champion back when new evidence about it fails this policy (also needs OPRD_AUTO_ROLLBACK)."""
+
+
+def load_policy_file(path: str | Path) -> PolicySpec:
+    """Parse a policy YAML file; raises ``ValueError`` (pydantic ``ValidationError``) naming the bad key."""
+    return PolicySpec.model_validate(yaml.safe_load(Path(path).read_text()))

@@ -1,0 +1,170 @@
+"""Registered models and versions: lookup, locking, registration with hash verification, retirement."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.artifacts import ArtifactError, VerifiedArtifact, resolve_artifact_path, verify_artifact
+from server.auth import Principal
+from server.errors import Conflict, Invalid, NotFound
+from server.orm import Alias, AuditEvent, ModelVersion, OutboxItem, RegisteredModel
+from server.schemas import RegisterVersionIn
+from server.settings import ServerSettings
+
+# Only MLflow-internal URI schemes may be passed as a version source; anything else (http://, file://, s3://
+# of an unknown bucket) could make MLflow or a consumer fetch from an attacker-chosen location (SSRF).
+_ALLOWED_SOURCE = re.compile(
+    r"^(models:/m-[A-Za-z0-9]+|runs:/[0-9a-f]{32}/[A-Za-z0-9._/-]+|mlflow-artifacts:/[A-Za-z0-9._/-]+)$"
+)
+
+
+def get_model(s: Session, name: str, *, lock: bool = False) -> RegisteredModel:
+    """The model row; ``lock`` takes a row lock (PostgreSQL) that serialises writers of this model."""
+    stmt = select(RegisteredModel).where(RegisteredModel.name == name)
+    model = s.scalar(stmt.with_for_update() if lock else stmt)
+    if model is None:
+        raise NotFound(f"name: model {name!r} is not registered")
+    return model
+
+
+def lock_or_create_model(s: Session, name: str) -> RegisteredModel:
+    model = s.scalar(select(RegisteredModel).where(RegisteredModel.name == name).with_for_update())
+    if model is None:
+        model = RegisteredModel(name=name)
+        s.add(model)
+        s.flush()  # a concurrent creator gets a unique violation here; Database.transact retries
+    return model
+
+
+def get_version(s: Session, model: RegisteredModel, version: int) -> ModelVersion:
+    mv = s.scalar(
+        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == version)
+    )
+    if mv is None:
+        raise NotFound(f"version: {model.name} has no version {version}")
+    return mv
+
+
+def next_audit_seq(model: RegisteredModel) -> int:
+    """Gapless per-model audit sequence; the caller holds the model lock."""
+    model.audit_seq += 1
+    return model.audit_seq
+
+
+def verify_registered(mv: ModelVersion) -> None:
+    """Recompute the hashes of a registered version; raise Conflict naming the mismatch."""
+    try:
+        verify_artifact(Path(mv.artifact_path), mv.files)
+    except ArtifactError as exc:
+        raise Conflict(f"artifact integrity of v{mv.version}: {exc}") from exc
+
+
+def prepare_registration(settings: ServerSettings, body: RegisterVersionIn) -> tuple[VerifiedArtifact, str]:
+    """Resolve and hash the artifact directory (outside any transaction: large files must not hold the
+    write lock); returns the verified manifest and the MLflow source to record. Raises Invalid."""
+    try:
+        path = resolve_artifact_path(body.artifact_path, settings.artifact_roots)
+        verified = verify_artifact(path)
+    except ArtifactError as exc:
+        raise Invalid(str(exc)) from exc
+    if body.mlflow_source is not None and not _ALLOWED_SOURCE.match(body.mlflow_source):
+        raise Invalid(
+            "mlflow_source: only models:/m-<id>, runs:/<run_id>/<path> or mlflow-artifacts:/ URIs are accepted"
+        )
+    return verified, body.mlflow_source or str(path)
+
+
+def record_version(
+    s: Session, who: Principal, name: str, body: RegisterVersionIn, verified: VerifiedArtifact, source: str
+) -> ModelVersion:
+    """Record a verified artifact as the next version of ``name`` (creating the model), or return the
+    version already registered with the same manifest sha256 (registration is idempotent by content)."""
+    model = lock_or_create_model(s, name)
+    existing = s.scalar(
+        select(ModelVersion).where(
+            ModelVersion.model_id == model.id, ModelVersion.manifest_sha256 == verified.sha256
+        )
+    )
+    if existing is not None:
+        return existing
+    mv = ModelVersion(
+        model_id=model.id,
+        version=model.next_version,
+        artifact_path=str(verified.path),
+        manifest_sha256=verified.sha256,
+        files=verified.files,
+        mlflow_source=source,
+        run_id=body.mlflow_run_id,
+        logged_model_id=body.logged_model_id,
+        teacher=body.teacher,
+        created_by=who.name,
+    )
+    model.next_version += 1
+    s.add(mv)
+    tags = {"oprd.manifest_sha256": verified.sha256}
+    if body.logged_model_id:
+        tags["oprd.logged_model_id"] = body.logged_model_id
+    s.add(
+        OutboxItem(
+            kind="create_version",
+            model_name=name,
+            payload={
+                "version": mv.version,
+                "source": source,
+                "run_id": body.mlflow_run_id,
+                "tags": tags,
+            },
+        )
+    )
+    s.flush()
+    return mv
+
+
+def retire(
+    s: Session, who: Principal, model: RegisteredModel, versions: list[ModelVersion], reason: str
+) -> list[str]:
+    """Mark ``versions`` RETIRED (not eligible for promote/rollback) with one audit row each.
+
+    Aliases are not moved (a retirement is not a move); returns ``alias->version`` strings of aliases that
+    still point at a retired version so the caller can roll them back.
+    """
+    for mv in versions:
+        if mv.status == "RETIRED":
+            continue
+        mv.status, mv.retired_reason = "RETIRED", reason
+        s.add(
+            AuditEvent(
+                model_id=model.id,
+                seq=next_audit_seq(model),
+                action="retire",
+                to_version=mv.version,
+                actor=who.name,
+                role=who.role,
+                reason=reason,
+            )
+        )
+        s.add(
+            OutboxItem(
+                kind="set_version_tag",
+                model_name=model.name,
+                payload={
+                    "version": mv.version,
+                    "key": "oprd.status",
+                    "value": "RETIRED",
+                },
+            )
+        )
+    retired = {mv.version for mv in versions}
+    aliases = s.scalars(select(Alias).where(Alias.model_id == model.id)).all()
+    return [f"{a.alias}->v{a.version}" for a in aliases if a.version in retired]
+
+
+def ensure_ready(mv: ModelVersion) -> None:
+    if mv.status != "READY":
+        raise Conflict(
+            f"version: v{mv.version} is {mv.status} ({mv.retired_reason or 'no reason'}) and cannot be aliased"
+        )

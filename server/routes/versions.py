@@ -1,0 +1,133 @@
+"""Models, versions, evidence, decisions and the one-call gate."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.auth import CurrentPrincipal
+from server.deps import AliasQuery, DbDep, ModelName, SettingsDep, VersionPath
+from server.errors import NotFound
+from server.gating import promote_on_verdict
+from server.gating import submit_evidence as _submit
+from server.idempotency import run_mutation
+from server.orm import Alias, Decision, ModelVersion, RegisteredModel
+from server.registry import get_model, get_version, prepare_registration, record_version
+from server.schemas import DecisionOut, EvidenceBody, EvidenceIn, GateOut, RegisterVersionIn, VersionOut
+from server.views import alias_out, decision_out, version_out
+
+router = APIRouter(prefix="/v1", tags=["versions"])
+
+
+@router.get("/models", name="list_models", response_model=list[str])
+def list_models(db: DbDep, _: CurrentPrincipal) -> list[str]:
+    """Names of all registered models."""
+    with db.read() as s:
+        return list(s.scalars(select(RegisteredModel.name).order_by(RegisteredModel.name)))
+
+
+@router.post("/models/{name}/versions", name="register_version", response_model=VersionOut, status_code=201)
+def register_version(
+    name: ModelName, body: RegisterVersionIn, request: Request, settings: SettingsDep, who: CurrentPrincipal
+) -> JSONResponse:
+    """Register an artifact directory (hashes verified against its manifest) as the next version."""
+    verified, source = prepare_registration(settings, body)
+
+    def work(s: Session) -> VersionOut:
+        mv = record_version(s, who, name, body, verified, source)
+        return version_out(get_model(s, name), mv)
+
+    return run_mutation(request, who, name, work, status_code=201)
+
+
+@router.get("/models/{name}/versions", name="list_versions", response_model=list[VersionOut])
+def list_versions(name: ModelName, db: DbDep, _: CurrentPrincipal) -> list[VersionOut]:
+    """Every version of a model, oldest first."""
+    with db.read() as s:
+        model = get_model(s, name)
+        rows = s.scalars(
+            select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.version)
+        )
+        return [version_out(model, mv) for mv in rows]
+
+
+@router.get("/models/{name}/versions/{version}", name="get_version", response_model=VersionOut)
+def get_version_route(name: ModelName, version: VersionPath, db: DbDep, _: CurrentPrincipal) -> VersionOut:
+    """One version."""
+    with db.read() as s:
+        model = get_model(s, name)
+        return version_out(model, get_version(s, model, version))
+
+
+@router.post("/models/{name}/versions/{version}/evidence", name="submit_evidence", response_model=DecisionOut)
+def submit_evidence(
+    name: ModelName,
+    version: VersionPath,
+    body: EvidenceBody,
+    request: Request,
+    settings: SettingsDep,
+    who: CurrentPrincipal,
+    alias: AliasQuery = "champion",
+) -> JSONResponse:
+    """Submit evidence about a version and get the policy decision (may auto-roll back the champion)."""
+
+    def work(s: Session) -> DecisionOut:
+        model = get_model(s, name, lock=True)
+        mv = get_version(s, model, version)
+        d = _submit(s, who, model, mv, body, alias=alias, auto_rollback=settings.auto_rollback)
+        return decision_out(s, model, d)
+
+    return run_mutation(request, who, name, work)
+
+
+@router.post("/gate", name="gate", response_model=GateOut)
+def gate(
+    body: EvidenceIn,
+    request: Request,
+    settings: SettingsDep,
+    who: CurrentPrincipal,
+    promote: bool = True,
+    alias: AliasQuery = "champion",
+) -> JSONResponse:
+    """Register the candidate (if new), record its evidence, decide, and on PROMOTE move the alias."""
+    reg = RegisterVersionIn(
+        artifact_path=body.artifact_path,
+        mlflow_run_id=body.mlflow_run_id,
+        logged_model_id=body.logged_model_id,
+        mlflow_source=body.mlflow_source,
+        teacher=body.lineage.teacher,
+    )
+    verified, source = prepare_registration(settings, reg)
+    evidence = EvidenceBody(suites=body.suites, cost=body.cost, lineage=body.lineage)
+
+    def work(s: Session) -> GateOut:
+        mv = record_version(s, who, body.model, reg, verified, source)
+        model = get_model(s, body.model, lock=True)
+        d = _submit(s, who, model, mv, evidence, alias=alias, auto_rollback=settings.auto_rollback)
+        moved = promote and promote_on_verdict(s, who, model, mv, d, alias)
+        row = (
+            s.scalar(select(Alias).where(Alias.model_id == model.id, Alias.alias == alias)) if moved else None
+        )
+        return GateOut(
+            version=version_out(model, mv),
+            decision=decision_out(s, model, d),
+            promoted=alias_out(model, row) if row else None,
+        )
+
+    return run_mutation(request, who, body.model, work)
+
+
+@router.get("/decisions/{decision_id}", name="get_decision", response_model=DecisionOut)
+def get_decision(decision_id: VersionPath, db: DbDep, _: CurrentPrincipal) -> DecisionOut:
+    """One decision with its criteria table."""
+    with db.read() as s:
+        d = s.get(Decision, decision_id)
+        if d is None:
+            raise NotFound(f"decision_id: no decision {decision_id}")
+        mv = s.get(ModelVersion, d.model_version_id)
+        assert mv is not None
+        model = s.get(RegisteredModel, mv.model_id)
+        assert model is not None
+        return decision_out(s, model, d)

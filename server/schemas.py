@@ -1,0 +1,267 @@
+"""Request and response bodies of the registry API. Every request model forbids unknown fields.
+
+``EvidenceIn`` is also the file format of ``oprd-ci gate --evidence FILE.json`` (docs/contracts.md).
+Scores are fractions in [0, 1]; lengths are tokens; costs are USD and device-hours.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.names import Name, Reason, SuiteName, VersionNumber
+from server.policy import PolicySpec
+
+Verdict = Literal["PROMOTE", "REJECT", "INCONCLUSIVE"]
+Role = Literal["read", "ci", "admin"]
+ShortStr = Annotated[str, Field(max_length=256, pattern=r"^[^\x00]*$")]
+ArtifactPath = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# ------------------------------------------------------------------------------------------------ evidence
+class ProblemResult(_In):
+    """One problem of one suite for one role: ``n_correct`` of ``k`` samples were graded correct."""
+
+    problem_id: Annotated[str, Field(min_length=1, max_length=256)]
+    k: Annotated[int, Field(strict=True, ge=1, le=100_000)]
+    n_correct: Annotated[int, Field(strict=True, ge=0, le=100_000)]
+    mean_length: Annotated[float, Field(ge=0.0, le=1e7)]
+    """Mean response length of the k samples, in tokens."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ProblemResult:
+        if self.n_correct > self.k:
+            raise ValueError(f"n_correct ({self.n_correct}) exceeds k ({self.k})")
+        return self
+
+
+Problems = Annotated[list[ProblemResult], Field(min_length=1, max_length=100_000)]
+
+
+class SuiteEvidence(_In):
+    """Per-problem results of one suite. ``champion`` is optional: by default the stored evidence of the
+    current champion version is used, paired by ``problem_id``."""
+
+    candidate: Problems
+    teacher: Problems | None = None
+    champion: Problems | None = None
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> SuiteEvidence:
+        for role in ("candidate", "teacher", "champion"):
+            rows = getattr(self, role) or []
+            if len({r.problem_id for r in rows}) != len(rows):
+                raise ValueError(f"{role}: duplicate problem_id")
+        return self
+
+
+class Cost(_In):
+    device_hours: Annotated[float, Field(ge=0.0, le=1e9)]
+    usd: Annotated[float, Field(ge=0.0, le=1e12)]
+
+
+class Lineage(_In):
+    """References into MLflow and the teacher identity; stored verbatim and joined by ``lineage``."""
+
+    mlflow_run_ids: dict[Name, ShortStr] = Field(default_factory=dict, max_length=64)
+    """Stage name -> MLflow run id (e.g. ``distill``, ``evaluate``)."""
+    logged_model_ids: dict[Name, ShortStr] = Field(default_factory=dict, max_length=64)
+    teacher: ShortStr | None = None
+    """Teacher identity (name@sha256 or artifact sha256); ``retire --teacher`` matches it exactly."""
+    student_base: ShortStr | None = None
+    dataset_digests: dict[Name, ShortStr] = Field(default_factory=dict, max_length=64)
+
+
+class EvidenceBody(_In):
+    """Evidence about an already registered version."""
+
+    suites: dict[SuiteName, SuiteEvidence] = Field(min_length=1, max_length=64)
+    cost: Cost | None = None
+    lineage: Lineage = Lineage()
+
+
+class EvidenceIn(EvidenceBody):
+    """The gate file: the candidate's artifact directory plus its evidence. Registers the version if new."""
+
+    model: Name
+    artifact_path: ArtifactPath
+    mlflow_run_id: ShortStr | None = None
+    logged_model_id: ShortStr | None = None
+    mlflow_source: ShortStr | None = None
+    """Model-version source for MLflow (e.g. ``models:/m-...``); default: the absolute artifact directory."""
+
+
+# ------------------------------------------------------------------------------------------------ requests
+class RegisterVersionIn(_In):
+    artifact_path: ArtifactPath
+    """Local directory with ``manifest.json``, under one of the allowed artifact roots."""
+    mlflow_run_id: ShortStr | None = None
+    logged_model_id: ShortStr | None = None
+    mlflow_source: ShortStr | None = None
+    teacher: ShortStr | None = None
+
+
+class PromoteIn(_In):
+    version: VersionNumber
+    expected_revision: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+    """The alias revision the caller saw (0 = the alias does not exist yet); stale -> 409."""
+    reason: Reason
+    override: bool = False
+    """Promote despite the policy (admin only; recorded as an override)."""
+
+
+class RollbackIn(_In):
+    expected_revision: Annotated[int, Field(strict=True, ge=1, le=2**31 - 1)]
+    reason: Reason
+    to_version: VersionNumber | None = None
+    """``None``: the version promoted before the current one."""
+
+
+class RetireIn(_In):
+    reason: Reason
+
+
+class RetireTeacherIn(_In):
+    teacher: ShortStr
+    reason: Reason
+
+
+class PolicySetIn(_In):
+    spec: PolicySpec
+    reason: Reason
+
+
+class TokenCreateIn(_In):
+    name: Name
+    role: Role
+
+
+# ------------------------------------------------------------------------------------------------ responses
+class Criterion(BaseModel):
+    """One row of a decision table. ``status`` NOT_APPLICABLE means the criterion had nothing to compare to."""
+
+    criterion: str
+    suite: str | None = None
+    status: Literal["PASS", "FAIL", "INCONCLUSIVE", "NOT_APPLICABLE"]
+    observed: float | None = None
+    threshold: float | None = None
+    detail: str
+
+
+class DecisionOut(_Out):
+    id: int
+    model: str
+    version: int
+    verdict: Verdict
+    policy_version: int
+    champion_version: int | None
+    criteria: list[Criterion]
+    created_at: datetime
+
+
+class VersionOut(_Out):
+    model: str
+    version: int
+    artifact_path: str
+    manifest_sha256: str
+    mlflow_source: str
+    run_id: str | None
+    logged_model_id: str | None
+    teacher: str | None
+    status: str
+    retired_reason: str | None
+    created_by: str
+    created_at: datetime
+
+
+class AliasOut(_Out):
+    model: str
+    alias: str
+    version: int
+    revision: int
+    updated_at: datetime
+
+
+class GateOut(BaseModel):
+    version: VersionOut
+    decision: DecisionOut
+    promoted: AliasOut | None
+    """Set when the verdict was PROMOTE and the alias was moved by this call."""
+
+
+class AuditOut(_Out):
+    seq: int
+    action: str
+    alias: str | None
+    from_version: int | None
+    to_version: int | None
+    alias_revision: int | None
+    actor: str
+    role: str
+    reason: str
+    decision_id: int | None
+    policy_version: int | None
+    override: bool
+    created_at: datetime
+
+
+class StatusOut(BaseModel):
+    model: str
+    aliases: list[AliasOut]
+    champion: VersionOut | None
+    champion_decision: DecisionOut | None
+    champion_since: datetime | None
+    versions: int
+    pending_mlflow_writes: int
+    mlflow_aliases: dict[str, int] | None
+    """Aliases as MLflow reports them right now (``None`` when MLflow could not be read)."""
+    last_mlflow_error: str | None
+
+
+class PolicyOut(BaseModel):
+    model: str
+    version: int
+    spec: PolicySpec
+    reason: str
+    created_by: str
+    created_at: datetime
+
+
+class LineageOut(BaseModel):
+    model: str
+    version: VersionOut
+    evidence: dict[str, Any] | None
+    decisions: list[DecisionOut]
+    audit: list[AuditOut]
+    mlflow: dict[str, Any]
+    """What MLflow reports for the linked runs / logged models / model version (or an ``error``)."""
+
+
+class TokenOut(BaseModel):
+    name: str
+    role: Role
+    token: str
+    """Shown once; only its sha256 is stored."""
+
+
+class ReconcileOut(BaseModel):
+    applied: int
+    pending: int
+    errors: list[str]
+    drift_fixed: list[str]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    database: str
+    pending_mlflow_writes: int

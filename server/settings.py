@@ -1,0 +1,57 @@
+"""Deployment settings of the registry service, read from the environment (``OPRD_*``) and nothing else.
+
+This is the only place the service reads environment variables; everything else receives a ``ServerSettings``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_mlflow_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+class ServerSettings(BaseSettings):
+    """Registry service settings; every field maps to ``OPRD_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="OPRD_", extra="forbid", frozen=True)
+
+    database_url: str = "sqlite:///registry.db"
+    """SQLAlchemy URL. ``sqlite:///<file>`` (embedded default, WAL) or ``postgresql+psycopg://...``."""
+    mlflow_tracking_uri: str = Field(default_factory=_default_mlflow_uri)
+    """Where aliases and model versions are mirrored. Default: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``."""
+    mlflow_enabled: bool = True
+    """``False`` keeps every outbox row pending (no MLflow calls); for diagnostics only."""
+    admin_token: str | None = None
+    """If set, a token with role ``admin`` named ``bootstrap-admin`` is ensured at startup (stored hashed)."""
+    tokens: str | None = None
+    """Extra tokens ensured at startup: ``name:role:secret`` entries separated by commas."""
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
+    """Requests with a larger body are refused with 413 before they are parsed."""
+    auto_rollback: bool = False
+    """Roll the champion back automatically when new evidence about it violates the policy."""
+    artifact_roots: list[Path] = Field(default_factory=lambda: [Path.cwd()])
+    """Local directories under which registered artifacts must live (JSON list or comma-separated)."""
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
+    """Background reconciler period: pending outbox rows are retried at least this often."""
+    sync_wait_s: float = Field(default=2.0, ge=0)
+    """After a mutation commits, wait up to this long for MLflow to be updated before answering."""
+    sqlite_busy_timeout_ms: int = Field(default=30_000, gt=0)
+    db_pool_size: int = Field(default=20, gt=0)
+
+    @field_validator("artifact_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [p for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("artifact_roots")
+    @classmethod
+    def _resolve_roots(cls, value: list[Path]) -> list[Path]:
+        return [p.expanduser().resolve() for p in value]

@@ -1,0 +1,169 @@
+"""Fixtures for the registry tests: real SQLite/PostgreSQL databases, real MLflow sqlite stores, real
+artifact directories with sha256 manifests, and evidence builders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.artifacts import listing_sha256
+from server.settings import ServerSettings
+
+PG_ADMIN_URL = os.environ.get("OPRD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+ADMIN, CI, READ = "admin-secret-token", "ci-secret-token", "read-secret-token"
+TOKENS = f"ci-bot:ci:{CI},viewer:read:{READ}"
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def make_artifact(tmp_path: Path) -> Callable[..., Path]:
+    """Write a model-like directory with a manifest.json (contracts.md format); returns its path."""
+
+    def make(name: str, payload: bytes | None = None, extra: dict[str, bytes] | None = None) -> Path:
+        d = tmp_path / "artifacts" / name
+        d.mkdir(parents=True)
+        files = {
+            "config.json": b'{"hidden_size": 8}',
+            "model.safetensors": payload or name.encode() * 64,
+            **(extra or {}),
+        }
+        hashes = {}
+        for rel, data in files.items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_bytes(data)
+            hashes[rel] = hashlib.sha256(data).hexdigest()
+        (d / "manifest.json").write_text(json.dumps({"files": hashes, "sha256": listing_sha256(hashes)}))
+        return d
+
+    return make
+
+
+def problems(
+    scores: list[float], k: int = 4, length: float = 20.0, prefix: str = "p"
+) -> list[dict[str, Any]]:
+    """Per-problem rows with n_correct = round(score * k)."""
+    return [
+        {"problem_id": f"{prefix}{i}", "k": k, "n_correct": round(s * k), "mean_length": length}
+        for i, s in enumerate(scores)
+    ]
+
+
+def evidence(
+    model: str,
+    artifact: Path,
+    acc: float,
+    *,
+    n: int = 60,
+    teacher: float = 0.95,
+    length: float = 20.0,
+    usd: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A gate file whose candidate solves a fraction ``acc`` of ``n`` problems (deterministic pattern)."""
+    import random
+
+    rng = random.Random(seed)
+    cand = [1.0 if rng.random() < acc else 0.0 for _ in range(n)]
+    return {
+        "model": model,
+        "artifact_path": str(artifact),
+        "suites": {
+            "embedded": {"candidate": problems(cand, length=length), "teacher": problems([teacher] * n)}
+        },
+        "cost": {"device_hours": 0.5, "usd": usd},
+        "lineage": {"teacher": "teacher@abc123", "mlflow_run_ids": {}},
+    }
+
+
+POLICY = {
+    "suites": {
+        "embedded": {"floor": 0.2, "non_inferiority_margin": 0.05, "max_teacher_gap": 0.8, "min_problems": 50}
+    },
+    "length_tokens": {"max": 64, "max_ratio_to_champion": 1.5},
+    "cost_usd": {"max_ratio_to_champion": 1.5},
+    "bootstrap": {"seed": 0, "n_resamples": 500},
+    "auto_rollback": True,
+}
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> Callable[..., ServerSettings]:
+    def make(database_url: str | None = None, **overrides: Any) -> ServerSettings:
+        values: dict[str, Any] = {
+            "database_url": database_url or f"sqlite:///{tmp_path}/registry.db",
+            "mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "artifact_roots": [tmp_path / "artifacts"],
+            "admin_token": ADMIN,
+            "tokens": TOKENS,
+            "reconcile_interval_s": 0.2,
+        }
+        values.update(overrides)
+        (tmp_path / "artifacts").mkdir(exist_ok=True)
+        return ServerSettings(**values)
+
+    return make
+
+
+@pytest.fixture
+def client(settings_factory: Callable[..., ServerSettings]) -> Iterator[TestClient]:
+    """A TestClient on SQLite with the reconciler running against a sqlite MLflow store."""
+    with TestClient(create_app(settings_factory()), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def client_no_mlflow(settings_factory: Callable[..., ServerSettings]) -> Iterator[TestClient]:
+    """Same, with MLflow mirroring off (fast; for tests that are about the database only)."""
+    with TestClient(create_app(settings_factory(mlflow_enabled=False)), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
+    name = f"oprd_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_fresh_url(pg_url: str) -> Iterator[str]:
+    """An empty schema per test inside the session database (search_path isolation)."""
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{pg_url}?options=-csearch_path%3D{schema}"
+    finally:
+        with eng.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        eng.dispose()
