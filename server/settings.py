@@ -5,11 +5,13 @@ This is the only place the service reads environment variables; everything else 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_mlflow_uri() -> str:
@@ -35,7 +37,7 @@ class ServerSettings(BaseSettings):
     """Requests with a larger body are refused with 413 before they are parsed."""
     auto_rollback: bool = False
     """Roll the champion back automatically when new evidence about it violates the policy."""
-    artifact_roots: list[Path] = Field(default_factory=lambda: [Path.cwd()])
+    artifact_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path.cwd()])
     """Local directories under which registered artifacts must live (JSON list or comma-separated)."""
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     """Background reconciler period: pending outbox rows are retried at least this often."""
@@ -47,8 +49,9 @@ class ServerSettings(BaseSettings):
     @field_validator("artifact_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return [p for p in value.split(",") if p.strip()]
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
         return value
 
     @field_validator("artifact_roots")

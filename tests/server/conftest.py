@@ -167,3 +167,83 @@ def pg_fresh_url(pg_url: str) -> Iterator[str]:
         with eng.connect() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         eng.dispose()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """``uvicorn --factory server.app:app_from_env`` in a subprocess on loopback, configured by OPRD_* env."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_path.open("wb")
+        full_env = {**os.environ, **env}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "server.app:app_from_env",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--limit-concurrency",
+                "256",
+            ],
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 60.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("registry server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+def server_env(tmp_path: Path, database_url: str | None = None, **extra: str) -> dict[str, str]:
+    (tmp_path / "artifacts").mkdir(exist_ok=True)
+    return {
+        "OPRD_DATABASE_URL": database_url or f"sqlite:///{tmp_path}/registry.db",
+        "OPRD_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "OPRD_ARTIFACT_ROOTS": str(tmp_path / "artifacts"),
+        "OPRD_ADMIN_TOKEN": ADMIN,
+        "OPRD_TOKENS": TOKENS,
+        "OPRD_RECONCILE_INTERVAL_S": "0.2",
+        **extra,
+    }

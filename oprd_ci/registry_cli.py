@@ -1,0 +1,499 @@
+"""``oprd-ci`` registry commands: serve, promote, rollback, retire, status, history, lineage, gate, policy.
+
+Thin typer commands: they gather options, call the registry API and render the answer (rich tables, or
+``--json`` for scripts). With no server URL (``--url`` / ``$OPRD_REGISTRY_URL``) the same ASGI app runs
+in-process against the local database (``$OPRD_DATABASE_URL``, default ``sqlite:///registry.db``) and the
+caller acts as the local admin ``local:$USER``.
+
+Exit codes: 0 ok, 1 gate verdict not PROMOTE (only with ``--fail-on-reject``), 2 usage / invalid request,
+3 authentication or authorization, 4 conflict (stale revision, failed gate, retired version), 5 server or
+connection error, 6 not found.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+EXIT_REJECTED, EXIT_USAGE, EXIT_AUTH, EXIT_CONFLICT, EXIT_SERVER, EXIT_NOT_FOUND = 1, 2, 3, 4, 5, 6
+_RETRIES = 3
+
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="OPRD_REGISTRY_URL", help="Registry URL; unset = in-process on the local database."
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="OPRD_TOKEN", help="Bearer token (prefer the env var).", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")]
+AliasOpt = Annotated[str, typer.Option("--alias", help="Alias to move.")]
+ExpectOpt = Annotated[
+    int | None, typer.Option("--expect-revision", help="Alias revision you saw; default: read it now.")
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--idempotency-key", help="Reuse to retry safely; default: a fresh key per call."),
+]
+
+console = Console()
+err = Console(stderr=True)
+
+
+class RegistryCall:
+    """One connection to the registry: HTTP when ``url`` is set, else the app in-process."""
+
+    def __init__(self, url: str | None, token: str | None) -> None:
+        self.url, self.token = url, token
+        self._client: Any = None
+
+    def __enter__(self) -> RegistryCall:
+        if self.url:
+            self._client = httpx.Client(base_url=self.url.rstrip("/"), timeout=60.0)
+        else:
+            from fastapi.testclient import TestClient
+
+            from server.app import create_app
+
+            self._client = TestClient(
+                create_app(local_actor=getpass.getuser()), raise_server_exceptions=False
+            )
+            self._client.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.url:
+            self._client.close()
+        else:
+            self._client.__exit__(*exc)
+
+    def __call__(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict | None = None,
+        key: str | None = None,
+        missing_ok: bool = False,
+    ) -> Any:
+        """Send one request (mutations retried on transport errors with the same Idempotency-Key);
+        exits with the code for the error class on any non-2xx answer (``missing_ok``: 404 -> None)."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if method != "GET":
+            headers["Idempotency-Key"] = key or f"cli-{uuid.uuid4().hex}"
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                r = self._client.request(method, path, json=body, params=params, headers=headers)
+                break
+            except httpx.TransportError as exc:
+                if attempt == _RETRIES:
+                    _fail(EXIT_SERVER, f"registry unreachable at {self.url}: {exc}")
+        if r.status_code == 404 and missing_ok:
+            return None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            code = {
+                401: EXIT_AUTH,
+                403: EXIT_AUTH,
+                404: EXIT_NOT_FOUND,
+                409: EXIT_CONFLICT,
+                412: EXIT_CONFLICT,
+            }.get(r.status_code, EXIT_SERVER if r.status_code >= 500 else EXIT_USAGE)
+            _fail(code, f"HTTP {r.status_code}: {detail if isinstance(detail, str) else json.dumps(detail)}")
+        return r.json()
+
+
+def _fail(code: int, message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _emit(data: Any, as_json: bool, render) -> None:  # type: ignore[no-untyped-def]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        render(data)
+
+
+def _revision(call: RegistryCall, name: str, alias: str) -> int:
+    status = call("GET", f"/v1/models/{name}/status")
+    return next((a["revision"] for a in status["aliases"] if a["alias"] == alias), 0)
+
+
+# ------------------------------------------------------------------------------------------------ renderers
+def _render_alias(a: dict) -> None:
+    console.print(f"{a['model']}@{a['alias']} -> v{a['version']} (revision {a['revision']})")
+
+
+def _render_decision(d: dict) -> None:
+    color = {"PROMOTE": "green", "REJECT": "red", "INCONCLUSIVE": "yellow"}[d["verdict"]]
+    console.print(
+        f"decision {d['id']}: {d['model']} v{d['version']} [bold {color}]{d['verdict']}[/] (policy v{d['policy_version']}, champion v{d['champion_version']})"
+    )
+    t = Table("criterion", "suite", "status", "observed", "threshold", "detail")
+    for c in d["criteria"]:
+        fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+        t.add_row(
+            c["criterion"],
+            c["suite"] or "",
+            c["status"],
+            fmt(c["observed"]),
+            fmt(c["threshold"]),
+            c["detail"],
+        )
+    console.print(t)
+
+
+def _render_status(s: dict) -> None:
+    t = Table(
+        "alias", "version", "revision", "since", "mlflow", title=f"{s['model']} ({s['versions']} versions)"
+    )
+    ml = s["mlflow_aliases"]
+    for a in s["aliases"]:
+        t.add_row(
+            a["alias"],
+            str(a["version"]),
+            str(a["revision"]),
+            str(a["updated_at"]),
+            "?" if ml is None else str(ml.get(a["alias"], "-")),
+        )
+    console.print(t)
+    if s["champion_decision"]:
+        _render_decision(s["champion_decision"])
+    if s["pending_mlflow_writes"] or s["last_mlflow_error"]:
+        console.print(
+            f"[yellow]MLflow: {s['pending_mlflow_writes']} pending writes; last error: {s['last_mlflow_error']}[/]"
+        )
+
+
+def _render_history(events: list) -> None:
+    t = Table(
+        "seq", "when", "action", "alias", "from", "to", "actor", "reason", "decision", "policy", "override"
+    )
+    for e in events:
+        t.add_row(
+            *(
+                str(e[k]) if e[k] is not None else ""
+                for k in (
+                    "seq",
+                    "created_at",
+                    "action",
+                    "alias",
+                    "from_version",
+                    "to_version",
+                    "actor",
+                    "reason",
+                    "decision_id",
+                    "policy_version",
+                )
+            ),
+            "yes" if e["override"] else "",
+        )
+    console.print(t)
+
+
+def _render_lineage(out: dict) -> None:
+    v = out["version"]
+    console.print(
+        f"{out['model']} v{v['version']} [{v['status']}] sha256 {v['manifest_sha256'][:12]} from {v['artifact_path']}"
+    )
+    ev = out["evidence"] or {}
+    lin = ev.get("lineage", {})
+    console.print(
+        f"teacher: {lin.get('teacher')}   student base: {lin.get('student_base')}   cost: {ev.get('cost')}"
+    )
+    t = Table("stage", "MLflow run", "status", "metrics")
+    for stage, r in out["mlflow"].get("runs", {}).items():
+        t.add_row(
+            stage,
+            r.get("run_id", ""),
+            r.get("status", r.get("error", "")),
+            json.dumps(r.get("metrics", {}))[:80],
+        )
+    console.print(t)
+    for d in out["decisions"]:
+        console.print(f"decision {d['id']}: {d['verdict']} (policy v{d['policy_version']})")
+    _render_history(out["audit"])
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def serve(
+    host: Annotated[str, typer.Option(help="Bind address (keep it loopback or private).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+) -> None:
+    """Run the registry service (settings from OPRD_* environment variables)."""
+    import uvicorn
+
+    uvicorn.run("server.app:app_from_env", factory=True, host=host, port=port, workers=1)
+
+
+def promote(
+    name: str,
+    version: Annotated[int, typer.Argument(min=1)],
+    reason: ReasonOpt,
+    alias: AliasOpt = "champion",
+    expect_revision: ExpectOpt = None,
+    override: Annotated[bool, typer.Option(help="Admin: promote despite the policy.")] = False,
+    idempotency_key: KeyOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Point ALIAS of NAME at VERSION (the policy decision must be PROMOTE unless --override)."""
+    with RegistryCall(url, token) as call:
+        rev = expect_revision if expect_revision is not None else _revision(call, name, alias)
+        body = {"version": version, "expected_revision": rev, "reason": reason, "override": override}
+        _emit(
+            call("POST", f"/v1/models/{name}/aliases/{alias}/promote", body=body, key=idempotency_key),
+            as_json,
+            _render_alias,
+        )
+
+
+def rollback(
+    name: str,
+    reason: ReasonOpt,
+    to: Annotated[int | None, typer.Option("--to", min=1, help="A version from the alias history.")] = None,
+    alias: AliasOpt = "champion",
+    expect_revision: ExpectOpt = None,
+    idempotency_key: KeyOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move ALIAS of NAME back to the previously promoted version (or --to VERSION)."""
+    with RegistryCall(url, token) as call:
+        rev = expect_revision if expect_revision is not None else _revision(call, name, alias)
+        body = {"expected_revision": rev, "reason": reason, "to_version": to}
+        _emit(
+            call("POST", f"/v1/models/{name}/aliases/{alias}/rollback", body=body, key=idempotency_key),
+            as_json,
+            _render_alias,
+        )
+
+
+def retire(
+    reason: ReasonOpt,
+    name: Annotated[str | None, typer.Argument()] = None,
+    version: Annotated[int | None, typer.Argument(min=1)] = None,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="Retire every student of this teacher instead.")
+    ] = None,
+    idempotency_key: KeyOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retire NAME VERSION, or every version distilled from --teacher."""
+    if (teacher is None) == (name is None or version is None):
+        raise typer.BadParameter("give either NAME VERSION or --teacher")
+    with RegistryCall(url, token) as call:
+        if teacher is not None:
+            out = call(
+                "POST",
+                "/v1/teachers/retire",
+                body={"teacher": teacher, "reason": reason},
+                key=idempotency_key,
+            )
+        else:
+            out = call(
+                "POST",
+                f"/v1/models/{name}/versions/{version}/retire",
+                body={"reason": reason},
+                key=idempotency_key,
+            )
+
+        def render(o: dict) -> None:
+            for v in o["retired"]:
+                console.print(f"retired {v['model']} v{v['version']}")
+            for a in o["aliases_on_retired"]:
+                console.print(f"[yellow]{a} still points at a retired version: roll it back[/]")
+
+        _emit(out, as_json, render)
+
+
+def status(name: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Aliases of NAME, the champion's decision, and MLflow agreement."""
+    with RegistryCall(url, token) as call:
+        _emit(call("GET", f"/v1/models/{name}/status"), as_json, _render_status)
+
+
+def history(
+    name: str,
+    limit: Annotated[int, typer.Option(min=1)] = 1000,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The audit log of NAME (every alias move, retirement and policy change)."""
+    with RegistryCall(url, token) as call:
+        _emit(call("GET", f"/v1/models/{name}/history", params={"limit": limit}), as_json, _render_history)
+
+
+def parse_target(target: str) -> tuple[str, dict[str, Any]]:
+    """``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` -> (name, query params)."""
+    if "@" in target:
+        name, alias = target.split("@", 1)
+        return name, {"alias": alias}
+    if "/" in target:
+        name, version = target.split("/", 1)
+        if not version.isdigit():
+            raise typer.BadParameter(f"{target!r}: the part after '/' must be a version number")
+        return name, {"version": int(version)}
+    return target, {}
+
+
+def lineage(
+    target: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION (default alias: champion)")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Teacher -> student chain, evidence, decisions, moves and the linked MLflow runs and models."""
+    name, params = parse_target(target)
+    with RegistryCall(url, token) as call:
+        _emit(call("GET", f"/v1/models/{name}/lineage", params=params), as_json, _render_lineage)
+
+
+def gate(
+    evidence: Annotated[
+        Path,
+        typer.Option(
+            "--evidence", exists=True, dir_okay=False, help="Gate file (server.schemas.EvidenceIn JSON)."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the result here (e.g. metrics/gate.json).")
+    ] = None,
+    alias: AliasOpt = "champion",
+    promote: Annotated[
+        bool, typer.Option("--promote/--no-promote", help="Move the alias on PROMOTE.")
+    ] = True,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            exists=True,
+            dir_okay=False,
+            help="Install this policy first if the model has none (admin).",
+        ),
+    ] = None,
+    fail_on_reject: Annotated[bool, typer.Option(help="Exit 1 unless the verdict is PROMOTE.")] = False,
+    idempotency_key: KeyOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register the candidate, submit its evidence, print the decision (and move ALIAS on PROMOTE)."""
+    try:
+        body = json.loads(evidence.read_text())
+    except ValueError as exc:
+        raise typer.BadParameter(f"{evidence}: not JSON ({exc})") from exc
+    name = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(name, str):
+        raise typer.BadParameter(f"{evidence}: needs a string 'model' field")
+    with RegistryCall(url, token) as call:
+        if policy is not None:
+            _ensure_policy(call, name, policy)
+        result = call(
+            "POST", "/v1/gate", body=body, params={"promote": promote, "alias": alias}, key=idempotency_key
+        )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+
+    def render(r: dict) -> None:
+        _render_decision(r["decision"])
+        if r["promoted"]:
+            _render_alias(r["promoted"])
+
+    _emit(result, as_json, render)
+    if fail_on_reject and result["decision"]["verdict"] != "PROMOTE":
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def _ensure_policy(call: RegistryCall, name: str, policy: Path) -> None:
+    """Install ``policy`` if ``name`` has none yet (needs admin; the in-process local user is admin)."""
+    from server.policy import load_policy_file
+
+    try:
+        spec = load_policy_file(policy).model_dump(mode="json")
+    except ValueError as exc:
+        raise typer.BadParameter(f"{policy}: {exc}") from exc
+    if call("GET", f"/v1/models/{name}/policy", missing_ok=True) is None:
+        call(
+            "PUT",
+            f"/v1/models/{name}/policy",
+            body={"spec": spec, "reason": f"installed from {policy.name} by oprd-ci gate"},
+        )
+
+
+policy_app = typer.Typer(help="Show or set the promotion policy of a model.", no_args_is_help=True)
+
+
+@policy_app.command("show")
+def policy_show(name: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """The current policy of NAME."""
+    import yaml
+
+    with RegistryCall(url, token) as call:
+        p = call("GET", f"/v1/models/{name}/policy")
+    _emit(
+        p,
+        as_json,
+        lambda d: console.print(
+            f"# {d['model']} policy v{d['version']} by {d['created_by']}: {d['reason']}\n"
+            + yaml.safe_dump(d["spec"], sort_keys=False)
+        ),
+    )
+
+
+@policy_app.command("set")
+def policy_set(
+    name: str,
+    file: Annotated[Path, typer.Option("--file", exists=True, dir_okay=False, help="Policy YAML.")],
+    reason: ReasonOpt,
+    idempotency_key: KeyOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store FILE as the next policy version of NAME (admin)."""
+    from server.policy import load_policy_file
+
+    try:
+        spec = load_policy_file(file).model_dump(mode="json")
+    except ValueError as exc:
+        raise typer.BadParameter(f"{file}: {exc}") from exc
+    with RegistryCall(url, token) as call:
+        p = call(
+            "PUT", f"/v1/models/{name}/policy", body={"spec": spec, "reason": reason}, key=idempotency_key
+        )
+    _emit(p, as_json, lambda d: console.print(f"{d['model']} policy is now v{d['version']}"))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the registry commands (and the ``policy`` group) to ``app``."""
+    for fn in (serve, promote, rollback, retire, status, history, lineage, gate):
+        app.command(fn.__name__)(fn)
+    app.add_typer(policy_app, name="policy")
+
+
+__all__ = ["register"]

@@ -1,0 +1,116 @@
+"""The registry CLI (``oprd_ci.registry_cli.register``) in-process and against a live server, with its exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from conftest import ADMIN, CI, READ, LiveServer, evidence, server_env
+from typer.testing import CliRunner
+
+from oprd_ci.registry_cli import (
+    EXIT_AUTH,
+    EXIT_CONFLICT,
+    EXIT_NOT_FOUND,
+    EXIT_SERVER,
+    EXIT_USAGE,
+    parse_target,
+    register,
+)
+
+POLICY_FILE = "policies/default.yaml"
+
+
+@pytest.fixture
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def _run(cli, args, **kw):
+    return CliRunner().invoke(cli, args, catch_exceptions=False, **kw)
+
+
+def test_cli_in_process_gate_status_history_rollback(cli, tmp_path, make_artifact, monkeypatch):
+    """No URL: the CLI runs the app in-process on $OPRD_DATABASE_URL as the local admin."""
+    for k, v in server_env(tmp_path, OPRD_MLFLOW_ENABLED="false").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("OPRD_REGISTRY_URL", raising=False)
+    monkeypatch.setenv("USER", "alice")
+    for i, acc in enumerate([0.5, 0.55], start=1):
+        f = tmp_path / f"ev{i}.json"
+        f.write_text(json.dumps(evidence("student", make_artifact(f"v{i}"), acc, n=60, seed=1)))
+        out = tmp_path / "metrics" / "gate.json"
+        r = _run(cli, ["gate", "--evidence", str(f), "--policy", POLICY_FILE, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert "PROMOTE" in r.output and json.loads(out.read_text())["promoted"]["version"] == i
+    r = _run(cli, ["status", "student", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["champion"]["version"] == 2
+    r = _run(cli, ["rollback", "student", "--reason", "canary regression"])
+    assert r.exit_code == 0 and "-> v1" in r.output
+    hist = json.loads(_run(cli, ["history", "student", "--json"]).output)
+    assert (
+        hist[-1]["action"] == "rollback"
+        and hist[-1]["actor"] == "local:alice"
+        and hist[-1]["reason"] == "canary regression"
+    )
+    r = _run(cli, ["policy", "show", "student", "--json"])
+    assert json.loads(r.output)["spec"]["suites"]["embedded"]["min_problems"] == 50
+    r = _run(cli, ["lineage", "student/2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["version"]["version"] == 2
+    assert _run(cli, ["status", "nobody"]).exit_code == EXIT_NOT_FOUND
+
+
+def test_cli_exit_codes_against_live_server(cli, tmp_path, make_artifact):
+    srv = LiveServer(server_env(tmp_path, OPRD_MLFLOW_ENABLED="false"), tmp_path / "server.log")
+    try:
+        base = ["--url", srv.url]
+        f = tmp_path / "ev.json"
+        f.write_text(json.dumps(evidence("student", make_artifact("v1"), 0.5)))
+        # the ci token cannot install a policy: the gate fails closed with an auth error
+        r = _run(cli, ["gate", "--evidence", str(f), "--policy", POLICY_FILE, "--token", CI, *base])
+        assert r.exit_code == EXIT_AUTH, r.output
+        r = _run(
+            cli,
+            [
+                "policy",
+                "set",
+                "student",
+                "--file",
+                POLICY_FILE,
+                "--reason",
+                "initial",
+                "--token",
+                ADMIN,
+                *base,
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        r = _run(cli, ["gate", "--evidence", str(f), "--token", CI, "--json", *base])
+        assert r.exit_code == 0 and json.loads(r.output)["decision"]["verdict"] == "PROMOTE"
+        assert _run(cli, ["status", "student", *base]).exit_code == EXIT_AUTH  # no token
+        assert _run(cli, ["status", "student", "--token", "wrong", *base]).exit_code == EXIT_AUTH
+        r = _run(
+            cli,
+            ["promote", "student", "1", "--reason", "stale", "--expect-revision", "7", "--token", CI, *base],
+        )
+        assert r.exit_code == EXIT_CONFLICT and "expected_revision" in r.output
+        r = _run(cli, ["retire", "student", "1", "--reason", "nope", "--token", READ, *base])
+        assert r.exit_code == EXIT_AUTH
+        r = _run(cli, ["promote", "student", "1", "--reason", "x", "--token", CI, *base])
+        assert r.exit_code == EXIT_USAGE and "reason" in r.output  # 422: reason too short
+        assert CI not in r.output
+    finally:
+        srv.stop()
+    r = _run(cli, ["status", "student", "--url", srv.url, "--token", READ])
+    assert r.exit_code == EXIT_SERVER and "unreachable" in r.output
+
+
+def test_parse_target():
+    assert parse_target("student") == ("student", {})
+    assert parse_target("student@champion") == ("student", {"alias": "champion"})
+    assert parse_target("student/3") == ("student", {"version": 3})
+    with pytest.raises(typer.BadParameter):
+        parse_target("student/latest")
