@@ -1,0 +1,207 @@
+"""``oprd-ci bench update|step``: the actor-update and whole-step cost benchmarks (see ``benchmarks/README.md``).
+
+``register(app)`` mounts a ``bench`` sub-command group on the main typer app. Each command validates its flags
+(one readable ``error: ...`` line and exit code 2 on a bad flag), runs the benchmark from :mod:`trainer.bench_update`
+/ :mod:`trainer.bench_step`, writes the result JSON to ``--out`` and prints a rich table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainer.bench import DTYPES, METHODS, OPTIMIZERS, ModelShape
+
+__all__ = ["bench_app", "register"]
+
+bench_app = typer.Typer(
+    help="Measure the cost (step time, transient peak memory) of each distillation method.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+_err = Console(stderr=True)
+_ALL = ",".join(METHODS)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bench`` group (``update``, ``step``) to ``app``."""
+    app.add_typer(bench_app, name="bench")
+
+
+def _fail(msg: str) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(code=2)
+
+
+def _gib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**30:.3f}"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _header(result: dict) -> str:
+    s = result["shape"]
+    return (
+        f"V={s['vocab']} d={s['hidden']} ff={s['intermediate']} L={s['layers']} "
+        f"heads={s['heads']}/{s['kv_heads']} tied={s['tied']} params={s['params'] / 1e6:.1f}M | "
+        f"{result['dtype']} {result['optimizer']} | {result['cpu']} x{result['threads']} threads | "
+        f"torch {result['versions']['torch']} transformers {result['versions']['transformers']}"
+    )
+
+
+def update_table(result: dict) -> Table:
+    """Rich table of a ``bench update`` result."""
+    t = Table(title=f"actor update: {_header(result)}", title_justify="left")
+    for col in ("method", "peak GiB", "median step s", "mem/O16", "time/O16", "mem/floor", "time/floor"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for r in result["methods"]:
+        t.add_row(
+            r["name"], _gib(r["peak_memory_bytes"]), f"{r['median_step_seconds']:.2f}",
+            _x(r["mem_vs_opd_topk"]), _x(r["time_vs_opd_topk"]), _x(r["mem_vs_floor"]), _x(r["time_vs_floor"]),
+        )  # fmt: skip
+    return t
+
+
+def step_table(result: dict) -> Table:
+    """Rich table of a ``bench step`` result (median seconds per phase, update peak)."""
+    t = Table(title=f"on-policy step: {_header(result)}", title_justify="left")
+    cols = ("method", "rollout s", "old-logprob s", "teacher s", "update s", "total s", "update peak MiB",
+            "logits in update", "time/O16", "mem/O16")  # fmt: skip
+    for col in cols:
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for r in result["methods"]:
+        ph = r["phases_median_seconds"]
+        t.add_row(
+            r["name"], *(f"{ph[p]:.3f}" for p in ("rollout", "old_logprob", "teacher", "update", "total")),
+            f"{r['peak_memory_bytes'] / 2**20:.1f}", "yes" if r["builds_logits_in_update"] else "no",
+            _x(r["time_vs_opd_topk"]), _x(r["mem_vs_opd_topk"]),
+        )  # fmt: skip
+    return t
+
+
+def _shape(vocab, hidden, intermediate, layers, heads, kv_heads, untied) -> ModelShape:
+    return ModelShape(vocab, hidden, intermediate, layers, heads, kv_heads, tied=not untied)
+
+
+def _layers_arg(text: str) -> str | list[int]:
+    if text in ("last", "all", "even", "odd"):
+        return text
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--oprd-layers {text!r}: use last, all, even, odd or comma-separated HF indices"
+        ) from None
+
+
+@bench_app.command("update")
+def update(
+    out: Path = typer.Option(..., "--out", help="Result JSON path."),
+    methods: str = typer.Option(_ALL, help=f"Comma-separated subset of: {_ALL}."),
+    vocab: int = typer.Option(151_936),
+    hidden: int = typer.Option(896),
+    intermediate: int = typer.Option(4864),
+    layers: int = typer.Option(4),
+    heads: int = typer.Option(14),
+    kv_heads: int = typer.Option(2),
+    untied: bool = typer.Option(False, "--untied", help="Separate LM head (default: tied embeddings)."),
+    seqs: int = typer.Option(2, help="Sequences in the batch."),
+    prompt_len: int = typer.Option(64, help="Prompt tokens per sequence."),
+    response_len: int = typer.Option(1024, help="Response tokens per sequence."),
+    dtype: str = typer.Option("fp32", help=f"One of {', '.join(DTYPES)} (bf16 = CPU autocast)."),
+    optimizer: str = typer.Option("adamw-fused", help=f"One of {', '.join(OPTIMIZERS)}."),
+    checkpointing: bool = typer.Option(False, "--checkpointing/--no-checkpointing"),
+    rounds: int = typer.Option(3, help="Timed rounds (round-robin over methods)."),
+    warmup: int = typer.Option(1, help="Discarded warm-up rounds."),
+    oprd_layers: str = typer.Option("all", help="OPRD layers: last|all|even|odd|i,j,..."),
+    oprd_positions: str = typer.Option("all", help="OPRD positions: last|all|last_k|first_k."),
+    oprd_k: int = typer.Option(2000, help="Width for last_k/first_k."),
+    top_k: int = typer.Option(16, help="k of OPD top-k."),
+    kl_chunk_size: int = typer.Option(256, help="Tokens per chunk of the chunked full KL."),
+    threads: int = typer.Option(0, help="torch intra-op threads (0 = torch default)."),
+    seed: int = typer.Option(0),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+) -> None:
+    """The actor update alone (student forward, backward, optimizer step) on one fixed synthetic batch."""
+    from trainer.bench_update import UpdateBenchSpec, run_update_bench
+
+    try:
+        if oprd_positions not in ("last", "all", "last_k", "first_k"):
+            raise ValueError(f"--oprd-positions {oprd_positions!r}: use last, all, last_k or first_k")
+        spec = UpdateBenchSpec(
+            shape=_shape(vocab, hidden, intermediate, layers, heads, kv_heads, untied),
+            seqs=seqs, prompt_len=prompt_len, response_len=response_len, dtype=dtype, optimizer=optimizer,
+            checkpointing=checkpointing, rounds=rounds, warmup=warmup, methods=methods.split(","),
+            rep_layers=_layers_arg(oprd_layers), rep_positions=oprd_positions, rep_k=oprd_k, top_k=top_k,
+            kl_chunk_size=kl_chunk_size, threads=threads, seed=seed,
+        )  # fmt: skip
+        spec.validate()
+        if isinstance(spec.rep_layers, list):
+            from trainer.hidden import layer_indices
+
+            layer_indices(layers, spec.rep_layers)  # range check with its own message
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    log = (lambda _m: None) if quiet else (lambda m: _err.print(f"[dim]{m}[/dim]"))
+    result = run_update_bench(spec, log=log)
+    _write(result, out)
+    Console(width=170).print(update_table(result))
+    typer.echo(f"wrote {out}")
+
+
+@bench_app.command("step")
+def step(
+    out: Path = typer.Option(..., "--out", help="Result JSON path."),
+    methods: str = typer.Option(_ALL, help=f"Comma-separated subset of: {_ALL}."),
+    vocab: int = typer.Option(151_936),
+    hidden: int = typer.Option(192),
+    intermediate: int = typer.Option(512),
+    layers: int = typer.Option(2),
+    heads: int = typer.Option(4),
+    kv_heads: int = typer.Option(2),
+    untied: bool = typer.Option(False, "--untied"),
+    prompts: int = typer.Option(4, help="Prompts per step."),
+    n: int = typer.Option(2, help="Responses sampled per prompt."),
+    prompt_len: int = typer.Option(16, help="Longest prompt (tokens)."),
+    max_new_tokens: int = typer.Option(48),
+    temperature: float = typer.Option(1.0),
+    top_p: float = typer.Option(1.0),
+    dtype: str = typer.Option("fp32", help=f"One of {', '.join(DTYPES)}."),
+    optimizer: str = typer.Option("adamw-fused", help=f"One of {', '.join(OPTIMIZERS)}."),
+    rounds: int = typer.Option(3),
+    warmup: int = typer.Option(1),
+    top_k: int = typer.Option(16),
+    kl_chunk_size: int = typer.Option(256),
+    threads: int = typer.Option(0),
+    seed: int = typer.Option(0),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """A whole on-policy step per method: rollout, old-log-prob pass, teacher pass, update."""
+    from trainer.bench_step import StepBenchSpec, run_step_bench
+
+    try:
+        spec = StepBenchSpec(
+            shape=_shape(vocab, hidden, intermediate, layers, heads, kv_heads, untied),
+            prompts=prompts, n=n, prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, dtype=dtype, optimizer=optimizer, rounds=rounds, warmup=warmup,
+            methods=methods.split(","), top_k=top_k, kl_chunk_size=kl_chunk_size, threads=threads, seed=seed,
+        )  # fmt: skip
+        spec.validate()
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    log = (lambda _m: None) if quiet else (lambda m: _err.print(f"[dim]{m}[/dim]"))
+    result = run_step_bench(spec, log=log)
+    _write(result, out)
+    Console(width=170).print(step_table(result))
+    typer.echo(f"wrote {out}")

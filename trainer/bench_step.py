@@ -1,0 +1,245 @@
+"""``oprd-ci bench step``: a whole on-policy step per method on a small config-built pair, phase by phase.
+
+Phases of one step (seconds each, plus ``total``):
+
+``rollout``       real sampling with :class:`trainer.rollout.HFGenerateEngine` (KV cache) from the student;
+``old_logprob``   the student's no-grad log-prob / top-k pass inside ``Objective.prepare`` (OPD methods only:
+                  OPRD and the full-KL/floor variants have none, so it reads ~0);
+``teacher``       the teacher's no-grad pass inside ``Objective.prepare`` (OPRD: hidden states only, no logits);
+``update``        ``Objective.loss`` + ``backward`` + ``optimizer.step`` with grads set to ``None`` first.
+
+``prepare`` runs the student pass first and then the teacher pass, so the split point is the first teacher forward
+(a forward pre-hook records the time); the two phases add up to ``prepare`` exactly.
+
+Methods run round-robin each round, every method on a rollout sampled with the same seed (one shared student and
+optimizer with a tiny learning rate, so the samples stay the same up to rounding). The update's transient peak
+(``peak_memory_bytes``, profiler replay) is measured in one extra profiled round after the warm-up; the timed rounds
+run without the profiler.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from trainer.bench import (
+    DTYPES,
+    EOS_ID,
+    OPTIMIZERS,
+    PAD_ID,
+    ModelShape,
+    Timings,
+    autocast,
+    build_model,
+    environment,
+    make_objective,
+    make_optimizer,
+    median,
+    num_threads,
+    parse_methods,
+    with_ratios,
+)
+from trainer.memory import PeakMemory
+from trainer.rollout import HFGenerateEngine
+
+__all__ = ["PHASES", "StepBenchSpec", "run_step_bench"]
+
+PHASES: tuple[str, ...] = ("rollout", "old_logprob", "teacher", "update", "total")
+
+
+def _small_shape() -> ModelShape:
+    return ModelShape(vocab=151_936, hidden=192, intermediate=512, layers=2, heads=4, kv_heads=2)
+
+
+@dataclass
+class StepBenchSpec:
+    """Everything ``bench step`` varies (counts of prompts/tokens; ``temperature``/``top_p`` of the sampler)."""
+
+    shape: ModelShape = field(default_factory=_small_shape)
+    prompts: int = 4
+    n: int = 2
+    prompt_len: int = 16
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    dtype: str = "fp32"
+    optimizer: str = "adamw-fused"
+    rounds: int = 3
+    warmup: int = 1
+    methods: list[str] = field(default_factory=lambda: ["oprd", "opd_sampled", "opd_topk", "full_kl",
+                                                        "full_kl_chunked", "floor"])  # fmt: skip
+    top_k: int = 16
+    kl_chunk_size: int = 256
+    threads: int = 0
+    lr: float = 1e-6
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (one readable line) for a bad combination of flags."""
+        self.shape.validate()
+        for name in ("prompts", "n", "prompt_len", "max_new_tokens", "rounds", "top_k", "kl_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.threads < 0:
+            raise ValueError("--warmup and --threads must be >= 0")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("--temperature must be > 0 (on-policy sampling) and --top-p in (0, 1]")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.top_k >= self.shape.vocab:
+            raise ValueError(f"--top-k ({self.top_k}) must be smaller than --vocab ({self.shape.vocab})")
+        self.methods = parse_methods(self.methods)
+
+
+class _TeacherClock:
+    """Records the time of the teacher's first forward call after :meth:`arm` (a forward pre-hook)."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        self.t: float | None = None
+        self._handle = teacher.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_args) -> None:
+        if self.t is None:
+            self.t = time.perf_counter()
+
+    def arm(self) -> None:
+        self.t = None
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def run_step_bench(spec: StepBenchSpec, log: Callable[[str], None] = lambda _m: None) -> dict:
+    """Run the benchmark described by ``spec`` and return the result dict (the JSON written by the CLI)."""
+    spec.validate()
+    with num_threads(spec.threads):
+        return _run(spec, log)
+
+
+def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
+    shape = spec.shape
+    max_len = spec.prompt_len + spec.max_new_tokens
+    env = environment(torch.device("cpu"))
+    student = build_model(shape, spec.seed, max_len).train()
+    teacher = build_model(shape, spec.seed + 1, max_len).eval().requires_grad_(False)
+    opt = make_optimizer(spec.optimizer, list(student.parameters()), spec.lr)
+    engine = HFGenerateEngine(pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    g = torch.Generator().manual_seed(spec.seed + 2)
+    # Prompts of varying length (left padding exercised), random content ids in [3, V).
+    prompts = [
+        torch.randint(3, shape.vocab, (spec.prompt_len - (i % 3),), generator=g).tolist()
+        for i in range(spec.prompts)
+    ]
+    objectives = {
+        m: make_objective(m, shape.layers, top_k=spec.top_k, kl_chunk_size=spec.kl_chunk_size)
+        for m in spec.methods
+    }
+    clock = _TeacherClock(teacher)
+    results = {m: Timings(m, extra={p: [] for p in PHASES}) for m in spec.methods}
+
+    def one(method: str, round_seed: int, meter: str | None) -> tuple[dict[str, float], int | None]:
+        obj = objectives[method]
+        t0 = time.perf_counter()
+        torch.manual_seed(round_seed)  # the same rollout for every method of this round
+        with autocast(spec.dtype):
+            batch = engine.generate(
+                student, prompts, n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
+                max_new_tokens=spec.max_new_tokens,
+            )  # fmt: skip
+            t1 = time.perf_counter()
+            clock.arm()
+            targets = obj.prepare(student, teacher, batch)
+            t2 = time.perf_counter()
+        t_split = clock.t if clock.t is not None else t2  # no teacher pass (floor): all student-side
+        den = obj.denominators(batch, targets)
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        t3 = time.perf_counter()
+        with PeakMemory(meter) if meter else _null() as pm:
+            with autocast(spec.dtype):
+                loss, _ = obj.loss(student, batch, targets, den)
+            loss.backward()
+            opt.step()
+            del loss
+        t4 = time.perf_counter()
+        phases = {
+            "rollout": t1 - t0,
+            "old_logprob": t_split - t1,
+            "teacher": t2 - t_split,
+            "update": t4 - t3,
+            "total": (t2 - t0) + (t4 - t3),  # excludes the gc.collect() between phases
+        }
+        return phases, (pm.peak_bytes if meter else None)
+
+    try:
+        for r in range(spec.warmup):
+            for m in spec.methods:
+                ph, _ = one(m, spec.seed + 100 + r, None)
+                log(f"warm-up {r + 1}/{spec.warmup} {m}: {ph['total']:.2f}s")
+        for m in spec.methods:
+            ph, peak = one(m, spec.seed + 99, "profiler")
+            results[m].peak_memory_bytes = peak
+            results[m].profiled_step_seconds = ph["update"]
+            log(f"profiled {m}: update peak {peak / 2**20:.1f} MiB")
+        for r in range(spec.rounds):
+            for m in spec.methods:
+                ph, _ = one(m, spec.seed + 1000 + r, None)
+                for p in PHASES:
+                    results[m].extra[p].append(ph[p])
+                results[m].step_seconds.append(ph["total"])
+                log(f"round {r + 1}/{spec.rounds} {m}: " + " ".join(f"{p} {ph[p]:.3f}s" for p in PHASES))
+    finally:
+        clock.close()
+
+    rows = []
+    for m in spec.methods:
+        d = results[m].as_dict()
+        d.pop("rss_peak_bytes")
+        d["median_step_seconds"] = median(d["step_seconds"])
+        d["phases_median_seconds"] = {p: median(d.pop(p)) for p in PHASES}
+        d["phase_seconds"] = {p: results[m].extra[p] for p in PHASES}
+        d["has_old_logprob_pass"] = m in ("opd_sampled", "opd_topk")
+        d["builds_logits_in_update"] = m in ("opd_sampled", "opd_topk", "full_kl", "full_kl_chunked")
+        rows.append(d)
+    with_ratios(rows)
+    spec_dict = asdict(spec)
+    n_params = sum(p.numel() for p in student.parameters())
+    env_end = environment(torch.device("cpu"))
+    return {
+        "benchmark": "step",
+        "shape": {
+            **spec_dict.pop("shape"),
+            "params": n_params,
+            "prompts": spec.prompts,
+            "n": spec.n,
+            "prompt_len": spec.prompt_len,
+            "max_new_tokens": spec.max_new_tokens,
+        },
+        "dtype": spec.dtype,
+        "optimizer": spec.optimizer,
+        "rounds": spec.rounds,
+        "warmup": spec.warmup,
+        "sampling": {"temperature": spec.temperature, "top_p": spec.top_p},
+        "memory_method": "profiler",
+        **env,
+        "loadavg_end": env_end.get("loadavg_start"),
+        "methods": rows,
+    }
+
+
+class _null:
+    """A no-op context manager whose ``as`` target is itself (``peak_bytes`` stays ``None``)."""
+
+    peak_bytes = None
+
+    def __enter__(self) -> _null:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        return None
