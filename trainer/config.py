@@ -235,7 +235,14 @@ class EvaluateConfig(_Section):
     max_new_tokens: PosInt = 42
     batch_size: PosInt = 128
     seed: int = 1234
+    """Seeds the global torch RNG before each suite (sampling) and the bootstrap CI."""
     suites: list[EvalSuite] = [EvalSuite(name="embedded")]
+    embedded_path: str = "artifacts/task/eval.jsonl"
+    """Held-out set used by a suite whose ``path`` is ``None`` (written by the bootstrap stage)."""
+    prompt_suffix: str = " Please reason step by step, and put your final answer within \\boxed{}."
+    """Appended to file-suite prompts that do not already end with it (never to the embedded task); ``""`` = off."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where evaluation runs; ``auto`` = CUDA when available."""
 
 
 # ------------------------------------------------------------------------------------------ tracking / gate

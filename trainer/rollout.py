@@ -39,8 +39,7 @@ _NEUTRAL_GENERATION: dict[str, object] = {
     "eta_cutoff": 0.0,
     "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
-    "min_length": 0,
-    "min_new_tokens": 0,
+    "min_new_tokens": 0,  # takes precedence over any min_length in the model config
     "num_beams": 1,
     "num_return_sequences": 1,
     "renormalize_logits": False,

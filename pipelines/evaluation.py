@@ -1,0 +1,339 @@
+"""The evaluate stage's library: sample k responses per problem, grade them, and summarize per (suite, role).
+
+Flow for one model directory (:func:`evaluate_model`):
+
+1. Load ``AutoModelForCausalLM.from_pretrained(dir, use_safetensors=True)`` (fp32, eval mode) and its tokenizer
+   (``trainer.models.load_tokenizer``, i.e. ``AutoTokenizer`` with the trainer's guard for custom tokenizers).
+2. For each suite (:mod:`pipelines.suites`): encode every prompt (:func:`encode_prompt`), then, in chunks of
+   ``evaluate.batch_size`` prompts, sample ``evaluate.k`` responses each with the rollout engine
+   (:class:`trainer.rollout.HFGenerateEngine`; ``temperature == 0`` is greedy).
+3. Grade each response with :func:`pipelines.grading.grade_answer` and compute the metrics of
+   :mod:`pipelines.eval_metrics`.
+
+Determinism: the global torch RNG is seeded with ``evaluate.seed`` before each suite, so a suite's samples do not
+depend on which suites ran before it; the bootstrap CI uses the same seed. Same weights, config and hardware give
+the same numbers.
+
+Outputs (:func:`write_eval_outputs`, docs/contracts.md): ``metrics/eval.json`` ``{suite: {role: metrics}}``,
+``artifacts/eval/per_problem.jsonl`` (one row per problem and role, for paired comparisons) and
+``artifacts/eval/responses.jsonl`` (the decoded responses with their grades and lengths).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipelines.eval_metrics import (
+    avg_at_k,
+    best_at_k,
+    bootstrap_ci,
+    distinct_4gram_ratio,
+    length_stats,
+    pass_at_k,
+)
+from pipelines.grading import grade_answer
+from pipelines.suites import LoadedSuite, load_suite
+from trainer.config import EvalSuite, EvaluateConfig
+from trainer.models import load_tokenizer
+from trainer.rollout import HFGenerateEngine, RolloutEngine
+
+__all__ = [
+    "METRIC_KEYS",
+    "ROLES",
+    "ProblemResult",
+    "encode_prompt",
+    "evaluate_loaded",
+    "evaluate_model",
+    "evaluate_suite",
+    "special_token_ids",
+    "summarize",
+    "write_eval_outputs",
+]
+
+ROLES = ("teacher", "student_base", "student")
+METRIC_KEYS = (
+    "avg_at_k",
+    "pass_at_k",
+    "best_at_k",
+    "avg_at_k_ci95",
+    "mean_length",
+    "median_length",
+    "p95_length",
+    "dist_4g",
+    "n_problems",
+    "k",
+)
+
+
+@dataclass(frozen=True)
+class ProblemResult:
+    """Everything sampled for one problem by one model: ``k`` responses, their grades and token lengths."""
+
+    suite: str
+    role: str
+    problem_id: str
+    k: int
+    n_correct: int
+    mean_length: float
+    """Mean response length in tokens (EOS included)."""
+    responses: list[str]
+    correct: list[bool]
+    lengths: list[int]
+
+    def contract_row(self) -> dict[str, Any]:
+        """The ``per_problem.jsonl`` row of docs/contracts.md."""
+        return {
+            "suite": self.suite,
+            "role": self.role,
+            "problem_id": self.problem_id,
+            "k": self.k,
+            "n_correct": self.n_correct,
+            "mean_length": self.mean_length,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat: bool) -> list[int]:
+    """Token ids of one prompt.
+
+    ``chat=True`` and a tokenizer with a chat template: one user turn, ``add_generation_prompt=True`` and
+    ``enable_thinking=False`` (the paper's setting; templates without that switch ignore it). Otherwise the text as-is,
+    preceded by BOS when the tokenizer defines one: this is exactly ``tokenizer(prompt)`` of the embedded task
+    (``pipelines.task``), which the teacher and student were trained on.
+    """
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
+        # The template already wrote any BOS it wants; do not let the tokenizer add another one.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
+
+
+def special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, list[int]]:
+    """``(pad_token_id, eos_token_ids)``: EOS from the generation config (it may list several, e.g. chat models stop
+    on ``<|im_end|>`` and ``<|endoftext|>``), else the tokenizer's; pad from the tokenizer, else the first EOS."""
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = gen_eos if gen_eos is not None else tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("neither the model's generation_config nor the tokenizer defines an EOS token")
+    eos_ids = [eos] if isinstance(eos, int) else list(eos)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    return pad, eos_ids
+
+
+# ---------------------------------------------------------------------------------------------- evaluating
+def evaluate_suite(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    suite: LoadedSuite,
+    cfg: EvaluateConfig,
+    role: str,
+    *,
+    engine: RolloutEngine | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], list[ProblemResult]]:
+    """Sample, grade and summarize one suite; returns ``(metrics, per-problem results)`` (keys: :data:`METRIC_KEYS`).
+
+    Raises ``ValueError`` when a prompt plus ``max_new_tokens`` exceeds the model's ``max_position_embeddings``.
+    """
+    pad_id, eos_ids = special_token_ids(model, tokenizer)
+    engine = engine or HFGenerateEngine(pad_id, eos_ids)
+    prompts = []
+    for p in suite.problems:
+        text = p.prompt
+        if not suite.embedded and cfg.prompt_suffix and not text.rstrip().endswith(cfg.prompt_suffix.strip()):
+            text += cfg.prompt_suffix
+        prompts.append(encode_prompt(tokenizer, text, chat=not suite.embedded))
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if max_pos is not None and longest + cfg.max_new_tokens > max_pos:
+        raise ValueError(
+            f"suite {suite.name!r}: the longest prompt has {longest} tokens; with evaluate.max_new_tokens="
+            f"{cfg.max_new_tokens} that exceeds the model's max_position_embeddings={max_pos}"
+        )
+
+    torch.manual_seed(cfg.seed)
+    results: list[ProblemResult] = []
+    bar = tqdm(total=len(prompts), desc=f"eval {role}/{suite.name}", unit="problem", disable=not progress)
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = suite.problems[start : start + cfg.batch_size]
+        batch = engine.generate(
+            model,
+            prompts[start : start + cfg.batch_size],
+            n=cfg.k,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        lengths = batch.response_lengths.tolist()
+        texts = [
+            tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+            for row, n in zip(batch.response_ids, lengths, strict=True)
+        ]
+        for j, problem in enumerate(chunk):
+            rows = slice(j * cfg.k, (j + 1) * cfg.k)  # the engine keeps the k rows of a prompt contiguous
+            correct = [grade_answer(t, problem.answer) for t in texts[rows]]
+            results.append(
+                ProblemResult(
+                    suite=suite.name,
+                    role=role,
+                    problem_id=problem.problem_id,
+                    k=cfg.k,
+                    n_correct=sum(correct),
+                    mean_length=sum(lengths[rows]) / cfg.k,
+                    responses=texts[rows],
+                    correct=correct,
+                    lengths=lengths[rows],
+                )
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return summarize(results, k=cfg.k, seed=cfg.seed), results
+
+
+def summarize(results: Sequence[ProblemResult], *, k: int, seed: int) -> dict[str, Any]:
+    """The metrics dict of docs/contracts.md for one (suite, role) from its per-problem results."""
+    n_correct = [r.n_correct for r in results]
+    ci = bootstrap_ci([c / k for c in n_correct], seed=seed)
+    return {
+        "avg_at_k": avg_at_k(n_correct, k),
+        "pass_at_k": pass_at_k(n_correct, n=k, k=k),
+        "best_at_k": best_at_k(n_correct, k),
+        "avg_at_k_ci95": [ci[0], ci[1]],
+        **length_stats([n for r in results for n in r.lengths]),
+        "dist_4g": distinct_4gram_ratio([r.responses for r in results]),
+        "n_problems": len(results),
+        "k": k,
+    }
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("evaluate.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate_loaded(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    suites: Sequence[EvalSuite | LoadedSuite],
+    cfg: EvaluateConfig,
+    role: str,
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], list[ProblemResult]]:
+    """:func:`evaluate_model` for an already loaded model (e.g. the trainer's in-memory student)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if not suites:
+        raise ValueError("no eval suites given (evaluate.suites is empty)")
+    loaded = [s if isinstance(s, LoadedSuite) else load_suite(s, cfg.embedded_path) for s in suites]
+    names = [s.name for s in loaded]
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval suite names must be unique, got {names}")
+    summary: dict[str, dict[str, Any]] = {}
+    rows: list[ProblemResult] = []
+    for suite in loaded:
+        summary[suite.name], suite_rows = evaluate_suite(
+            model, tokenizer, suite, cfg, role, progress=progress
+        )
+        rows.extend(suite_rows)
+    return summary, rows
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    suites: Sequence[EvalSuite | LoadedSuite],
+    cfg: EvaluateConfig,
+    role: str,
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], list[ProblemResult]]:
+    """Evaluate the Hugging Face model in ``model_dir`` on ``suites`` as ``role``.
+
+    Returns ``({suite: metrics}, per-problem results)``; metrics keys are :data:`METRIC_KEYS`, accuracies in [0, 1].
+
+    Raises:
+        ValueError: unknown ``role``, no or duplicate suites, a model without EOS, prompts too long for the model.
+        FileNotFoundError / pipelines.suites.SuiteFormatError: a missing or malformed suite file.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    # The trainer's loader: AutoTokenizer unless transformers swaps in a model-type class that disagrees with the
+    # directory's own tokenizer.json (custom tokenizers saved next to a Qwen2 config).
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
+    model.to(_resolve_device(cfg.device)).eval()
+    return evaluate_loaded(model, tokenizer, suites, cfg, role, progress=progress)
+
+
+# -------------------------------------------------------------------------------------------------- output
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file + rename so a crash never leaves a half-written metrics file for DVC to cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_eval_outputs(
+    results: Mapping[str, tuple[Mapping[str, Mapping[str, Any]], Sequence[ProblemResult]]],
+    metrics_path: str | Path = "metrics/eval.json",
+    per_problem_path: str | Path = "artifacts/eval/per_problem.jsonl",
+    responses_path: str | Path | None = "artifacts/eval/responses.jsonl",
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Write the evaluate stage's files (docs/contracts.md) from ``{role: evaluate_model(...)}``.
+
+    Returns the ``{suite: {role: metrics}}`` tree written to ``metrics_path``. ``responses_path=None`` skips the
+    responses file.
+    """
+    tree: dict[str, dict[str, dict[str, Any]]] = {}
+    for role, (summary, _) in results.items():
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        for suite, metrics in summary.items():
+            missing = [key for key in METRIC_KEYS if key not in metrics]
+            if missing:
+                raise ValueError(f"metrics for {suite}/{role} lack {missing}")
+            tree.setdefault(suite, {})[role] = {key: metrics[key] for key in METRIC_KEYS}
+    _atomic_write(Path(metrics_path), json.dumps(tree, indent=2, sort_keys=True) + "\n")
+    rows = [r for _, (_, problem_rows) in results.items() for r in problem_rows]
+    _atomic_write(Path(per_problem_path), "".join(json.dumps(r.contract_row()) + "\n" for r in rows))
+    if responses_path is not None:
+        lines = []
+        for r in rows:
+            d = asdict(r)
+            lines.append(
+                json.dumps(
+                    {
+                        key: d[key]
+                        for key in ("suite", "role", "problem_id", "responses", "correct", "lengths")
+                    }
+                )
+            )
+        _atomic_write(Path(responses_path), "".join(line + "\n" for line in lines))
+    return tree

@@ -1,0 +1,211 @@
+"""Evaluation suites: load problems (id, prompt, reference answer) from the embedded set or a benchmark file.
+
+Formats, chosen by the file extension:
+
+* ``.jsonl``: one JSON object per line (blank lines skipped).
+* ``.json``: a list of objects, or an object whose ``"data"``/``"rows"``/``"problems"`` key holds that list.
+* ``.parquet``: one row per problem (read with pyarrow).
+
+Column mapping (the first name present wins; rows are objects):
+
+==========  =================================================================================
+prompt      ``prompt``, ``problem``, ``question``, ``input``. A chat-style list of
+            ``{"role", "content"}`` messages (verl parquet) gives the last user message.
+answer      ``answer``, ``final_answer``, ``ground_truth``, ``gt``, ``target``, ``solution``
+            (a worked ``solution`` is fine: the grader takes its last ``\\boxed{}``).
+id          ``id``, ``problem_id``, ``unique_id``, ``idx``; else the 0-based row number.
+==========  =================================================================================
+
+Numbers as answers are kept as written in the file (``142.0`` stays ``"142.0"``; the grader compares numbers
+exactly). A row without a prompt or an answer (missing, null or blank) is an error naming the file, the 1-based row
+number and the missing field: problems are never silently skipped. Duplicate ids are an error too (per-problem
+results are joined on them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.config import EvalSuite
+
+__all__ = [
+    "ANSWER_COLUMNS",
+    "ID_COLUMNS",
+    "PROMPT_COLUMNS",
+    "EvalProblem",
+    "LoadedSuite",
+    "SuiteFormatError",
+    "file_digest",
+    "load_problems",
+    "load_suite",
+]
+
+PROMPT_COLUMNS = ("prompt", "problem", "question", "input")
+ANSWER_COLUMNS = ("answer", "final_answer", "ground_truth", "gt", "target", "solution")
+ID_COLUMNS = ("id", "problem_id", "unique_id", "idx")
+_LIST_KEYS = ("data", "rows", "problems")
+
+
+class SuiteFormatError(ValueError):
+    """A suite file that cannot be read as problems; the message names the file, row and field."""
+
+
+@dataclass(frozen=True)
+class EvalProblem:
+    """One problem: ``problem_id`` unique within its suite, ``prompt`` as text, ``answer`` the reference string."""
+
+    problem_id: str
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class LoadedSuite:
+    """A suite ready to evaluate. ``digest`` is the sha256 of the file bytes (dataset identity for lineage)."""
+
+    name: str
+    path: Path
+    problems: list[EvalProblem]
+    digest: str
+    embedded: bool
+
+
+def _read_rows(path: Path) -> list[Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SuiteFormatError(f"{path}: line {lineno}: not valid JSON: {exc.msg}") from None
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SuiteFormatError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        if isinstance(data, dict):
+            key = next((k for k in _LIST_KEYS if isinstance(data.get(k), list)), None)
+            if key is None:
+                raise SuiteFormatError(
+                    f"{path}: expected a list of problems or an object with one of {list(_LIST_KEYS)} holding it"
+                )
+            data = data[key]
+        if not isinstance(data, list):
+            raise SuiteFormatError(f"{path}: expected a list of problems, got {type(data).__name__}")
+        return data
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # deferred: pyarrow is heavy and only parquet suites need it
+
+        return pq.read_table(path).to_pylist()
+    raise SuiteFormatError(f"{path}: unsupported suite format {suffix!r}; use .json, .jsonl or .parquet")
+
+
+def _first(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
+    for name in names:
+        if name in row:
+            return name, row[name]
+    return None, None
+
+
+def _prompt_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        users = [m.get("content") for m in value if m.get("role") == "user"]
+        if users and isinstance(users[-1], str):
+            return users[-1]
+    return None
+
+
+def _answer_text(value: Any) -> str | None:
+    if isinstance(
+        value, bool
+    ):  # bool is an int subclass; a True/False answer is almost surely a wrong column
+        return None
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def _parse_row(path: Path, rownum: int, row: Any) -> EvalProblem:
+    where = f"{path}: row {rownum}"
+    if not isinstance(row, dict):
+        raise SuiteFormatError(
+            f"{where}: expected an object with prompt/answer fields, got {type(row).__name__}"
+        )
+    p_col, p_val = _first(row, PROMPT_COLUMNS)
+    if p_col is None:
+        raise SuiteFormatError(
+            f"{where}: no prompt field (looked for {', '.join(PROMPT_COLUMNS)}; has {', '.join(sorted(row)) or 'none'})"
+        )
+    prompt = _prompt_text(p_val)
+    if prompt is None or not prompt.strip():
+        raise SuiteFormatError(f"{where}: field '{p_col}' is empty or not text (got {p_val!r:.60})")
+    a_col, a_val = _first(row, ANSWER_COLUMNS)
+    if a_col is None:
+        raise SuiteFormatError(
+            f"{where}: no answer field (looked for {', '.join(ANSWER_COLUMNS)}; has {', '.join(sorted(row))})"
+        )
+    answer = _answer_text(a_val)
+    if answer is None or not answer.strip():
+        raise SuiteFormatError(
+            f"{where}: answer field '{a_col}' is empty or not a string/number (got {a_val!r:.60})"
+        )
+    _, id_val = _first(row, ID_COLUMNS)
+    problem_id = str(rownum - 1) if id_val is None or str(id_val).strip() == "" else str(id_val)
+    return EvalProblem(problem_id=problem_id, prompt=prompt, answer=answer.strip())
+
+
+def load_problems(path: str | Path, *, limit: int | None = None) -> list[EvalProblem]:
+    """Read a suite file into problems (first ``limit`` rows if given); see the module docstring for the rules.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        SuiteFormatError: unreadable file, malformed row, missing prompt/answer, duplicate id, or no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval suite file not found: {path}")
+    rows = _read_rows(path)
+    if limit is not None:
+        rows = rows[:limit]
+    problems = [_parse_row(path, i, row) for i, row in enumerate(rows, start=1)]
+    if not problems:
+        raise SuiteFormatError(f"{path}: no problems in the file")
+    seen: dict[str, int] = {}
+    for i, p in enumerate(problems, start=1):
+        if p.problem_id in seen:
+            raise SuiteFormatError(
+                f"{path}: row {i}: duplicate id {p.problem_id!r} (first at row {seen[p.problem_id]})"
+            )
+        seen[p.problem_id] = i
+    return problems
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 hex of the file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_suite(suite: EvalSuite, embedded_path: str | Path) -> LoadedSuite:
+    """Resolve an :class:`~trainer.config.EvalSuite`: ``path=None`` means the embedded held-out set."""
+    embedded = suite.path is None
+    path = Path(embedded_path if embedded else suite.path)  # type: ignore[arg-type]
+    problems = load_problems(path, limit=suite.limit)
+    return LoadedSuite(
+        name=suite.name, path=path, problems=problems, digest=file_digest(path), embedded=embedded
+    )

@@ -1,0 +1,111 @@
+"""Suite loading: formats, column mapping, limits, and clear errors for malformed files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.suites import SuiteFormatError, load_problems, load_suite
+from trainer.config import EvalSuite
+
+BENCH = Path(__file__).resolve().parents[2] / "data" / "benchmarks"
+
+
+@pytest.mark.parametrize(("name", "count"), [("AIME24", 30), ("AIME25", 30), ("AIMO", 83)])
+def test_bundled_benchmarks_load(name: str, count: int) -> None:
+    problems = load_problems(BENCH / f"{name}.json")
+    assert len(problems) == count
+    assert len({p.problem_id for p in problems}) == count
+    assert all(p.prompt and p.answer for p in problems)
+
+
+def test_aime25_without_ids_uses_row_numbers_and_aimo_keeps_float_answers() -> None:
+    aime25 = load_problems(BENCH / "AIME25.json")
+    assert [p.problem_id for p in aime25[:3]] == ["0", "1", "2"]
+    assert aime25[0].answer == "70"
+    assert load_problems(BENCH / "AIMO.json")[0].answer == "142.0"
+
+
+def test_column_aliases_across_formats(tmp_path: Path) -> None:
+    rows = [
+        {"problem": "1+1=", "solution": "so \\boxed{2}", "unique_id": "a"},
+        {"question": "2+2=", "final_answer": 4},
+    ]
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    got = load_problems(jsonl)
+    assert [(p.problem_id, p.prompt, p.answer) for p in got] == [
+        ("a", "1+1=", "so \\boxed{2}"),
+        ("1", "2+2=", "4"),
+    ]
+
+    wrapped = tmp_path / "s.json"
+    wrapped.write_text(json.dumps({"data": rows}))
+    assert load_problems(wrapped) == got
+
+    parquet = tmp_path / "s.parquet"
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "3+3="}]
+    chat2 = [{"role": "user", "content": "4+4="}]
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": chat, "answer": "6"}, {"prompt": chat2, "answer": "8"}]), parquet
+    )
+    assert [(p.prompt, p.answer) for p in load_problems(parquet)] == [("3+3=", "6"), ("4+4=", "8")]
+
+
+def test_limit_and_embedded_suite(tmp_path: Path) -> None:
+    eval_jsonl = tmp_path / "eval.jsonl"
+    eval_jsonl.write_text(
+        "".join(
+            json.dumps({"id": f"e{i}", "prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(5)
+        )
+    )
+    suite = load_suite(EvalSuite(name="embedded", limit=2), eval_jsonl)
+    assert suite.embedded and [p.problem_id for p in suite.problems] == ["e0", "e1"]
+    assert len(suite.digest) == 64
+    bench = load_suite(EvalSuite(name="aime24", path=str(BENCH / "AIME24.json"), limit=3), eval_jsonl)
+    assert not bench.embedded and len(bench.problems) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        (
+            "a.jsonl",
+            '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n',
+            r"a\.jsonl: row 2: no answer field",
+        ),
+        (
+            "b.jsonl",
+            '{"prompt": "1+1=", "answer": null}\n',
+            r"b\.jsonl: row 1: answer field 'answer' is empty",
+        ),
+        ("c.jsonl", '{"prompt": "1+1=", "answer": "  "}\n', r"row 1: answer field 'answer' is empty"),
+        ("d.jsonl", '{"answer": "2"}\n', r"d\.jsonl: row 1: no prompt field \(looked for prompt, problem"),
+        ("e.jsonl", '{"prompt": "1+1=", "answer": "2"}\n{oops\n', r"e\.jsonl: line 2: not valid JSON"),
+        ("f.json", '{"prompt": "1+1="}', r"f\.json: expected a list of problems or an object"),
+        ("g.json", '[{"prompt": "x", "answer": "1"}, [1, 2]]', r"g\.json: row 2: expected an object"),
+        ("h.json", "[]", r"h\.json: no problems"),
+        (
+            "i.json",
+            '[{"id": 1, "prompt": "x", "answer": "1"}, {"id": 1, "prompt": "y", "answer": "2"}]',
+            "row 2: duplicate id '1'",
+        ),
+        ("j.csv", "prompt,answer\n", r"unsupported suite format '\.csv'"),
+        ("k.jsonl", '{"prompt": "", "answer": "2"}\n', r"row 1: field 'prompt' is empty"),
+        ("l.jsonl", '{"prompt": "1+1=", "answer": true}\n', r"row 1: answer field 'answer' is empty or not"),
+    ],
+)
+def test_malformed_files_name_file_row_and_field(tmp_path: Path, name: str, content: str, match: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SuiteFormatError, match=match):
+        load_problems(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        load_problems(tmp_path / "nope.jsonl")
