@@ -87,7 +87,13 @@ def rollback(
 
 
 @router.get("/status", name="model_status", response_model=StatusOut)
-def model_status(name: ModelName, db: DbDep, reconciler: ReconcilerDep, _: CurrentPrincipal) -> StatusOut:
+def model_status(
+    name: ModelName,
+    db: DbDep,
+    reconciler: ReconcilerDep,
+    _: CurrentPrincipal,
+    mlflow: bool = Query(default=True, description="Also read the aliases from MLflow (slower)."),
+) -> StatusOut:
     """Aliases (with revisions), the champion with its decision, and whether MLflow agrees."""
     with db.read() as s:
         model = get_model(s, name)
@@ -136,7 +142,7 @@ def model_status(name: ModelName, db: DbDep, reconciler: ReconcilerDep, _: Curre
             mlflow_aliases=None,
             last_mlflow_error=reconciler.last_error,
         )
-    if reconciler.mirror is not None:
+    if mlflow and reconciler.mirror is not None:
         try:
             out.mlflow_aliases = reconciler.mirror.aliases(name)
         except Exception as exc:  # MLflow down: report it, the DB state above is still authoritative
