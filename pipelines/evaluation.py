@@ -57,6 +57,7 @@ __all__ = [
     "evaluate_suite",
     "special_token_ids",
     "summarize",
+    "with_suffix",
     "write_eval_outputs",
 ]
 
@@ -125,6 +126,15 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat: bool
     return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
 
 
+def with_suffix(prompt: str, suffix: str) -> str:
+    """``prompt + suffix`` unless ``suffix`` is empty or the prompt already ends with it (ignoring surrounding
+    whitespace): the offline reference appends the instruction unconditionally, so AIMO, whose prompts already
+    carry it, got it twice (oprd-method.md section 7)."""
+    if not suffix.strip() or prompt.rstrip().endswith(suffix.strip()):
+        return prompt
+    return prompt + suffix
+
+
 def special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, list[int]]:
     """``(pad_token_id, eos_token_ids)``: EOS from the generation config (it may list several, e.g. chat models stop
     on ``<|im_end|>`` and ``<|endoftext|>``), else the tokenizer's; pad from the tokenizer, else the first EOS."""
@@ -154,12 +164,14 @@ def evaluate_suite(
     """
     pad_id, eos_ids = special_token_ids(model, tokenizer)
     engine = engine or HFGenerateEngine(pad_id, eos_ids)
-    prompts = []
-    for p in suite.problems:
-        text = p.prompt
-        if not suite.embedded and cfg.prompt_suffix and not text.rstrip().endswith(cfg.prompt_suffix.strip()):
-            text += cfg.prompt_suffix
-        prompts.append(encode_prompt(tokenizer, text, chat=not suite.embedded))
+    prompts = [
+        encode_prompt(
+            tokenizer,
+            with_suffix(p.prompt, "" if suite.embedded else cfg.prompt_suffix),
+            chat=not suite.embedded,
+        )
+        for p in suite.problems
+    ]
     max_pos = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompts)
     if max_pos is not None and longest + cfg.max_new_tokens > max_pos:

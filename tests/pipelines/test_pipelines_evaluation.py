@@ -14,6 +14,7 @@ from pipelines.evaluation import (
     encode_prompt,
     evaluate_loaded,
     evaluate_model,
+    with_suffix,
     write_eval_outputs,
 )
 from pipelines.task import build_tokenizer
@@ -187,3 +188,10 @@ def test_prompts_too_long_for_the_model_are_a_clear_error(workspace: Path) -> No
 def test_not_a_model_dir(tmp_path: Path, workspace: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         evaluate_model(tmp_path, [EvalSuite(name="embedded")], _cfg(workspace), "student", progress=False)
+
+
+def test_prompt_suffix_is_appended_once() -> None:
+    suffix = EvaluateConfig().prompt_suffix
+    assert with_suffix("Find x.", suffix) == "Find x." + suffix
+    assert with_suffix("Find x." + suffix + "\n", suffix) == "Find x." + suffix + "\n"  # AIMO already has it
+    assert with_suffix("Find x.", "") == "Find x."
