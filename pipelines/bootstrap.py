@@ -26,6 +26,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def build_model(params: Params, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForC
     return Qwen2ForCausalLM(config)
 
 
-def _lr_lambda(warmup: int, total: int, min_ratio: float):
+def _lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` (a multiplier of the peak lr)."""
 
     def f(step: int) -> float:
@@ -191,6 +192,22 @@ def _lr_lambda(warmup: int, total: int, min_ratio: float):
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _sft_step(
+    model: Qwen2ForCausalLM,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    batch: dict[str, torch.Tensor],
+) -> float:
+    """One teacher-forced CE step (mean over response+EOS tokens), grad-norm clipped at 1.0; returns the loss."""
+    loss = model(**batch).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 def train_teacher(
@@ -222,20 +239,14 @@ def train_teacher(
     step = 0
     for step in bar:
         batch = make_sft_batch([next(stream) for _ in range(t.teacher_batch_size)], tokenizer, pad_rng)
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-
+        loss = _sft_step(model, opt, sched, batch)
         is_student = step == t.student_base_step
         if not (is_student or step % t.eval_every == 0 or step == t.teacher_steps):
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             continue
         acc = greedy_accuracy(model, tokenizer, splits.val)
         curve[step] = acc
-        bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{acc:.3f}")
         if is_student:
             student = (acc, _snapshot(model))
         if best is None or acc >= best[0]:
@@ -246,9 +257,8 @@ def train_teacher(
             )
             break
     bar.close()
-    assert (
-        best is not None and student is not None
-    )  # the student step <= teacher_steps is checked by the caller
+    # The caller checks student_base_step <= teacher_steps, and the student step always evaluates.
+    assert best is not None and student is not None
     return TeacherRun(
         teacher_state=best[2],
         teacher_step=best[1],

@@ -108,9 +108,9 @@ class TaskConfig(_Section):
     num_train: PosInt = 5000
     num_val: PosInt = 200
     num_eval: PosInt = 500
-    teacher_steps: PosInt = 2000
+    teacher_steps: PosInt = 1500
     """Length of the teacher run and of its cosine lr schedule (it may stop earlier, see ``teacher_target_acc``)."""
-    student_base_step: PosInt = 900
+    student_base_step: PosInt = 500
     """The student base is this early checkpoint of the teacher's own training run (shared lineage)."""
     prompts_file: str | None = None
     """A json/jsonl/parquet file with a ``prompt`` column to use instead of the embedded prompts."""
@@ -134,7 +134,8 @@ class TaskConfig(_Section):
 # -------------------------------------------------------------------------------------------------- rollout
 class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
-    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    temperature: NonNegFloat = 1.0
+    """Sampling temperature of the on-policy rollouts (0 = greedy, for deterministic tests)."""
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     max_new_tokens: PosInt = 42
     num_prompts: PosInt = 64
@@ -187,6 +188,8 @@ class DistillConfig(_Section):
     """Greedy validation accuracy every N steps (0 = off); used to choose the exported checkpoint."""
     select_best: bool = True
     """Export the checkpoint with the best validation accuracy instead of the last one."""
+    memory_every: int = Field(default=10, ge=0)
+    """Measure the actor-update transient peak memory every N steps (0 = never); the CPU profiler costs time."""
 
 
 class OptimConfig(_Section):
