@@ -7,11 +7,13 @@ a token act as that local admin on the local database).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from server.auth import authorize, ensure_token, parse_token_list
 from server.body_guard import BodyGuard
@@ -93,3 +95,12 @@ def create_app(
 def app_from_env() -> FastAPI:
     """uvicorn factory: ``uvicorn --factory server.app:app_from_env``."""
     return create_app()
+
+
+def iter_api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+    """Every ``APIRoute`` of an app, also inside included routers (FastAPI >= 0.16x wraps those)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from iter_api_routes(route.original_router.routes)
