@@ -12,8 +12,8 @@ teacher.
 
 Capture never builds a ``[tokens, vocab]`` logits tensor: the CausalLM forward is called (so FSDP2's root hooks
 all-gather the embedding / final norm) with ``logits_to_keep`` set to an empty index tensor, which makes the LM
-head run on a ``[B, 0, D]`` input. Only the requested layers are kept, and each is sliced to the response slots
-inside a forward hook, before any stacking or upcasting.
+head run on a ``[B, 0, D]`` input. States are sliced to the response slots before any stacking or upcasting;
+without grad only the requested layers are ever kept (forward hooks).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from trainer.config import LayerMode, PositionMode
 __all__ = [
     "SelectedStates",
     "capture_hidden_states",
+    "decoder_parts",
     "layer_indices",
+    "num_decoder_layers",
     "position_mask",
     "proportional_layer_map",
     "select_positions",
@@ -181,7 +183,7 @@ class SelectedStates:
     logits: Tensor | None = None
 
 
-def _decoder_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
+def decoder_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
     """The decoder block list and the final norm of an HF CausalLM (Llama/Qwen/Mistral layout)."""
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     layers = getattr(backbone, "layers", None)
@@ -197,7 +199,7 @@ def _decoder_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
 
 
 def num_decoder_layers(model: nn.Module) -> int:
-    return len(_decoder_parts(model)[0])
+    return len(decoder_parts(model)[0])
 
 
 def capture_hidden_states(
@@ -228,35 +230,44 @@ def capture_hidden_states(
     Grad flows through the returned states when called with grad enabled; call under ``torch.no_grad()``
     for the teacher. No ``[B, P+R, V]`` logits are ever built.
     """
-    blocks, norm = _decoder_parts(model)
+    blocks, norm = decoder_parts(model)
     n_layers = len(blocks)
     r = response_mask.shape[-1]
+    wanted = layer_indices(n_layers, list(layers))
+    keep = r + 1 if with_logits else torch.empty(0, dtype=torch.long, device=input_ids.device)
+    kwargs = dict(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+
+    def response_slots(h: Tensor) -> Tensor:
+        end = h.shape[1] - shift
+        return h[:, end - r : end, :]
+
     captured: dict[int, Tensor] = {}
+    if torch.is_grad_enabled():
+        # With grad, the states must be *outputs* of the root module: FSDP2 registers its pre-backward
+        # (all-gather) hook on the root's outputs, and a tensor taken from a forward hook bypasses it. The tuple
+        # only references activations autograd saves anyway.
+        out = model(**kwargs, output_hidden_states=True, logits_to_keep=keep)
+        captured = {i: response_slots(out.hidden_states[i]) for i in wanted}
+    else:
+        # No grad (teacher, old-log-prob pass): forward hooks keep only the requested layers, sliced to the
+        # response slots as they are produced, instead of all L+1 full-sequence states.
+        def make_hook(index: int):
+            def hook(_mod: nn.Module, _inp: tuple, o: Tensor | tuple) -> None:
+                captured[index] = response_slots(o[0] if isinstance(o, tuple) else o)
 
-    def make_hook(index: int):
-        def hook(_mod: nn.Module, _inp: tuple, out: Tensor | tuple) -> None:
-            h = out[0] if isinstance(out, tuple) else out
-            end = h.shape[1] - shift
-            captured[index] = h[:, end - r : end, :]  # slice to response slots before anything else
+            return hook
 
-        return hook
-
-    handles = []
-    for idx in layer_indices(n_layers, list(layers)):
-        module = norm if idx == n_layers else blocks[idx - 1]
-        handles.append(module.register_forward_hook(make_hook(idx)))
-    try:
-        keep = r + 1 if with_logits else torch.empty(0, dtype=torch.long, device=input_ids.device)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=keep,
-        )
-    finally:
-        for h in handles:
-            h.remove()
+        handles = [
+            (norm if idx == n_layers else blocks[idx - 1]).register_forward_hook(make_hook(idx))
+            for idx in wanted
+        ]
+        try:
+            out = model(**kwargs, logits_to_keep=keep)
+        finally:
+            for h in handles:
+                h.remove()
     stacked = torch.stack([captured[i] for i in layers], dim=1)  # [B, Λ, R, D]
     states, mask = select_positions(stacked, response_mask, positions, k)
     logits = out.logits[:, :-1, :] if with_logits else None  # positions P-1 .. P+R-2 predict the R tokens

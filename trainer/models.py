@@ -7,12 +7,19 @@ is fetched from a hub: a path that does not exist is an error that says so.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from trainer.config import ModelsConfig, ModelSource, RepConfig
 from trainer.hidden import layer_indices, num_decoder_layers, teacher_layer_indices
@@ -59,11 +66,26 @@ def load_model(source: ModelSource, cfg: ModelsConfig, *, role: str, trainable: 
     return model
 
 
-def load_tokenizer(path: str | Path, cfg: ModelsConfig) -> PreTrainedTokenizerBase:
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str | Path, cfg: ModelsConfig | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model directory, honouring the class its ``tokenizer_config.json`` declares.
+
+    transformers 5's ``AutoTokenizer`` picks the class from ``config.json``'s ``model_type`` even when the
+    directory declares the generic fast tokenizer: a custom ``tokenizer.json`` saved next to a Qwen2 config then
+    loads as ``Qwen2Tokenizer``, which re-splits text with Qwen's pre-tokenizer (different ids) and appends
+    ``<|endoftext|>``. When the declared class is generic, the ``tokenizer.json`` is loaded as is.
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path} (set models.tokenizer)")
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    trust = cfg.trust_remote_code if cfg is not None else False
+    config_file = path / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
 
 
 @dataclass(frozen=True)

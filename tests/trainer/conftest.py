@@ -1,0 +1,83 @@
+"""A tiny teacher/student pair on disk (real HF directories) for trainer tests.
+
+The student is the teacher plus noise: a shared lineage, so OPRD has aligned hidden states to pull together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from trainer.config import Params, load_params
+
+SYMBOLS = ["<pad>", "<s>", "</s>", *list("0123456789+-= ")]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {s: i for i, s in enumerate(SYMBOLS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_model(model: Qwen2ForCausalLM, tok, path: Path) -> Path:
+    model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_config(hidden=32, layers=2) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(SYMBOLS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pair")
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    teacher = Qwen2ForCausalLM(tiny_config())
+    student = Qwen2ForCausalLM(tiny_config())
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{a}+{b}="}}\n' for a in range(10, 30) for b in range(3, 5)))
+    return {
+        "teacher": save_model(teacher, tok, root / "teacher"),
+        "student": save_model(student, tok, root / "student"),
+        "prompts": prompts,
+    }
+
+
+def tiny_params(pair: dict[str, Path], tmp: Path, **overrides) -> Params:
+    base = {
+        "models.teacher.path": str(pair["teacher"]),
+        "models.student.path": str(pair["student"]),
+        "models.embedded": False,
+        "task.prompts_file": str(pair["prompts"]),
+        "rollout.max_new_tokens": 8,
+        "distill.steps": 6,
+        "distill.prompts_per_step": 4,
+        "distill.n_responses": 2,
+        "distill.eval_every": 0,
+        "distill.memory_every": 0,
+        "optim.lr": 3e-3,
+        "optim.num_threads": 1,
+        "checkpoint.dir": str(tmp / "ckpt"),
+        "checkpoint.every": 2,
+    }
+    base.update(overrides)
+    return load_params(None, base)
