@@ -25,7 +25,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the peak lr after ``step`` optimizer steps: linear warm-up over ``warmup_ratio * total``
     steps, then constant or cosine decay to ``min_lr_ratio``."""
-    warmup = int(round(cfg.warmup_ratio * total_steps))
+    warmup = round(cfg.warmup_ratio * total_steps)
     if warmup and step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "constant":

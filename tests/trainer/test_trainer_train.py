@@ -98,7 +98,7 @@ def test_non_finite_loss_stops_before_step_and_keeps_last_checkpoint(tiny_pair, 
     trainer = Trainer(bad, tmp_path / "out")
     before = None
     try:
-        with pytest.raises(NonFiniteLossError, match="before optimizer.step"):
+        with pytest.raises(NonFiniteLossError, match=r"before optimizer\.step"):
             state = trainer.ckpt.load_latest(trainer.student, trainer.optimizer, trainer.scheduler)
             before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
             trainer.train_step(state)
