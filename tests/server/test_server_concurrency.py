@@ -51,3 +51,33 @@ def test_concurrent_promote_rollback_sqlite(tmp_path):
 @pytest.mark.postgres
 def test_concurrent_promote_rollback_postgres(tmp_path, pg_fresh_url):
     _assert_report(_run_load(tmp_path, pg_fresh_url))
+
+
+def test_same_idempotency_key_sent_concurrently_changes_state_once(tmp_path, make_artifact):
+    """R3: 10 concurrent identical requests with one key -> 1 move, 1 audit row, 10 identical answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    srv = LiveServer(server_env(tmp_path, OPRD_MLFLOW_ENABLED="false"), tmp_path / "server.log")
+    try:
+        loadtest.prepare(srv.url, ADMIN, CI, "idem", tmp_path / "artifacts", n_versions=2)
+        body = {"version": 2, "expected_revision": 1, "reason": "once only"}
+        h = {"Authorization": f"Bearer {CI}", "Idempotency-Key": "deploy-42"}
+
+        def send(_):
+            return httpx.post(
+                f"{srv.url}/v1/models/idem/aliases/champion/promote", json=body, headers=h, timeout=60
+            )
+
+        with ThreadPoolExecutor(10) as pool:
+            rs = list(pool.map(send, range(10)))
+        assert [r.status_code for r in rs] == [200] * 10
+        assert len({r.text for r in rs}) == 1
+        assert sorted(r.headers.get("idempotent-replayed", "no") for r in rs) == ["no"] + ["true"] * 9
+        history = httpx.get(
+            f"{srv.url}/v1/models/idem/history", headers={"Authorization": f"Bearer {CI}"}
+        ).json()
+        assert [e["alias_revision"] for e in history if e["alias"] == "champion"] == [1, 2]
+    finally:
+        srv.stop()
