@@ -49,7 +49,7 @@ def resolve_artifact_path(raw: str, roots: list[Path]) -> Path:
         )
     if any(part == ".." for part in Path(raw).parts):
         raise ArtifactError("artifact_path: '..' components are not allowed")
-    path = Path(raw).expanduser().resolve()
+    path = Path(raw).resolve()
     if not any(path == root or path.is_relative_to(root) for root in roots):
         raise ArtifactError(f"artifact_path: {path} is outside the allowed artifact roots")
     if not path.is_dir():
