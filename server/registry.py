@@ -75,6 +75,11 @@ def prepare_registration(settings: ServerSettings, body: RegisterVersionIn) -> t
         raise Invalid(
             "mlflow_source: only models:/m-<id>, runs:/<run_id>/<path> or mlflow-artifacts:/ URIs are accepted"
         )
+    if body.mlflow_source is None and settings.mlflow_tracking_uri.startswith(("http://", "https://")):
+        # An MLflow server refuses local-path sources (CVE-2023-1177 fix); a row it refuses would block the outbox.
+        raise Invalid(
+            "mlflow_source: required with a remote MLflow server (e.g. runs:/<run_id>/<path> of the logged artifact)"
+        )
     return verified, body.mlflow_source or str(path)
 
 
