@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_params
 from safetensors.torch import load_file, save_file
+from tiny_pair import tiny_params
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.export import verify_manifest
@@ -134,7 +134,7 @@ def test_missing_model_dir_is_a_clear_error(tiny_pair, tmp_path):
 
 
 def test_tokenizer_is_loaded_as_saved_not_as_the_model_type_suggests(tiny_pair):
-    from conftest import build_tokenizer
+    from tiny_pair import build_tokenizer
 
     from trainer.models import load_tokenizer
 

@@ -1,4 +1,6 @@
-"""A tiny teacher/student pair on disk (real HF directories) for trainer tests.
+"""A tiny teacher/student pair on disk (real HF directories) for trainer and pipeline tests.
+
+Loaded as a pytest plugin (``-p tiny_pair`` in pyproject), so the ``tiny_pair`` fixture is available everywhere.
 
 The student is the teacher plus noise: a shared lineage, so OPRD has aligned hidden states to pull together.
 """
