@@ -313,10 +313,9 @@ def check_external_sources(params: Params) -> None:
     tok = params.models.tokenizer
     if tok is not None and not Path(tok).is_dir():
         problems.append(f"models.tokenizer: {tok!r} is not a directory")
-    if params.task.prompts_file is None:
-        problems.append("task.prompts_file: required when models.embedded is false (the training prompts)")
-    elif not Path(params.task.prompts_file).is_file():
-        problems.append(f"task.prompts_file: {params.task.prompts_file!r} does not exist")
+    prompts = params.task.prompts_file
+    if prompts is None or not Path(prompts).is_file():
+        problems.append(f"task.prompts_file: {prompts!r} is not a file (training prompts are required)")
     if problems:
         raise ConfigError("models.embedded is false, but:\n" + "\n".join(problems))
 

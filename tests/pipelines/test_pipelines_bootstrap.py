@@ -147,6 +147,7 @@ def test_bootstrap_cli_reports_missing_external_sources(
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
         "models:\n  embedded: false\n  teacher: {path: /nonexistent/teacher}\n  student: {path: /nonexistent/student}\n"
+        "task:\n  prompts_file: /nonexistent/prompts.jsonl\n"
     )
     assert main(["--params", str(params_file), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
