@@ -110,10 +110,12 @@ class TaskConfig(_Section):
     num_eval: PosInt = 500
     teacher_steps: PosInt = 1500
     """Length of the teacher run and of its cosine lr schedule (it may stop earlier, see ``teacher_target_acc``)."""
-    student_base_step: PosInt = 500
-    """The student base is this early checkpoint of the teacher's own training run (shared lineage)."""
-    prompts_file: str | None = None
-    """A json/jsonl/parquet file with a ``prompt`` column to use instead of the embedded prompts."""
+    student_base_step: PosInt = 600
+    """The student base is this early checkpoint of the teacher's own training run (shared lineage). With the
+    defaults the run has a grokking-like cliff: greedy val accuracy 4% at step 500, 16.5% at 600, 50% at 700;
+    600 gives a clearly weak student that already sits on the teacher's trajectory."""
+    prompts_file: str = "artifacts/task/train.jsonl"
+    """Training prompts: a json/jsonl/parquet file with a ``prompt`` column (default: the embedded train split)."""
     teacher_lr: Annotated[float, Field(gt=0.0)] = 2.0e-3
     """Peak AdamW learning rate of the teacher's from-scratch SFT (betas 0.9/0.98, wd 0.01, clip 1.0)."""
     teacher_batch_size: PosInt = 64
@@ -250,12 +252,24 @@ class EvaluateConfig(_Section):
 
 # ------------------------------------------------------------------------------------------ tracking / gate
 class TrackingConfig(_Section):
+    """Where MLflow lives and how stages talk to it (read by ``pipelines.tracking``)."""
+
     uri: str | None = None
-    """``None``: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the project root."""
+    """``None``: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project root>/mlflow.db``."""
     experiment: str = "oprd-ci"
+    artifact_location: str | None = None
+    """Artifact root given to a newly created experiment. ``None``: ``<dir of the sqlite db>/mlartifacts`` for
+    sqlite stores (absolute, so stages started from any directory agree) and the server's default for HTTP."""
     price_per_device_hour: NonNegFloat = 0.05
     """USD per device-hour, for the cost estimate the gate budgets (a CPU core-hour by default)."""
     retries: int = Field(default=3, ge=0)
+    """Extra attempts (with exponential backoff) before a tracking write is declared failed."""
+    backoff_s: NonNegFloat = 1.0
+    """First backoff between tracking retries; doubles on each further attempt."""
+    timeout_s: Annotated[float, Field(gt=0.0)] = 5.0
+    """HTTP timeout of one tracking request and of the reachability probe at stage start."""
+    copy_weights_max_mb: NonNegFloat = 512.0
+    """LoggedModels of directories larger than this log only ``config.json`` + ``manifest.json`` (by reference)."""
 
 
 class GateConfig(_Section):

@@ -1,0 +1,189 @@
+"""DVC stage ``distill``: run the on-policy trainer and export the distilled student.
+
+    python -m pipelines.stage_distill --params params.yaml
+
+With ``parallel.nproc_per_node * nnodes > 1`` this process re-launches itself under ``torchrun`` (FSDP2); the
+worker entry point is ``python -m pipelines.stage_distill --worker``. Checkpoints live under
+``checkpoint.dir/<config digest>``, so a stage killed mid-run resumes where it stopped when re-run with the same
+config, while an experiment with other params never resumes from them.
+
+Outputs: ``artifacts/models/student/`` (HF safetensors + tokenizer + manifest), ``metrics/distill.json``,
+``plots/distill.tsv`` (per-step curves for ``dvc plots``), ``artifacts/distill/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipelines.grading import grade_answer
+from pipelines.stage_io import prompts_file, val_file, write_json
+from pipelines.suites import load_problems
+from trainer.config import ConfigError, Params, load_params
+from trainer.data import encode_prompts, load_prompts
+from trainer.distributed import all_reduce_sum
+from trainer.metrics import JsonlLogger, LoggerGroup, MetricLogger
+from trainer.rollout import HFGenerateEngine
+from trainer.train import NonFiniteLossError, Trainer
+
+WORK_DIR = Path("artifacts/distill")
+STUDENT_DIR = Path("artifacts/models/student")
+METRICS = Path("metrics/distill.json")
+PLOTS = Path("plots/distill.tsv")
+PLOT_KEYS = (
+    "loss/total",
+    "rep/cosine/mean",
+    "response/length_mean",
+    "mem/actor_update_delta_peak_GiB",
+    "perf/step_seconds",
+    "val/accuracy",
+)
+
+
+def config_digest(params: Params) -> str:
+    """Digest of everything that changes the training trajectory (not evaluation, tracking or gate)."""
+    keys = ("seed", "models", "task", "rollout", "distill", "optim", "parallel")
+    blob = json.dumps({k: params.model_dump(mode="json")[k] for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class GreedyValidator:
+    """Greedy accuracy on the validation split, sharded over ranks (each rank its slice, counts all-reduced).
+
+    Used to choose the exported checkpoint; never the held-out eval set.
+    """
+
+    def __init__(self, trainer: Trainer, path: Path, max_new_tokens: int):
+        problems = load_problems(path)
+        self.answers = [p.answer for p in problems]
+        self.prompt_ids = encode_prompts(trainer.tokenizer, [p.prompt for p in problems])
+        self.tokenizer = trainer.tokenizer
+        self.engine: HFGenerateEngine = trainer.engine
+        self.env = trainer.env
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        rank, world = self.env.rank, self.env.world_size
+        idx = list(range(rank, len(self.prompt_ids), world))
+        rng = torch.get_rng_state()  # greedy needs no randomness; keep the training stream untouched anyway
+        batch = self.engine.generate(
+            model, [self.prompt_ids[i] for i in idx], n=1, temperature=0.0, top_p=1.0,
+            max_new_tokens=self.max_new_tokens, synced_gpus=self.env.distributed,
+        )  # fmt: skip
+        torch.set_rng_state(rng)
+        texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+        correct = sum(grade_answer(t, self.answers[i]) for t, i in zip(texts, idx, strict=True))
+        counts = all_reduce_sum(torch.tensor([float(correct), float(len(idx))]))
+        return {"val/accuracy": (counts[0] / counts[1].clamp(min=1)).item()}
+
+
+def worker(params_path: str, overrides: list[str], logger: MetricLogger | None = None) -> int:
+    """Train (one rank of) the distillation; rank 0 writes the stage outputs."""
+    params = load_params(params_path, overrides)
+    digest = config_digest(params)
+    ckpt_dir = str(Path(params.checkpoint.dir) / digest)
+    params = params.model_copy(update={"checkpoint": params.checkpoint.model_copy(update={"dir": ckpt_dir})})
+    trainer = Trainer(params, WORK_DIR, prompts=load_prompts(prompts_file(params)))
+    vf = val_file(params)
+    if vf is not None and params.distill.eval_every:
+        trainer.validator = GreedyValidator(trainer, vf, params.rollout.max_new_tokens)
+    if trainer.env.is_main:
+        from trainer.checkpoint import complete_checkpoints
+
+        done = complete_checkpoints(ckpt_dir)
+        jsonl = JsonlLogger(WORK_DIR / "metrics.jsonl", truncate_after=done[-1][0] if done else 0)
+        trainer.logger = LoggerGroup(jsonl, *([logger] if logger else []))
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.env.is_main:
+        _write_outputs(params, result, digest, time.perf_counter() - t0, world=trainer.env.world_size)
+    return 0
+
+
+def _write_outputs(params: Params, result, digest: str, wall: float, world: int) -> None:
+    shutil.rmtree(STUDENT_DIR, ignore_errors=True)
+    shutil.copytree(result.export_dir, STUDENT_DIR)
+    hist = result.history
+    last = hist[-1] if hist else {}
+    mem = [h["mem/actor_update_delta_peak_GiB"] for h in hist if "mem/actor_update_delta_peak_GiB" in h]
+    summary = {
+        "method": params.distill.method,
+        "steps": result.steps,
+        "final_loss": last.get("loss/total"),
+        "final_cosine": last.get("rep/cosine/mean"),
+        "best_val_accuracy": result.best_score if result.best_step > 0 else None,
+        "best_step": result.best_step,
+        "response_length_mean": sum(h["response/length_mean"] for h in hist[-10:]) / max(1, len(hist[-10:])),
+        "update_peak_GiB_max": max(mem) if mem else None,
+        "step_seconds_median": sorted(h["perf/step_seconds"] for h in hist)[len(hist) // 2] if hist else None,
+        "wall_seconds": wall,
+        "world_size": world,
+        "config_digest": digest,
+    }
+    write_json(METRICS, summary)
+    PLOTS.parent.mkdir(parents=True, exist_ok=True)
+    with PLOTS.open("w") as f:
+        f.write("step\t" + "\t".join(k.replace("/", "_") for k in PLOT_KEYS) + "\n")
+        for h in hist:
+            f.write(
+                f"{h['step']}\t"
+                + "\t".join("" if h.get(k) is None else f"{h[k]:.6g}" for k in PLOT_KEYS)
+                + "\n"
+            )
+    # Checkpoints of a finished run are not needed any more (the student is in the DVC cache).
+    shutil.rmtree(params.checkpoint.dir, ignore_errors=True)
+
+
+def launch(params_path: str, overrides: list[str]) -> int:
+    """Run the worker here (1 process) or under torchrun (FSDP2)."""
+    params = load_params(params_path, overrides)
+    par = params.parallel
+    if par.nproc_per_node * par.nnodes == 1:
+        return worker(params_path, overrides)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={par.nproc_per_node}",
+        f"--nnodes={par.nnodes}",
+    ]
+    cmd += (
+        [f"--rdzv_endpoint={par.rdzv_endpoint}", "--rdzv_backend=c10d"]
+        if par.rdzv_endpoint
+        else ["--standalone"]
+    )
+    args = ["--params", params_path, *(a for o in overrides for a in ("--set", o))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(params.optim.num_threads or 1)}
+    return subprocess.call([*cmd, "-m", "pipelines.stage_distill", "--worker", *args], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="DVC stage: on-policy distillation")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--worker", action="store_true", help="internal: run one rank (torchrun sets the env)")
+    args = ap.parse_args(argv)
+    try:
+        return worker(args.params, args.overrides) if args.worker else launch(args.params, args.overrides)
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""What every DVC stage shares: where its inputs are, atomic JSON outputs, and its MLflow run.
+
+Each stage is its own process. Its MLflow run id and the content hashes of what it wrote are stored next to its
+outputs (``<stage>.mlflow.json``), so the downstream stage links to the run that produced the files it reads, even
+when DVC skipped that stage this time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from trainer.config import Params
+
+__all__ = ["TASK_DIR", "prompts_file", "val_file", "write_json"]
+
+TASK_DIR = Path("artifacts/task")
+
+
+def prompts_file(params: Params) -> Path:
+    """Training prompts (``task.prompts_file``; the embedded train split by default)."""
+    return Path(params.task.prompts_file)
+
+
+def val_file(params: Params) -> Path | None:
+    """Validation problems for checkpoint selection (embedded task only; ``None`` for external prompts)."""
+    path = TASK_DIR / "val.jsonl"
+    return path if params.models.embedded and path.is_file() else None
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (tmp file + rename): a killed stage never leaves a half-written metrics file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

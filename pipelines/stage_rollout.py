@@ -1,0 +1,108 @@
+"""DVC stage ``rollout``: pre-flight checks on the student base's own on-policy rollouts.
+
+Reads the teacher, the student base and the training prompts; writes ``artifacts/rollout/rollouts.parquet``
+(prompt index, response token ids and lengths) and ``metrics/rollout.json`` (response-length statistics and the
+per-layer alignment). Fails (exit 2, one line) on an incompatible pair, or when vanilla OPRD is configured on an
+unaligned pair (see :mod:`pipelines.preflight`).
+
+    python -m pipelines.stage_rollout --params params.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipelines.preflight import AlignmentError, check_alignment, measure_alignment, sample_rollouts
+from pipelines.stage_io import prompts_file, stage_tracking, write_json
+from trainer.config import ConfigError, load_params
+from trainer.data import encode_prompts, load_prompts
+from trainer.models import CompatibilityError, check_compatibility, load_model, load_tokenizer
+from trainer.rollout import HFGenerateEngine
+
+OUT_DIR = Path("artifacts/rollout")
+METRICS = Path("metrics/rollout.json")
+
+
+def run(params_path: str, overrides: list[str]) -> dict:
+    params = load_params(params_path, overrides)
+    m = params.models
+    t0 = time.perf_counter()
+    if params.optim.num_threads:
+        torch.set_num_threads(params.optim.num_threads)
+    with stage_tracking("rollout", params) as tracker:
+        tok = load_tokenizer(m.tokenizer or m.student.path, m)
+        student = load_model(m.student, m, role="student", trainable=False)
+        teacher = load_model(m.teacher, m, role="teacher", trainable=False)
+        plan = check_compatibility(
+            student, teacher, tok, load_tokenizer(m.teacher.path, m), params.distill.rep,
+            uses_hidden_states=params.distill.method in ("oprd", "combined"),
+        )  # fmt: skip
+        prompts = load_prompts(prompts_file(params))[: params.rollout.num_prompts]
+        gen = student.generation_config
+        engine = HFGenerateEngine(
+            pad_token_id=tok.pad_token_id, eos_token_id=gen.eos_token_id or tok.eos_token_id
+        )
+        batch = sample_rollouts(student, encode_prompts(tok, prompts), params, engine)
+        report = measure_alignment(student, teacher, batch, plan)
+        lengths = batch.response_lengths.float()
+        metrics = {
+            "response/length_mean": lengths.mean().item(),
+            "response/length_median": lengths.median().item(),
+            "response/length_max": lengths.max().item(),
+            "response/eos_rate": (batch.response_ids == engine.eos_token_id[0])
+            .any(dim=1)
+            .float()
+            .mean()
+            .item(),
+            "rollouts": int(lengths.numel()),
+            **report.as_metrics(),
+        }
+        OUT_DIR.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(
+            {
+                "prompt_index": batch.prompt_index.tolist(),
+                "response_ids": [
+                    row[: int(n)]
+                    for row, n in zip(batch.response_ids.tolist(), lengths.tolist(), strict=True)
+                ],
+                "response_length": lengths.long().tolist(),
+            }
+        ).to_parquet(OUT_DIR / "rollouts.parquet", index=False)
+        summary = {
+            "metrics": metrics,
+            "layer_plan": {"student": plan.student, "teacher": plan.teacher, "notes": plan.notes},
+        }
+        write_json(METRICS, {**metrics, "layer_plan": summary["layer_plan"]})
+        tracker.log_metrics(metrics)
+        warning = check_alignment(report, params)
+        if warning:
+            print(warning, file=sys.stderr)
+        tracker.finish(
+            outputs={"rollouts": OUT_DIR / "rollouts.parquet"}, wall_seconds=time.perf_counter() - t0
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args(argv)
+    try:
+        out = run(args.params, args.overrides)
+    except (ConfigError, CompatibilityError, AlignmentError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out["metrics"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The rollout stage's alignment pre-flight: aligned pairs pass, unrelated hidden bases refuse vanilla OPRD."""
+
+import pytest
+import torch
+from tiny_pair import save_model, tiny_config, tiny_params
+from transformers import Qwen2ForCausalLM
+
+from pipelines.preflight import AlignmentError, check_alignment, measure_alignment, sample_rollouts
+from trainer.data import encode_prompts, load_prompts
+from trainer.models import check_compatibility, load_model, load_tokenizer
+from trainer.rollout import HFGenerateEngine
+
+
+def _report(params):
+    m = params.models
+    tok = load_tokenizer(m.student.path)
+    student = load_model(m.student, m, role="student", trainable=False)
+    teacher = load_model(m.teacher, m, role="teacher", trainable=False)
+    plan = check_compatibility(student, teacher, tok, tok, params.distill.rep, uses_hidden_states=True)
+    prompts = encode_prompts(tok, load_prompts(params.task.prompts_file)[:8])
+    batch = sample_rollouts(student, prompts, params, HFGenerateEngine(pad_token_id=0, eos_token_id=2))
+    return measure_alignment(student, teacher, batch, plan)
+
+
+def test_shared_lineage_pair_is_aligned(tiny_pair, tmp_path):
+    params = tiny_params(tiny_pair, tmp_path)
+    report = _report(params)
+    assert report.mean_cosine > 0.8
+    assert check_alignment(report, params) is None
+    assert set(report.as_metrics()) >= {"alignment/cosine_mean", "alignment/norm_ratio/layer_1"}
+
+
+def test_independent_init_refuses_vanilla_oprd_but_allows_opd(tiny_pair, tmp_path):
+    torch.manual_seed(123)
+    stranger = save_model(Qwen2ForCausalLM(tiny_config()), _tokenizer(tiny_pair), tmp_path / "stranger")
+    params = tiny_params(tiny_pair, tmp_path, **{"models.student.path": str(stranger)})
+    report = _report(params)
+    assert abs(report.mean_cosine) < 0.3
+    with pytest.raises(AlignmentError, match=r"opd_sampled.*normalize.*allow_unaligned"):
+        check_alignment(report, params)
+    opd = tiny_params(
+        tiny_pair, tmp_path, **{"models.student.path": str(stranger), "distill.method": "opd_sampled"}
+    )
+    assert check_alignment(report, opd) is None
+    forced = tiny_params(
+        tiny_pair, tmp_path, **{"models.student.path": str(stranger), "rollout.allow_unaligned": True}
+    )
+    assert check_alignment(report, forced).startswith("warning:")
+
+
+def _tokenizer(pair):
+    return load_tokenizer(pair["student"])
