@@ -123,7 +123,9 @@ def update(
     optimizer: str = typer.Option("adamw-fused", help=f"One of {', '.join(OPTIMIZERS)}."),
     checkpointing: bool = typer.Option(False, "--checkpointing/--no-checkpointing"),
     rounds: int = typer.Option(3, help="Timed rounds (round-robin over methods)."),
-    warmup: int = typer.Option(1, help="Discarded warm-up rounds."),
+    warmup: int = typer.Option(
+        0, help="Extra discarded warm-up rounds (the profiled round already warms up)."
+    ),
     oprd_layers: str = typer.Option("all", help="OPRD layers: last|all|even|odd|i,j,..."),
     oprd_positions: str = typer.Option("all", help="OPRD positions: last|all|last_k|first_k."),
     oprd_k: int = typer.Option(2000, help="Width for last_k/first_k."),
@@ -180,7 +182,7 @@ def step(
     dtype: str = typer.Option("fp32", help=f"One of {', '.join(DTYPES)}."),
     optimizer: str = typer.Option("adamw-fused", help=f"One of {', '.join(OPTIMIZERS)}."),
     rounds: int = typer.Option(3),
-    warmup: int = typer.Option(1),
+    warmup: int = typer.Option(0),
     top_k: int = typer.Option(16),
     kl_chunk_size: int = typer.Option(256),
     threads: int = typer.Option(0),
@@ -205,3 +207,50 @@ def step(
     _write(result, out)
     Console(width=170).print(step_table(result))
     typer.echo(f"wrote {out}")
+
+
+def markdown(result: dict) -> str:
+    """A markdown table of a ``bench update`` or ``bench step`` result (for ``benchmarks/README.md``)."""
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [f"`{_header(result)}`", ""]
+    if result.get("benchmark") == "step":
+        lines += [
+            "| method | rollout s | old-logprob s | teacher s | update s | total s | update peak MiB "
+            "| logits in update | total/O16 | mem/O16 | total/floor | mem/floor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["methods"]:
+            ph = r["phases_median_seconds"]
+            cells = [f"{ph[p]:.3f}" for p in ("rollout", "old_logprob", "teacher", "update", "total")]
+            lines.append(
+                f"| {r['name']} | {' | '.join(cells)} | {r['peak_memory_bytes'] / 2**20:.1f} | "
+                f"{'yes' if r['builds_logits_in_update'] else 'no'} | {x(r['time_vs_opd_topk'])} | "
+                f"{x(r['mem_vs_opd_topk'])} | {x(r['time_vs_floor'])} | {x(r['mem_vs_floor'])} |"
+            )
+    else:
+        lines += [
+            "| method | peak GiB (profiler) | peak GiB (RSS, median) | median step s | steps s | mem/O16 "
+            "| time/O16 | mem/floor | time/floor |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["methods"]:
+            steps = ", ".join(f"{s:.2f}" for s in r["step_seconds"])
+            lines.append(
+                f"| {r['name']} | {_gib(r['peak_memory_bytes'])} | {_gib(r.get('median_rss_peak_bytes'))} | "
+                f"{r['median_step_seconds']:.2f} | {steps} | {x(r['mem_vs_opd_topk'])} | "
+                f"{x(r['time_vs_opd_topk'])} | {x(r['mem_vs_floor'])} | {x(r['time_vs_floor'])} |"
+            )
+    return "\n".join(lines)
+
+
+@bench_app.command("report")
+def report(path: Path = typer.Argument(..., help="A result JSON written by bench update/step.")) -> None:
+    """Print a result JSON as a markdown table."""
+    try:
+        result = json.loads(path.read_text())
+        typer.echo(markdown(result))
+    except (OSError, ValueError, KeyError) as exc:
+        raise _fail(f"{path}: not a bench result ({exc})") from None

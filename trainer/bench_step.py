@@ -41,6 +41,7 @@ from trainer.bench import (
     median,
     num_threads,
     parse_methods,
+    prime_optimizer,
     with_ratios,
 )
 from trainer.memory import PeakMemory
@@ -69,7 +70,7 @@ class StepBenchSpec:
     dtype: str = "fp32"
     optimizer: str = "adamw-fused"
     rounds: int = 3
-    warmup: int = 1
+    warmup: int = 0
     methods: list[str] = field(default_factory=lambda: ["oprd", "opd_sampled", "opd_topk", "full_kl",
                                                         "full_kl_chunked", "floor"])  # fmt: skip
     top_k: int = 16
@@ -129,6 +130,7 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
     student = build_model(shape, spec.seed, max_len).train()
     teacher = build_model(shape, spec.seed + 1, max_len).eval().requires_grad_(False)
     opt = make_optimizer(spec.optimizer, list(student.parameters()), spec.lr)
+    prime_optimizer(opt)
     engine = HFGenerateEngine(pad_token_id=PAD_ID, eos_token_id=EOS_ID)
     g = torch.Generator().manual_seed(spec.seed + 2)
     # Prompts of varying length (left padding exercised), random content ids in [3, V).
