@@ -35,6 +35,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipelines.lineage import RunRef, read_run_ref, write_run_ref
+from pipelines.tracking_metrics import MlflowMetricLogger
 from trainer.config import Params, TrackingConfig
 
 __all__ = [
@@ -382,6 +383,24 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Add tags to the run (one request)."""
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def metric_logger(
+        self, *, flush_every: int = 1, spill_path: str | Path | None = None
+    ) -> MlflowMetricLogger:
+        """An outage-tolerant per-step logger for this run with ``tracking.retries``/``backoff_s``.
+
+        In a torchrun child (another process) build it directly:
+        ``MlflowMetricLogger(run_id, tracking_uri=..., retries=..., backoff_s=...)`` with the values this run
+        passes down (e.g. in the environment).
+        """
+        return MlflowMetricLogger(
+            self.run_id,
+            client=self.client,
+            retries=self.cfg.retries,
+            backoff_s=self.cfg.backoff_s,
+            flush_every=flush_every,
+            spill_path=spill_path,
+        )
 
     def write_ref(
         self, path: str | Path, outputs: Mapping[str, str], *, models: Mapping[str, str] | None = None

@@ -345,7 +345,8 @@ def test_render_and_log_lineage(store: str, project: Path, tmp_path: Path) -> No
 # ------------------------------------------------------------------------------------------ metric logger
 def test_metric_logger_protocol_and_sqlite_roundtrip(store: str, project: Path) -> None:
     with StageRun("distill", params_for(store, "exp-metrics"), root=project) as run:
-        logger = MlflowMetricLogger(run.run_id, tracking_uri=store, flush_every=3)
+        logger = run.metric_logger(flush_every=3)
+        assert (logger.retries, logger.backoff_s) == (3, 1.0)  # tracking.retries / backoff_s defaults
         assert isinstance(logger, MetricLogger)
         for step in range(7):
             logger.log_metrics({"loss/total": 1.0 / (step + 1), "rep/cosine/mean": 0.5}, step)
