@@ -27,8 +27,12 @@ import torch
 import torch.distributed as dist
 
 from pipelines.grading import grade_answer
-from pipelines.stage_io import prompts_file, val_file, write_json
+from pipelines.lineage import RunRefError
+from pipelines.stage_io import file_sha256, prompts_file, val_file, write_json
 from pipelines.suites import load_problems
+from pipelines.tracking import StageRun, TrackingUnreachable
+from pipelines.tracking_metrics import MlflowMetricLogger
+from pipelines.tracking_models import log_logged_model, log_model_outputs
 from trainer.config import ConfigError, Params, load_params
 from trainer.data import encode_prompts, load_prompts
 from trainer.distributed import all_reduce_sum
@@ -40,6 +44,10 @@ WORK_DIR = Path("artifacts/distill")
 STUDENT_DIR = Path("artifacts/models/student")
 METRICS = Path("metrics/distill.json")
 PLOTS = Path("plots/distill.tsv")
+REF = WORK_DIR / "distill.mlflow.json"
+UPSTREAM = Path("artifacts/rollout/rollout.mlflow.json")
+RUN_ENV = "OPRD_MLFLOW_RUN_ID"
+URI_ENV = "OPRD_MLFLOW_TRACKING_URI"
 PLOT_KEYS = (
     "loss/total",
     "rep/cosine/mean",
@@ -88,8 +96,14 @@ class GreedyValidator:
 
 
 def worker(params_path: str, overrides: list[str], logger: MetricLogger | None = None) -> int:
-    """Train (one rank of) the distillation; rank 0 writes the stage outputs."""
+    """Train (one rank of) the distillation; rank 0 writes the stage outputs and logs per-step metrics to the
+    stage's MLflow run (its id comes from the launcher, in the environment under torchrun)."""
     params = load_params(params_path, overrides)
+    if logger is None and os.environ.get(RUN_ENV) and int(os.environ.get("RANK", "0")) == 0:
+        logger = MlflowMetricLogger(
+            os.environ[RUN_ENV], tracking_uri=os.environ.get(URI_ENV), retries=params.tracking.retries,
+            backoff_s=params.tracking.backoff_s, flush_every=10,
+        )  # fmt: skip
     digest = config_digest(params)
     ckpt_dir = str(Path(params.checkpoint.dir) / digest)
     params = params.model_copy(update={"checkpoint": params.checkpoint.model_copy(update={"dir": ckpt_dir})})
@@ -115,7 +129,9 @@ def worker(params_path: str, overrides: list[str], logger: MetricLogger | None =
 
 def _write_outputs(params: Params, result, digest: str, wall: float, world: int) -> None:
     shutil.rmtree(STUDENT_DIR, ignore_errors=True)
-    shutil.copytree(result.export_dir, STUDENT_DIR)
+    STUDENT_DIR.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(result.export_dir, STUDENT_DIR)  # the export (best or final) becomes the stage output
+    shutil.rmtree(WORK_DIR / "best", ignore_errors=True)
     hist = result.history
     last = hist[-1] if hist else {}
     mem = [h["mem/actor_update_delta_peak_GiB"] for h in hist if "mem/actor_update_delta_peak_GiB" in h]
@@ -148,26 +164,48 @@ def _write_outputs(params: Params, result, digest: str, wall: float, world: int)
 
 
 def launch(params_path: str, overrides: list[str]) -> int:
-    """Run the worker here (1 process) or under torchrun (FSDP2)."""
+    """Open the stage's MLflow run, run the worker here (1 process) or under torchrun (FSDP2), then log the
+    distilled student as a LoggedModel and write the lineage ref."""
     params = load_params(params_path, overrides)
     par = params.parallel
-    if par.nproc_per_node * par.nnodes == 1:
-        return worker(params_path, overrides)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={par.nproc_per_node}",
-        f"--nnodes={par.nnodes}",
-    ]
-    cmd += (
-        [f"--rdzv_endpoint={par.rdzv_endpoint}", "--rdzv_backend=c10d"]
-        if par.rdzv_endpoint
-        else ["--standalone"]
-    )
-    args = ["--params", params_path, *(a for o in overrides for a in ("--set", o))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(params.optim.num_threads or 1)}
-    return subprocess.call([*cmd, "-m", "pipelines.stage_distill", "--worker", *args], env=env)
+    world = par.nproc_per_node * par.nnodes
+    prompts = prompts_file(params)
+    with StageRun("distill", params, upstream=[UPSTREAM], num_devices=world,
+                  datasets={"train_prompts": file_sha256(prompts)}) as run:  # fmt: skip
+        if world == 1:
+            rc = worker(params_path, overrides, logger=run.metric_logger(flush_every=10))
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={par.nproc_per_node}",
+                   f"--nnodes={par.nnodes}"]  # fmt: skip
+            cmd += (
+                [f"--rdzv_endpoint={par.rdzv_endpoint}", "--rdzv_backend=c10d"]
+                if par.rdzv_endpoint
+                else ["--standalone"]
+            )
+            args = ["--params", params_path, *(a for o in overrides for a in ("--set", o))]
+            env = {**os.environ, "OMP_NUM_THREADS": str(params.optim.num_threads or 1),
+                   RUN_ENV: run.run_id, URI_ENV: run.tracking_uri}  # fmt: skip
+            rc = subprocess.call([*cmd, "-m", "pipelines.stage_distill", "--worker", *args], env=env)
+        if rc != 0:
+            raise RuntimeError(f"distillation worker exited with {rc}")
+        model_id = log_logged_model(
+            "student", STUDENT_DIR, role="student", run_id=run.run_id, client=run.client,
+            tags={"oprd.method": params.distill.method},
+        )  # fmt: skip
+        log_model_outputs(run.run_id, [model_id], client=run.client)
+        summary = json.loads(METRICS.read_text())
+        run.client.log_batch(run.run_id, metrics=_final_metrics(summary))
+        models = dict(run.upstream["rollout"].models) if "rollout" in run.upstream else {}
+        run.write_ref(REF, {"student": json.loads((STUDENT_DIR / "manifest.json").read_text())["sha256"]},
+                      models={**models, "student": model_id})  # fmt: skip
+    return 0
+
+
+def _final_metrics(summary: dict) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items() if isinstance(v, (int, float))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return worker(args.params, args.overrides) if args.worker else launch(args.params, args.overrides)
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as exc:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        ValueError,
+        NonFiniteLossError,
+        TrackingUnreachable,
+        RunRefError,
+        RuntimeError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()

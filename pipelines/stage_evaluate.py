@@ -17,11 +17,18 @@ from pathlib import Path
 import torch
 
 from pipelines.evaluation import evaluate_model, write_eval_outputs
+from pipelines.lineage import RunRefError
+from pipelines.stage_distill import REF as DISTILL_REF
 from pipelines.stage_distill import STUDENT_DIR
-from pipelines.suites import SuiteFormatError
+from pipelines.stage_io import file_sha256
+from pipelines.suites import SuiteFormatError, load_suite
+from pipelines.tracking import StageRun, TrackingUnreachable
+from pipelines.tracking_models import log_dataset, log_model_inputs
 from trainer.config import ConfigError, Params, load_params
 
 METRICS = Path("metrics/eval.json")
+REF = Path("artifacts/eval/evaluate.mlflow.json")
+ROLLOUT_REF = Path("artifacts/rollout/rollout.mlflow.json")
 
 
 def model_dirs(params: Params) -> dict[str, Path]:
@@ -37,10 +44,29 @@ def run(params_path: str, overrides: list[str]) -> dict:
     if params.optim.num_threads:
         torch.set_num_threads(params.optim.num_threads)
     t0 = time.perf_counter()
-    results = {}
-    for role, path in model_dirs(params).items():
-        results[role] = evaluate_model(path, params.evaluate.suites, params.evaluate, role)
-    tree = write_eval_outputs(results, METRICS)
+    suites = [load_suite(s, params.evaluate.embedded_path) for s in params.evaluate.suites]
+    digests = {f"eval_{s.name}": s.digest for s in suites}
+    with StageRun("evaluate", params, upstream=[DISTILL_REF, ROLLOUT_REF], datasets=digests) as run:
+        for s in suites:
+            log_dataset(run.run_id, s.path, f"eval_{s.name}", "evaluation", s.digest, client=run.client)
+        models = {**run.upstream["rollout"].models, **run.upstream["distill"].models}
+        log_model_inputs(run.run_id, list(models.values()), client=run.client)
+        results = {
+            role: evaluate_model(path, suites, params.evaluate, role)
+            for role, path in model_dirs(params).items()
+        }
+        tree = write_eval_outputs(results, METRICS)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        flat = [
+            Metric(f"{suite}/{role}/{k}", float(v), now, 0)
+            for suite, roles in tree.items() for role, m in roles.items()
+            for k, v in m.items() if isinstance(v, (int, float))
+        ]  # fmt: skip
+        run.client.log_batch(run.run_id, metrics=flat)
+        per_problem = Path("artifacts/eval/per_problem.jsonl")
+        run.write_ref(REF, {"per_problem": file_sha256(per_problem), **digests}, models=models)
     return {"tree": tree, "wall_seconds": time.perf_counter() - t0}
 
 
@@ -51,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = run(args.params, args.overrides)
-    except (ConfigError, FileNotFoundError, SuiteFormatError, ValueError) as exc:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        SuiteFormatError,
+        ValueError,
+        TrackingUnreachable,
+        RunRefError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for suite, roles in out["tree"].items():

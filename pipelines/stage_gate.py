@@ -23,9 +23,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from pipelines.lineage import LineageEdge, LineageNode, RunRefError, short_digest
 from pipelines.stage_distill import METRICS as DISTILL_METRICS
+from pipelines.stage_distill import REF as DISTILL_REF
 from pipelines.stage_distill import STUDENT_DIR
+from pipelines.stage_evaluate import METRICS as EVAL_METRICS
+from pipelines.stage_evaluate import REF as EVAL_REF
 from pipelines.stage_io import write_json
+from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params
+from pipelines.tracking_models import log_lineage, registry_fields
 from trainer.config import ConfigError, Params, load_params
 from trainer.export import verify_manifest
 
@@ -34,6 +40,7 @@ PER_PROBLEM = Path("artifacts/eval/per_problem.jsonl")
 EVIDENCE = Path("artifacts/gate/evidence.json")
 METRICS = Path("metrics/gate.json")
 ROLE_TO_EVIDENCE = {"student": "candidate", "teacher": "teacher"}
+ROLLOUT_REF = Path("artifacts/rollout/rollout.mlflow.json")
 
 
 def freeze_student(student_dir: Path = STUDENT_DIR, store: Path = STORE) -> tuple[Path, str]:
@@ -88,15 +95,105 @@ def _dir_sha(path: Path) -> str:
 
 def run(params_path: str, overrides: list[str]) -> int:
     params = load_params(params_path, overrides)
-    artifact, _ = freeze_student()
-    evidence = build_evidence(params, artifact)
-    write_json(EVIDENCE, evidence)
-    cmd = [sys.executable, "-m", "oprd_ci", "gate", "--evidence", str(EVIDENCE), "--out", str(METRICS),
-           "--alias", params.gate.alias, "--policy", params.gate.policy]  # fmt: skip
-    env = dict(os.environ)
-    if params.gate.registry_url:
-        env["OPRD_REGISTRY_URL"] = params.gate.registry_url
-    return subprocess.call(cmd, env=env)
+    artifact, sha = freeze_student()
+    with StageRun("gate", params, upstream=[ROLLOUT_REF, DISTILL_REF, EVAL_REF]) as run:
+        evidence = build_evidence(params, artifact)
+        distill, rollout = run.upstream["distill"], run.upstream["rollout"]
+        model_id = distill.models["student"]
+        evidence.update({k: v for k, v in registry_fields(model_id, distill.run_id, artifact).items()})
+        evidence["lineage"]["mlflow_run_ids"] = {s: r.run_id for s, r in run.upstream.items()}
+        evidence["lineage"]["logged_model_ids"] = {**rollout.models, **distill.models}
+        evidence["lineage"]["dataset_digests"] = {
+            k: v
+            for r in run.upstream.values()
+            for k, v in r.outputs.items()
+            if k.startswith(("train_", "eval_"))
+        }
+        write_json(EVIDENCE, evidence)
+        policy = _read_policy(params.gate.policy)
+        run.client.log_batch(
+            run.run_id, params=_params({f"policy.{k}": v for k, v in flatten_params(policy).items()})
+        )
+        cmd = [sys.executable, "-m", "oprd_ci", "gate", "--evidence", str(EVIDENCE), "--out", str(METRICS),
+               "--alias", params.gate.alias, "--policy", params.gate.policy]  # fmt: skip
+        env = dict(os.environ)
+        if params.gate.registry_url:
+            env["OPRD_REGISTRY_URL"] = params.gate.registry_url
+        env.setdefault("OPRD_MLFLOW_TRACKING_URI", run.tracking_uri)
+        env.setdefault("MLFLOW_TRACKING_URI", run.tracking_uri)
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            raise RuntimeError(f"oprd-ci gate exited with {rc}")
+        result = json.loads(METRICS.read_text())
+        decision = result["decision"]
+        _log_decision(run, decision, result)
+        nodes, edges = _lineage_graph(params, evidence, decision, sha)
+        log_lineage(run.run_id, nodes, edges, title="oprd-ci lineage", client=run.client)
+    return 0
+
+
+def _read_policy(path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def _params(d: dict) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in d.items()]
+
+
+def _log_decision(run: StageRun, decision: dict, result: dict) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for c in decision["criteria"]:
+        key = f"gate/{c['suite'] + '/' if c.get('suite') else ''}{c['criterion']}"
+        metrics.append(Metric(f"{key}/pass", 1.0 if c["status"] == "PASS" else 0.0, now, 0))
+        if c.get("observed") is not None:
+            metrics.append(Metric(f"{key}/observed", float(c["observed"]), now, 0))
+    metrics.append(Metric("gate/promoted", 1.0 if result.get("promoted") else 0.0, now, 0))
+    run.client.log_batch(run.run_id, metrics=metrics)
+    run.set_tags({
+        "oprd.gate.verdict": decision["verdict"],
+        "oprd.gate.decision_id": str(decision["id"]),
+        "oprd.gate.version": str(decision["version"]),
+        "oprd.gate.policy_version": str(decision["policy_version"]),
+        "oprd.gate.champion_version": str(decision.get("champion_version")),
+    })  # fmt: skip
+
+
+def _lineage_graph(params: Params, evidence: dict, decision: dict, sha: str):
+    eval_tree = json.loads(EVAL_METRICS.read_text()) if EVAL_METRICS.is_file() else {}
+    acc = {role: m["avg_at_k"] for roles in eval_tree.values() for role, m in roles.items()}
+    lin = evidence["lineage"]
+    nodes = [
+        LineageNode("teacher", "teacher", "model", {"sha256": short_digest(lin["teacher"].split("@")[-1]),
+                                                   "avg@k": f"{acc.get('teacher', float('nan')):.3f}"}),
+        LineageNode("base", "student base", "model", {"sha256": short_digest(lin["student_base"]),
+                                                     "avg@k": f"{acc.get('student_base', float('nan')):.3f}"}),
+        LineageNode("data", "train prompts", "dataset", {k: short_digest(v) for k, v in lin["dataset_digests"].items()
+                                                         if k.startswith("train")}),
+        LineageNode("student", f"student v{decision['version']}", "model", {
+            "method": params.distill.method, "sha256": short_digest(sha),
+            "avg@k": f"{acc.get('student', float('nan')):.3f}"}),
+        LineageNode("eval", "evaluate", "evaluation", {k: short_digest(v) for k, v in lin["dataset_digests"].items()
+                                                       if k.startswith("eval")}),
+        LineageNode("gate", f"gate: {decision['verdict']}", "gate", {"decision": str(decision["id"]),
+                                                                      "policy": f"v{decision['policy_version']}"}),
+    ]  # fmt: skip
+    edges = [
+        LineageEdge("teacher", "student", "distilled_from"),
+        LineageEdge("base", "student", "initialized_from"),
+        LineageEdge("data", "student", "consumed"),
+        LineageEdge("student", "eval", "evaluated"),
+        LineageEdge("eval", "gate", "evidence"),
+    ]
+    return nodes, edges
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return run(args.params, args.overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        ValueError,
+        TrackingUnreachable,
+        RunRefError,
+        RuntimeError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

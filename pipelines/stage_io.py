@@ -7,6 +7,7 @@ when DVC skipped that stage this time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -15,7 +16,7 @@ from typing import Any
 
 from trainer.config import Params
 
-__all__ = ["TASK_DIR", "prompts_file", "val_file", "write_json"]
+__all__ = ["TASK_DIR", "file_sha256", "prompts_file", "val_file", "write_json"]
 
 TASK_DIR = Path("artifacts/task")
 
@@ -40,3 +41,12 @@ def write_json(path: str | Path, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (dataset digests are content hashes, passed explicitly to MLflow)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -19,8 +19,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from pipelines.lineage import RunRefError
 from pipelines.preflight import AlignmentError, check_alignment, measure_alignment, sample_rollouts
-from pipelines.stage_io import prompts_file, stage_tracking, write_json
+from pipelines.stage_io import file_sha256, prompts_file, write_json
+from pipelines.tracking import StageRun, TrackingUnreachable
+from pipelines.tracking_models import log_dataset, log_logged_model, log_model_inputs
 from trainer.config import ConfigError, load_params
 from trainer.data import encode_prompts, load_prompts
 from trainer.models import CompatibilityError, check_compatibility, load_model, load_tokenizer
@@ -28,15 +31,23 @@ from trainer.rollout import HFGenerateEngine
 
 OUT_DIR = Path("artifacts/rollout")
 METRICS = Path("metrics/rollout.json")
+REF = OUT_DIR / "rollout.mlflow.json"
 
 
 def run(params_path: str, overrides: list[str]) -> dict:
     params = load_params(params_path, overrides)
     m = params.models
-    t0 = time.perf_counter()
     if params.optim.num_threads:
         torch.set_num_threads(params.optim.num_threads)
-    with stage_tracking("rollout", params) as tracker:
+    prompts_path = prompts_file(params)
+    digest = file_sha256(prompts_path)
+    with StageRun("rollout", params, datasets={"train_prompts": digest}) as run:
+        log_dataset(run.run_id, prompts_path, "train_prompts", "training", digest, client=run.client)
+        model_ids = {
+            role: log_logged_model(role, src.path, role=role, run_id=run.run_id, client=run.client)
+            for role, src in (("teacher", m.teacher), ("student_base", m.student))
+        }
+        log_model_inputs(run.run_id, list(model_ids.values()), client=run.client)
         tok = load_tokenizer(m.tokenizer or m.student.path, m)
         student = load_model(m.student, m, role="student", trainable=False)
         teacher = load_model(m.teacher, m, role="teacher", trainable=False)
@@ -44,7 +55,7 @@ def run(params_path: str, overrides: list[str]) -> dict:
             student, teacher, tok, load_tokenizer(m.teacher.path, m), params.distill.rep,
             uses_hidden_states=params.distill.method in ("oprd", "combined"),
         )  # fmt: skip
-        prompts = load_prompts(prompts_file(params))[: params.rollout.num_prompts]
+        prompts = load_prompts(prompts_path)[: params.rollout.num_prompts]
         gen = student.generation_config
         engine = HFGenerateEngine(
             pad_token_id=tok.pad_token_id, eos_token_id=gen.eos_token_id or tok.eos_token_id
@@ -65,6 +76,7 @@ def run(params_path: str, overrides: list[str]) -> dict:
             **report.as_metrics(),
         }
         OUT_DIR.mkdir(parents=True, exist_ok=True)
+        rollouts = OUT_DIR / "rollouts.parquet"
         pd.DataFrame(
             {
                 "prompt_index": batch.prompt_index.tolist(),
@@ -74,20 +86,24 @@ def run(params_path: str, overrides: list[str]) -> dict:
                 ],
                 "response_length": lengths.long().tolist(),
             }
-        ).to_parquet(OUT_DIR / "rollouts.parquet", index=False)
-        summary = {
-            "metrics": metrics,
-            "layer_plan": {"student": plan.student, "teacher": plan.teacher, "notes": plan.notes},
-        }
-        write_json(METRICS, {**metrics, "layer_plan": summary["layer_plan"]})
-        tracker.log_metrics(metrics)
+        ).to_parquet(rollouts, index=False)
+        layer_plan = {"student": plan.student, "teacher": plan.teacher, "notes": plan.notes}
+        summary = {"metrics": metrics, "layer_plan": layer_plan}
+        write_json(METRICS, {**metrics, "layer_plan": layer_plan})
+        run.client.log_batch(run.run_id, metrics=_metrics(metrics))
+        run.set_tags({"oprd.alignment.cosine_mean": f"{report.mean_cosine:.4f}"})
+        run.write_ref(REF, {"rollouts": file_sha256(rollouts), "train_prompts": digest}, models=model_ids)
         warning = check_alignment(report, params)
         if warning:
             print(warning, file=sys.stderr)
-        tracker.finish(
-            outputs={"rollouts": OUT_DIR / "rollouts.parquet"}, wall_seconds=time.perf_counter() - t0
-        )
     return summary
+
+
+def _metrics(values: dict[str, float]) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = run(args.params, args.overrides)
-    except (ConfigError, CompatibilityError, AlignmentError, FileNotFoundError, ValueError) as exc:
+    except (
+        ConfigError,
+        CompatibilityError,
+        AlignmentError,
+        TrackingUnreachable,
+        RunRefError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(out["metrics"], indent=1))
