@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines.bootstrap import main, make_sft_batch, run_bootstrap
-from pipelines.task import PROMPT_WIDTH, build_tokenizer, iter_problems
+from pipelines.bootstrap import MAX_NEW_TOKENS, main, make_sft_batch, run_bootstrap
+from pipelines.task import PROMPT_WIDTH, build_tokenizer, iter_problems, sample_problem
 from trainer.config import ConfigError, load_params
 from trainer.export import verify_manifest
 
@@ -153,3 +153,14 @@ def test_bootstrap_cli_reports_missing_external_sources(
     err = capsys.readouterr().err
     assert "models.teacher.path" in err and "models.student.path" in err and "task.prompts_file" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_longest_response_fits_generation_budget() -> None:
+    """Every gold response + EOS fits the 42-token generation budget (rollout/eval max_new_tokens default)."""
+    tok = build_tokenizer()
+    rng = random.Random(5)
+    longest = max(
+        len(tok(sample_problem(rng).response, add_special_tokens=False)["input_ids"]) for _ in range(5000)
+    )
+    assert longest + 1 <= MAX_NEW_TOKENS
+    assert longest == 37
