@@ -23,6 +23,7 @@ Sections and who reads them:
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -311,16 +312,20 @@ class Params(_Section):
 
 # --------------------------------------------------------------------------------------------------- load
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the section at ``loc`` (for 'did you mean')."""
+    """Field names of the section at ``loc`` (for 'did you mean'); list items (int parts) use the item type."""
     cls: Any = model
     for part in loc[:-1]:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
+        if isinstance(part, int):
+            args = typing.get_args(cls)
+            cls = args[0] if args else None
+        else:
+            field = (
+                cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+            )
+            cls = field.annotation if field is not None else None
+        if cls is None:
             return []
-        cls = field.annotation
-    return sorted(cls.model_fields)
+    return sorted(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
 
 
 def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = Params) -> str:
