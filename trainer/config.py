@@ -109,13 +109,15 @@ class TaskConfig(_Section):
     num_train: PosInt = 5000
     num_val: PosInt = 200
     num_eval: PosInt = 500
-    teacher_steps: PosInt = 1500
-    """Length of the teacher run and of its cosine lr schedule (it may stop earlier, see ``teacher_target_acc``)."""
+    teacher_steps: PosInt = 2000
+    """Length of the teacher run and of its cosine lr schedule (it may stop earlier, see ``teacher_target_acc``).
+    Measured (seed 0, 1 thread): 2000 stops at step 1900 with 97.0% val / 95.4% eval greedy accuracy in 494 s on
+    2 shared cores; 1500 ends at 89.5% val / 90.0% eval in 576 s (more contended)."""
     student_base_step: PosInt = 500
-    """The student base is this early checkpoint of the teacher's own training run (shared lineage). With the
-    defaults the run has a grokking-like cliff (greedy val accuracy 3.5% at step 400, 4% at 500, 16.5% at 600,
-    50% at 700, teacher 89.5% at 1500): 500 is clearly weak but already on the teacher's trajectory; 600 gives a
-    less weak student (the same run, so the teacher is unchanged)."""
+    """The student base is this early checkpoint of the teacher's own training run (shared lineage). The run has
+    a grokking-like cliff; with ``teacher_steps: 2000`` greedy val accuracy is 1% at step 400, 25.5% at 500 (eval
+    20%), 54.5% at 600: 500 is clearly weak but on the teacher's trajectory. The cliff moves with the schedule
+    length (``teacher_steps: 1500``: 4% at 500, 16.5% at 600)."""
     prompts_file: str = "artifacts/task/train.jsonl"
     """Training prompts: a json/jsonl/parquet file with a ``prompt`` column (default: the embedded train split)."""
     teacher_lr: Annotated[float, Field(gt=0.0)] = 2.0e-3
