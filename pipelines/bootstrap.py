@@ -398,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Configure this stage's logger only: root-level basicConfig would also turn on every library's INFO logs
+    # (httpx, mlflow) for the rest of the process when main() is called in-process.
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         params = load_params(args.params, args.overrides)
         result = run_bootstrap(params, args.out, progress=not args.no_progress)

@@ -330,11 +330,14 @@ class StageRun:
         )
         self.experiment_id = ""
         self.run_id = ""
+        self._previous_uris: tuple[str, str] = ("", "")
         self._t0 = 0.0
 
     def __enter__(self) -> StageRun:
         configure_http_client(self.cfg)
         check_tracking_reachable(self.tracking_uri, timeout_s=self.cfg.timeout_s)
+        # Process-wide URIs are needed inside the block (LoggedModel resolution) and restored on exit.
+        self._previous_uris = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         self.experiment_id = ensure_experiment(
@@ -362,7 +365,12 @@ class StageRun:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._finish(exc)
+        try:
+            self._finish(exc)
+        finally:
+            tracking, registry = self._previous_uris
+            mlflow.set_tracking_uri(tracking)
+            mlflow.set_registry_uri(registry)
 
     @property
     def wall_seconds(self) -> float:

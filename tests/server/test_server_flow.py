@@ -115,7 +115,8 @@ def test_gate_promote_reject_override_rollback_and_mlflow_agree(client, make_art
     assert c.post("/v1/reconcile", headers=auth(ADMIN)).json()["pending"] == 0
     st = _status(c)
     assert st["mlflow_aliases"] == {"champion": 3} and st["pending_mlflow_writes"] == 0
-    mlc = MlflowClient(tracking_uri=settings_factory().mlflow_tracking_uri)
+    uri = settings_factory().mlflow_tracking_uri
+    mlc = MlflowClient(tracking_uri=uri, registry_uri=uri)  # explicit: never the process-global registry URI
     assert [int(v.version) for v in mlc.search_model_versions(f"name='{NAME}'")] == [3, 2, 1]
 
 
