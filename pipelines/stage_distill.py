@@ -112,10 +112,7 @@ def worker(params_path: str, overrides: list[str], logger: MetricLogger | None =
     if vf is not None and params.distill.eval_every:
         trainer.validator = GreedyValidator(trainer, vf, params.rollout.max_new_tokens)
     if trainer.env.is_main:
-        from trainer.checkpoint import complete_checkpoints
-
-        done = complete_checkpoints(ckpt_dir)
-        jsonl = JsonlLogger(WORK_DIR / "metrics.jsonl", truncate_after=done[-1][0] if done else 0)
+        jsonl = JsonlLogger(WORK_DIR / "metrics.jsonl")  # fit() re-emits restored steps on resume
         trainer.logger = LoggerGroup(jsonl, *([logger] if logger else []))
     t0 = time.perf_counter()
     try:
@@ -131,7 +128,6 @@ def _write_outputs(params: Params, result, digest: str, wall: float, world: int)
     shutil.rmtree(STUDENT_DIR, ignore_errors=True)
     STUDENT_DIR.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(result.export_dir, STUDENT_DIR)  # the export (best or final) becomes the stage output
-    shutil.rmtree(WORK_DIR / "best", ignore_errors=True)
     hist = result.history
     last = hist[-1] if hist else {}
     mem = [h["mem/actor_update_delta_peak_GiB"] for h in hist if "mem/actor_update_delta_peak_GiB" in h]

@@ -34,18 +34,13 @@ class NullLogger:
 
 
 class JsonlLogger:
-    """One JSON object per step: ``{"step": s, "<name>": value, ...}``; appends, so a resumed run continues."""
+    """One JSON object per step: ``{"step": s, "<name>": value, ...}``. The file is rewritten per process; a
+    resumed trainer re-emits its restored steps first, so each step appears exactly once."""
 
-    def __init__(self, path: str | Path, *, truncate_after: int | None = None):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after is not None and self.path.exists():
-            # After a resume at step k, drop rows logged after k by the crashed run so each step appears once.
-            rows = [
-                r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= truncate_after
-            ]
-            self.path.write_text("".join(r + "\n" for r in rows))
-        self._fh = self.path.open("a")
+        self._fh = self.path.open("w")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         row = {

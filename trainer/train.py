@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from trainer.checkpoint import Checkpointer, TrainState, complete_checkpoints
+from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import ConfigError, Params, load_params
 from trainer.data import PromptSampler, encode_prompts, load_prompts
 from trainer.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, shard_model
@@ -121,6 +121,8 @@ class Trainer:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         self.engine = HFGenerateEngine(pad_token_id=pad, eos_token_id=eos)
         self.ckpt = Checkpointer(params.checkpoint, self.env)
+        # The best-so-far export lives with the checkpoints: it is part of the resumable state.
+        self.best_dir = Path(params.checkpoint.dir) / "best"
         self.validator = validator
         self._last_grad_norm = float("nan")
         self.logger = logger if logger is not None else NullLogger()
@@ -134,6 +136,11 @@ class Trainer:
             self.ckpt.load_latest(self.student, self.optimizer, self.scheduler) if ck.resume else None
         ) or TrainState()
         start = state.step
+        if self.env.is_main:
+            # A resumed run re-emits the restored steps, so every sink (a fresh JSONL, a new MLflow run) holds
+            # each step exactly once.
+            for row in state.history:
+                self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
         bar = tqdm(
             total=d.steps,
             initial=start,
@@ -245,7 +252,7 @@ class Trainer:
         score = result.get("val/accuracy", float("nan"))
         if self.p.distill.select_best and math.isfinite(score) and score > state.best_score:
             state.best_score, state.best_step = score, state.step
-            self.export(self.out / "best", extra={"step": state.step, "val_accuracy": score})
+            self.export(self.best_dir, extra={"step": state.step, "val_accuracy": score})
         return result
 
     def export(self, directory: Path, extra: dict | None = None) -> Path:
@@ -272,7 +279,7 @@ class Trainer:
 
     def export_final(self, state: TrainState) -> Path:
         final = self.out / "student"
-        best = self.out / "best"
+        best = self.best_dir
         if self.p.distill.select_best and state.best_step > 0 and best.is_dir():
             if self.env.is_main:
                 shutil.rmtree(final, ignore_errors=True)
@@ -314,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if trainer.env.is_main:
-        done = complete_checkpoints(params.checkpoint.dir) if params.checkpoint.resume else []
-        jsonl = JsonlLogger(Path(args.out) / "metrics.jsonl", truncate_after=done[-1][0] if done else 0)
+        jsonl = JsonlLogger(Path(args.out) / "metrics.jsonl")  # fit() re-emits restored steps on resume
         trainer.logger = LoggerGroup(jsonl, ConsoleLogger())
     try:
         trainer.fit(stop_after=args.stop_after)
