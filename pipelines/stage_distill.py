@@ -13,7 +13,6 @@ Outputs: ``artifacts/models/student/`` (HF safetensors + tokenizer + manifest), 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,13 +26,12 @@ import torch
 import torch.distributed as dist
 
 from pipelines.grading import grade_answer
-from pipelines.lineage import RunRefError
-from pipelines.stage_io import file_sha256, prompts_file, val_file, write_json
+from pipelines.stage_io import file_sha256, prompts_file, stage_cli, val_file, write_json
 from pipelines.suites import load_problems
 from pipelines.tracking import StageRun, TrackingUnreachable
 from pipelines.tracking_metrics import MlflowMetricLogger
 from pipelines.tracking_models import log_logged_model, log_model_outputs
-from trainer.config import ConfigError, Params, load_params
+from trainer.config import Params, load_params
 from trainer.data import encode_prompts, load_prompts
 from trainer.distributed import all_reduce_sum
 from trainer.metrics import JsonlLogger, LoggerGroup, MetricLogger
@@ -47,6 +45,12 @@ PLOTS = Path("plots/distill.tsv")
 REF = WORK_DIR / "distill.mlflow.json"
 UPSTREAM = Path("artifacts/rollout/rollout.mlflow.json")
 RUN_ENV = "OPRD_MLFLOW_RUN_ID"
+
+
+class WorkerFailed(RuntimeError):
+    """The torchrun workers failed; the stage fails (the MLflow run is marked FAILED)."""
+
+
 URI_ENV = "OPRD_MLFLOW_TRACKING_URI"
 PLOT_KEYS = (
     "loss/total",
@@ -183,7 +187,7 @@ def launch(params_path: str, overrides: list[str]) -> int:
                    RUN_ENV: run.run_id, URI_ENV: run.tracking_uri}  # fmt: skip
             rc = subprocess.call([*cmd, "-m", "pipelines.stage_distill", "--worker", *args], env=env)
         if rc != 0:
-            raise RuntimeError(f"distillation worker exited with {rc}")
+            raise WorkerFailed(f"distillation workers exited with {rc} (their messages are above)")
         model_id = log_logged_model(
             "student", STUDENT_DIR, role="student", run_id=run.run_id, client=run.client,
             tags={"oprd.method": params.distill.method},
@@ -205,26 +209,22 @@ def _final_metrics(summary: dict) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="DVC stage: on-policy distillation")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--worker", action="store_true", help="internal: run one rank (torchrun sets the env)")
-    args = ap.parse_args(argv)
-    try:
+    def body(args) -> int:
         return worker(args.params, args.overrides) if args.worker else launch(args.params, args.overrides)
-    except (
-        ConfigError,
-        FileNotFoundError,
-        ValueError,
-        NonFiniteLossError,
-        TrackingUnreachable,
-        RunRefError,
-        RuntimeError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+
+    def worker_flag(ap) -> None:
+        ap.add_argument(
+            "--worker", action="store_true", help="internal: run one rank (torchrun sets the env)"
+        )
+
+    try:
+        return stage_cli(
+            "DVC stage: on-policy distillation", body, argv,
+            errors=(NonFiniteLossError, TrackingUnreachable, WorkerFailed), extra_args=worker_flag,
+        )  # fmt: skip
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
 
 
 if __name__ == "__main__":

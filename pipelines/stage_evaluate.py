@@ -9,7 +9,6 @@ seed, so the three models see the same sampling stream.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,14 +16,13 @@ from pathlib import Path
 import torch
 
 from pipelines.evaluation import evaluate_model, write_eval_outputs
-from pipelines.lineage import RunRefError
 from pipelines.stage_distill import REF as DISTILL_REF
 from pipelines.stage_distill import STUDENT_DIR
-from pipelines.stage_io import file_sha256
-from pipelines.suites import SuiteFormatError, load_suite
+from pipelines.stage_io import file_sha256, stage_cli
+from pipelines.suites import load_suite
 from pipelines.tracking import StageRun, TrackingUnreachable
 from pipelines.tracking_models import log_dataset, log_model_inputs
-from trainer.config import ConfigError, Params, load_params
+from trainer.config import Params, load_params
 
 METRICS = Path("metrics/eval.json")
 REF = Path("artifacts/eval/evaluate.mlflow.json")
@@ -71,26 +69,13 @@ def run(params_path: str, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="DVC stage: evaluation")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args(argv)
-    try:
-        out = run(args.params, args.overrides)
-    except (
-        ConfigError,
-        FileNotFoundError,
-        SuiteFormatError,
-        ValueError,
-        TrackingUnreachable,
-        RunRefError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for suite, roles in out["tree"].items():
-        for role, m in roles.items():
-            print(f"{suite:>10} {role:>13}: avg@k {m['avg_at_k']:.3f}  len {m['mean_length']:.1f}")
-    return 0
+    def body(args) -> int:
+        for suite, roles in run(args.params, args.overrides)["tree"].items():
+            for role, m in roles.items():
+                print(f"{suite:>10} {role:>13}: avg@k {m['avg_at_k']:.3f}  len {m['mean_length']:.1f}")
+        return 0
+
+    return stage_cli("DVC stage: evaluation", body, argv, errors=(TrackingUnreachable,))
 
 
 if __name__ == "__main__":

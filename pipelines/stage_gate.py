@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,16 +22,16 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from pipelines.lineage import LineageEdge, LineageNode, RunRefError, short_digest
+from pipelines.lineage import LineageEdge, LineageNode, short_digest
 from pipelines.stage_distill import METRICS as DISTILL_METRICS
 from pipelines.stage_distill import REF as DISTILL_REF
 from pipelines.stage_distill import STUDENT_DIR
 from pipelines.stage_evaluate import METRICS as EVAL_METRICS
 from pipelines.stage_evaluate import REF as EVAL_REF
-from pipelines.stage_io import write_json
+from pipelines.stage_io import stage_cli, write_json
 from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params
 from pipelines.tracking_models import log_lineage, registry_fields
-from trainer.config import ConfigError, Params, load_params
+from trainer.config import Params, load_params
 from trainer.export import verify_manifest
 
 STORE = Path("registry-store")
@@ -41,6 +40,10 @@ EVIDENCE = Path("artifacts/gate/evidence.json")
 METRICS = Path("metrics/gate.json")
 ROLE_TO_EVIDENCE = {"student": "candidate", "teacher": "teacher"}
 ROLLOUT_REF = Path("artifacts/rollout/rollout.mlflow.json")
+
+
+class GateFailed(RuntimeError):
+    """The registry call failed (usage, auth, conflict or server error); the gate stage fails."""
 
 
 def freeze_student(student_dir: Path = STUDENT_DIR, store: Path = STORE) -> tuple[Path, str]:
@@ -123,7 +126,7 @@ def run(params_path: str, overrides: list[str]) -> int:
         env.setdefault("MLFLOW_TRACKING_URI", run.tracking_uri)
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
-            raise RuntimeError(f"oprd-ci gate exited with {rc}")
+            raise GateFailed(f"oprd-ci gate exited with {rc} (its message is above)")
         result = json.loads(METRICS.read_text())
         decision = result["decision"]
         _log_decision(run, decision, result)
@@ -197,22 +200,12 @@ def _lineage_graph(params: Params, evidence: dict, decision: dict, sha: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="DVC stage: gate")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args(argv)
-    try:
-        return run(args.params, args.overrides)
-    except (
-        ConfigError,
-        FileNotFoundError,
-        ValueError,
-        TrackingUnreachable,
-        RunRefError,
-        RuntimeError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return stage_cli(
+        "DVC stage: gate",
+        lambda a: run(a.params, a.overrides),
+        argv,
+        errors=(TrackingUnreachable, GateFailed),
+    )
 
 
 if __name__ == "__main__":

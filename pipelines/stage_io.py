@@ -7,16 +7,28 @@ when DVC skipped that stage this time.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.config import Params
+from trainer.config import ConfigError, Params
+from trainer.models import CompatibilityError
 
-__all__ = ["TASK_DIR", "file_sha256", "prompts_file", "val_file", "write_json"]
+__all__ = ["TASK_DIR", "USER_ERRORS", "file_sha256", "prompts_file", "stage_cli", "val_file", "write_json"]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    CompatibilityError,
+    FileNotFoundError,
+    ValueError,
+)
+"""Problems the user fixes (config, inputs, data): one ``error:`` line and exit 2, no traceback."""
 
 TASK_DIR = Path("artifacts/task")
 
@@ -50,3 +62,27 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def stage_cli(
+    description: str,
+    body: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+    *,
+    errors: tuple[type[BaseException], ...] = (),
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The command line every stage shares: ``--params FILE`` and repeatable ``--set KEY=VALUE``; ``body`` gets
+    the parsed namespace. ``USER_ERRORS`` and ``errors`` end the stage with one ``error:`` line and exit 2 (a
+    failed stage for DVC); anything else keeps its traceback."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    if extra_args is not None:
+        extra_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        return body(args)
+    except (*USER_ERRORS, *errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

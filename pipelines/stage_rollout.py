@@ -10,7 +10,6 @@ unaligned pair (see :mod:`pipelines.preflight`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,14 +18,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipelines.lineage import RunRefError
 from pipelines.preflight import AlignmentError, check_alignment, measure_alignment, sample_rollouts
-from pipelines.stage_io import file_sha256, prompts_file, write_json
+from pipelines.stage_io import file_sha256, prompts_file, stage_cli, write_json
 from pipelines.tracking import StageRun, TrackingUnreachable
 from pipelines.tracking_models import log_dataset, log_logged_model, log_model_inputs
-from trainer.config import ConfigError, load_params
+from trainer.config import load_params
 from trainer.data import encode_prompts, load_prompts
-from trainer.models import CompatibilityError, check_compatibility, load_model, load_tokenizer
+from trainer.models import check_compatibility, load_model, load_tokenizer
 from trainer.rollout import HFGenerateEngine
 
 OUT_DIR = Path("artifacts/rollout")
@@ -107,25 +105,13 @@ def _metrics(values: dict[str, float]) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args(argv)
-    try:
-        out = run(args.params, args.overrides)
-    except (
-        ConfigError,
-        CompatibilityError,
-        AlignmentError,
-        TrackingUnreachable,
-        RunRefError,
-        FileNotFoundError,
-        ValueError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(out["metrics"], indent=1))
-    return 0
+    def body(args) -> int:
+        print(json.dumps(run(args.params, args.overrides)["metrics"], indent=1))
+        return 0
+
+    return stage_cli(
+        "DVC stage: rollout and pre-flight", body, argv, errors=(AlignmentError, TrackingUnreachable)
+    )
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ only the always-changed gate; an experiment with another method runs side by sid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,43 @@ def test_dvc_experiment_with_another_method(project):
     _run(["dvc", "exp", "run", "--temp", "-n", "opd", "-S", "distill.method=opd_sampled"], project)
     table = _run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "opd_sampled" in table
+
+
+def _student_sha(project: Path) -> str:
+    return json.loads((project / "artifacts/models/student/manifest.json").read_text())["sha256"]
+
+
+def _lock_entry(project: Path, stage: str) -> dict:
+    return yaml.safe_load((project / "dvc.lock").read_text())["stages"].get(stage, {})
+
+
+@pytest.mark.slow
+def test_killed_distill_stage_resumes_and_matches_a_clean_run(project):
+    import psutil
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distill"].update({"steps": 10, "eval_every": 5})
+    params["checkpoint"]["every"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    lock_before = _lock_entry(project, "distill")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(["dvc", "repro", "-s", "distill"], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = project / "artifacts/checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpts.glob("*/step_00000[4-9]/COMPLETE")):
+        time.sleep(0.05)
+    tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.glob("*/step_*/COMPLETE")), "no checkpoint before the kill"
+    assert _lock_entry(project, "distill") == lock_before, "a killed stage must not update dvc.lock"
+    _run(["dvc", "repro", "-s", "distill"], project)  # resumes from the newest complete checkpoint
+    resumed = _student_sha(project)
+    resumed_rows = (project / "artifacts/distill/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in resumed_rows] == list(range(1, 11))
+    assert not ckpts.exists() or not any(ckpts.iterdir()), "checkpoints of a finished run are removed"
+    _run(["dvc", "repro", "-f", "-s", "distill"], project)  # clean, uninterrupted
+    assert _student_sha(project) == resumed

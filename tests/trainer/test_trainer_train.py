@@ -51,6 +51,8 @@ def test_baselines_train(tiny_pair, tmp_path, method):
 
 def test_resume_reproduces_uninterrupted_run_bitwise(tiny_pair, tmp_path):
     full = _fit(tiny_params(tiny_pair, tmp_path / "a"), tmp_path / "a" / "out")
+    # every=2, keep_last=2: steps 2, 4, 6 were saved and only the newest two are kept
+    assert [s for s, _ in complete_checkpoints(tmp_path / "a" / "ckpt")] == [4, 6]
     params_b = tiny_params(tiny_pair, tmp_path / "b")
     first = _fit(
         params_b, tmp_path / "b" / "out", stop_after=3
