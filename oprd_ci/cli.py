@@ -32,9 +32,12 @@ def train(
     out: Annotated[Path, typer.Option(help="Output directory (metrics.jsonl, student/, best/).")] = Path(
         "artifacts/distill"
     ),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a param: KEY=VALUE (repeatable).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a param: KEY=VALUE (repeatable).")
+    ] = None,
     nproc_per_node: Annotated[
-        int | None, typer.Option(help="Processes per node; default parallel.nproc_per_node. >1 uses torchrun.")
+        int | None,
+        typer.Option(help="Processes per node; default parallel.nproc_per_node. >1 uses torchrun."),
     ] = None,
 ) -> None:
     """Run the on-policy distillation loop (OPRD or an OPD baseline) outside the DVC pipeline."""
@@ -49,8 +52,18 @@ def train(
     nproc = nproc_per_node or p.parallel.nproc_per_node
     args = ["--params", str(params), "--out", str(out), *(a for o in overrides for a in ("--set", o))]
     if nproc > 1 or p.parallel.nnodes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={p.parallel.nnodes}"]
-        cmd += [f"--rdzv_endpoint={p.parallel.rdzv_endpoint}", "--rdzv_backend=c10d"] if p.parallel.rdzv_endpoint else ["--standalone"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--nnodes={p.parallel.nnodes}",
+        ]
+        cmd += (
+            [f"--rdzv_endpoint={p.parallel.rdzv_endpoint}", "--rdzv_backend=c10d"]
+            if p.parallel.rdzv_endpoint
+            else ["--standalone"]
+        )
         raise typer.Exit(subprocess.call([*cmd, "-m", "trainer.train", *args]))
     from trainer.train import main as train_main
 
@@ -60,7 +73,9 @@ def train(
 @app.command("params")
 def show_params(
     params: Annotated[Path, typer.Option(help="The params.yaml to validate.")] = Path("params.yaml"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a param: KEY=VALUE (repeatable).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a param: KEY=VALUE (repeatable).")
+    ] = None,
 ) -> None:
     """Validate params.yaml (unknown keys and bad values are errors) and print the resolved config as YAML."""
     import yaml
