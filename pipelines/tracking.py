@@ -23,6 +23,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,6 +36,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipelines.lineage import RunRef, read_run_ref, write_run_ref
+from pipelines.mlflow_globals import process_uris
 from pipelines.tracking_metrics import MlflowMetricLogger
 from trainer.config import Params, TrackingConfig
 
@@ -330,16 +332,15 @@ class StageRun:
         )
         self.experiment_id = ""
         self.run_id = ""
-        self._previous_uris: tuple[str, str] = ("", "")
+        self._uris: AbstractContextManager[None] = nullcontext()
         self._t0 = 0.0
 
     def __enter__(self) -> StageRun:
         configure_http_client(self.cfg)
         check_tracking_reachable(self.tracking_uri, timeout_s=self.cfg.timeout_s)
         # Process-wide URIs are needed inside the block (LoggedModel resolution) and restored on exit.
-        self._previous_uris = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
+        self._uris = process_uris(self.tracking_uri)
+        self._uris.__enter__()
         self.experiment_id = ensure_experiment(
             self.client, self.cfg.experiment, default_artifact_location(self.tracking_uri, self.cfg)
         )
@@ -368,9 +369,7 @@ class StageRun:
         try:
             self._finish(exc)
         finally:
-            tracking, registry = self._previous_uris
-            mlflow.set_tracking_uri(tracking)
-            mlflow.set_registry_uri(registry)
+            self._uris.__exit__(None, None, None)
 
     @property
     def wall_seconds(self) -> float:

@@ -31,6 +31,7 @@ from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedMode
 from mlflow.exceptions import MlflowException
 
 from pipelines.lineage import LineageEdge, LineageNode, render_lineage
+from pipelines.mlflow_globals import process_uris
 from trainer.export import MANIFEST_NAME, verify_manifest
 
 __all__ = [
@@ -276,10 +277,10 @@ def register_student(
                 "register the student through it (oprd-ci gate / POST /v1/models/{name}/versions with "
                 "registry_fields(...)) so MLflow gets exactly one version"
             )
-    # register_model resolves models:/<id> through the process-wide tracking URI: keep it pointing here.
-    mlflow.set_tracking_uri(c.tracking_uri)
-    mlflow.set_registry_uri(c._registry_uri)
-    mv = mlflow.register_model(f"models:/{model_id}", name, tags=version_tags)
+    # register_model resolves models:/<id> through the process-wide tracking URI: point it here for the call
+    # only, so no later caller in this process silently talks to this store.
+    with process_uris(c.tracking_uri, c._registry_uri):
+        mv = mlflow.register_model(f"models:/{model_id}", name, tags=version_tags)
     return int(mv.version)
 
 

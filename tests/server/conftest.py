@@ -247,3 +247,12 @@ def server_env(tmp_path: Path, database_url: str | None = None, **extra: str) ->
         "OPRD_RECONCILE_INTERVAL_S": "0.2",
         **extra,
     }
+
+
+@pytest.fixture
+def stack():
+    """An ExitStack closed at teardown (for process-wide state a test must restore)."""
+    import contextlib
+
+    with contextlib.ExitStack() as s:
+        yield s

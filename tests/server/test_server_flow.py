@@ -6,6 +6,8 @@ import pytest
 from conftest import ADMIN, CI, POLICY, READ, auth, evidence
 from mlflow import MlflowClient
 
+from pipelines.mlflow_globals import process_uris
+
 NAME = "student"
 
 
@@ -209,10 +211,11 @@ def test_auto_rollback_when_new_evidence_fails_the_champion(settings_factory, ma
             assert last["action"] == "auto_rollback" and last["decision_id"] == r.json()["id"]
 
 
-def test_lineage_joins_registry_and_mlflow(client, make_artifact, settings_factory):
+def test_lineage_joins_registry_and_mlflow(client, make_artifact, settings_factory, stack):
     import mlflow
 
-    mlflow.set_tracking_uri(settings_factory().mlflow_tracking_uri)
+    # process-wide for this test only: later tests must not talk to this store
+    stack.enter_context(process_uris(settings_factory().mlflow_tracking_uri))
     with mlflow.start_run() as run:
         mlflow.log_metric("loss", 0.5)
         mlflow.set_tag("oprd.stage", "distill")

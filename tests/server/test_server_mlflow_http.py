@@ -15,6 +15,7 @@ from conftest import ADMIN, CI, POLICY, READ, auth, evidence, free_port
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
+from pipelines.mlflow_globals import process_uris
 from server.app import create_app
 
 
@@ -61,9 +62,10 @@ def mlflow_server(tmp_path):
         log.close()
 
 
-def test_gate_mirrors_to_mlflow_server_over_http(mlflow_server, settings_factory, make_artifact):
+def test_gate_mirrors_to_mlflow_server_over_http(mlflow_server, settings_factory, make_artifact, stack):
     art = make_artifact("v1")
-    mlflow.set_tracking_uri(mlflow_server)
+    # process-wide for this test only: later tests must not talk to this store
+    stack.enter_context(process_uris(mlflow_server))
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(art), "model")
     settings = settings_factory(mlflow_tracking_uri=mlflow_server)
