@@ -90,6 +90,63 @@ def show_params(
     typer.echo(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command()
+def results(
+    metrics_dir: Annotated[Path, typer.Option(help="Where the pipeline wrote its metrics.")] = Path(
+        "metrics"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw metrics as JSON.")] = False,
+) -> None:
+    """Summarize the last `dvc repro`: evaluation per suite and model, the distillation run, the gate verdict."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    files = {name: metrics_dir / f"{name}.json" for name in ("eval", "distill", "gate")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        typer.echo(
+            f"error: no pipeline results yet ({', '.join(missing)} missing); run `dvc repro` first", err=True
+        )
+        raise typer.Exit(2)
+    data = {name: json.loads(p.read_text()) for name, p in files.items()}
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    # Not a terminal (CI logs, `| tee`): rich would assume 80 columns and wrap every cell.
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    table = Table(title="evaluation")
+    for col in ("suite", "model", "Avg@k %", "95% CI", "pass@k %", "len mean", "len p95", "Dist-4g"):
+        table.add_column(col, justify="left" if col in ("suite", "model") else "right")
+    for suite, roles in data["eval"].items():
+        for role in ("teacher", "student_base", "student"):
+            m = roles.get(role)
+            if m is None:
+                continue
+            lo, hi = m["avg_at_k_ci95"]
+            table.add_row(
+                suite, role, f"{100 * m['avg_at_k']:.1f}", f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+                f"{100 * m['pass_at_k']:.1f}", f"{m['mean_length']:.1f}", f"{m['p95_length']:.0f}", f"{m['dist_4g']:.2f}",
+            )  # fmt: skip
+    console.print(table)
+    d = data["distill"]
+    console.print(
+        f"distill: method [bold]{d['method']}[/], {d['steps']} steps in {d['wall_seconds']:.0f} s "
+        f"(x{d['world_size']} processes), best val {100 * (d['best_val_accuracy'] or 0):.1f}% at step "
+        f"{d['best_step']}, final loss {d['final_loss']:.4g}, update peak {1024 * (d['update_peak_GiB_max'] or 0):.0f} MiB"
+    )
+    g = data["gate"]["decision"]
+    promoted = data["gate"].get("promoted")
+    moved = f" -> {promoted['alias']} is v{promoted['version']}" if promoted else ""
+    failing = [c["criterion"] for c in g["criteria"] if c["status"] in ("FAIL", "INCONCLUSIVE")]
+    console.print(
+        f"gate: {g['model']} v{g['version']} [bold]{g['verdict']}[/] (decision {g['id']}, policy v{g['policy_version']})"
+        + (f", failing: {', '.join(failing)}" if failing else "")
+        + moved
+    )
+
+
 def main() -> None:  # pragma: no cover - console-script shim
     app()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,7 +50,8 @@ KeyOpt = Annotated[
     typer.Option("--idempotency-key", help="Reuse to retry safely; default: a fresh key per call."),
 ]
 
-console = Console()
+# Not a terminal (CI logs, pipes): rich would assume 80 columns and wrap every cell of the decision tables.
+console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 
 

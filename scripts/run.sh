@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 dvc repro "$@"
-dvc metrics show
+oprd-ci results
