@@ -210,6 +210,25 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     return out
 
 
+def validate_common(spec, positive: Sequence[str]) -> None:
+    """Checks both bench specs share: the model shape, counts that must be >= 1 (``positive`` field names),
+    non-negative warm-up/threads, known dtype and optimizer, top-k below the vocabulary; normalizes ``methods``.
+    Raises ``ValueError`` naming the flag."""
+    spec.shape.validate()
+    for name in positive:
+        if getattr(spec, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
+    if spec.warmup < 0 or spec.threads < 0:
+        raise ValueError("--warmup and --threads must be >= 0")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {spec.dtype!r}; choose from {', '.join(DTYPES)}")
+    if spec.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if spec.top_k >= spec.shape.vocab:
+        raise ValueError(f"--top-k ({spec.top_k}) must be smaller than --vocab ({spec.shape.vocab})")
+    spec.methods = parse_methods(spec.methods)
+
+
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """AdamW in one of its three implementations: ``adamw-fused`` (one kernel, no ``[P]``-sized temporaries),
     ``adamw-foreach`` (multi-tensor: temporaries the size of all params) or ``adamw`` (single-tensor loop:

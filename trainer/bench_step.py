@@ -27,9 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from trainer.bench import (
-    DTYPES,
     EOS_ID,
-    OPTIMIZERS,
     PAD_ID,
     ModelShape,
     Timings,
@@ -40,8 +38,8 @@ from trainer.bench import (
     make_optimizer,
     median,
     num_threads,
-    parse_methods,
     prime_optimizer,
+    validate_common,
     with_ratios,
 )
 from trainer.memory import PeakMemory
@@ -81,21 +79,11 @@ class StepBenchSpec:
 
     def validate(self) -> None:
         """Raise ``ValueError`` (one readable line) for a bad combination of flags."""
-        self.shape.validate()
-        for name in ("prompts", "n", "prompt_len", "max_new_tokens", "rounds", "top_k", "kl_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.threads < 0:
-            raise ValueError("--warmup and --threads must be >= 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("--temperature must be > 0 (on-policy sampling) and --top-p in (0, 1]")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if self.top_k >= self.shape.vocab:
-            raise ValueError(f"--top-k ({self.top_k}) must be smaller than --vocab ({self.shape.vocab})")
-        self.methods = parse_methods(self.methods)
+        validate_common(
+            self, ("prompts", "n", "prompt_len", "max_new_tokens", "rounds", "top_k", "kl_chunk_size")
+        )
 
 
 class _TeacherClock:

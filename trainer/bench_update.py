@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from trainer.bench import (
-    DTYPES,
-    OPTIMIZERS,
     ModelShape,
     Timings,
     autocast,
@@ -41,9 +39,9 @@ from trainer.bench import (
     make_optimizer,
     median,
     num_threads,
-    parse_methods,
     prime_optimizer,
     synthetic_batch,
+    validate_common,
     with_ratios,
 )
 from trainer.config import LayerMode, PositionMode
@@ -78,19 +76,9 @@ class UpdateBenchSpec:
 
     def validate(self) -> None:
         """Raise ``ValueError`` (one readable line) for a bad combination of flags."""
-        self.shape.validate()
-        for name in ("seqs", "prompt_len", "response_len", "rounds", "top_k", "kl_chunk_size", "rep_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.threads < 0:
-            raise ValueError("--warmup and --threads must be >= 0")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if self.top_k >= self.shape.vocab:
-            raise ValueError(f"--top-k ({self.top_k}) must be smaller than --vocab ({self.shape.vocab})")
-        self.methods = parse_methods(self.methods)
+        validate_common(
+            self, ("seqs", "prompt_len", "response_len", "rounds", "top_k", "kl_chunk_size", "rep_k")
+        )
 
 
 def _step(
