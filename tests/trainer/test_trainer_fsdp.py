@@ -42,9 +42,13 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
-def _losses(tmp: Path) -> list[float]:
+def _column(tmp: Path, key: str) -> list[float]:
     rows = [json.loads(r) for r in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss/total"] for r in rows]
+    return [r[key] for r in rows]
+
+
+def _losses(tmp: Path) -> list[float]:
+    return _column(tmp, "loss/total")
 
 
 def _proc(pid: int) -> psutil.Process | None:
@@ -77,7 +81,8 @@ def test_two_process_fsdp2_matches_single_process(tiny_pair, tmp_path):
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(l1) == len(l2) == 4
     assert l2 == pytest.approx(l1, **TOLERANCE)
-    assert l1[-1] < l1[0]
+    cos = _column(tmp_path / "two", "rep/cosine/mean")
+    assert l2[-1] < l2[0] and cos[-1] > cos[0]  # the 2-process run learns: loss falls, cosine rises
     assert (tmp_path / "two" / "out" / "student" / "model.safetensors").is_file()
 
 
