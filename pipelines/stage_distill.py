@@ -42,6 +42,7 @@ WORK_DIR = Path("artifacts/distill")
 STUDENT_DIR = Path("artifacts/models/student")
 METRICS = Path("metrics/distill.json")
 PLOTS = Path("plots/distill.tsv")
+CURVES = Path("plots/distill.png")
 REF = WORK_DIR / "distill.mlflow.json"
 UPSTREAM = Path("artifacts/rollout/rollout.mlflow.json")
 RUN_ENV = "OPRD_MLFLOW_RUN_ID"
@@ -159,8 +160,40 @@ def _write_outputs(params: Params, result, digest: str, wall: float, world: int)
                 + "\t".join("" if h.get(k) is None else f"{h[k]:.6g}" for k in PLOT_KEYS)
                 + "\n"
             )
+    write_curves(hist, CURVES, title=f"{params.distill.method}: {result.steps} steps")
     # Checkpoints of a finished run are not needed any more (the student is in the DVC cache).
     shutil.rmtree(params.checkpoint.dir, ignore_errors=True)
+
+
+def write_curves(history: list[dict], path: Path, title: str) -> None:
+    """The distill curves as one PNG (what `dvc plots show` embeds; its vega charts need a CDN to render)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("loss/total", "loss", "log"),
+        ("rep/cosine/mean", "student/teacher cosine (mean over layers)", "linear"),
+        ("val/accuracy", "greedy validation accuracy", "linear"),
+        ("response/length_mean", "mean response length (tokens)", "linear"),
+        ("mem/actor_update_delta_peak_GiB", "update transient peak (GiB)", "linear"),
+        ("perf/step_seconds", "step time (s)", "linear"),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), constrained_layout=True)
+    for ax, (key, label, scale) in zip(axes.flat, panels, strict=True):
+        pts = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 40 else None)
+            if scale == "log" and all(v > 0 for _, v in pts):
+                ax.set_yscale("log")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def launch(params_path: str, overrides: list[str]) -> int:
@@ -194,6 +227,7 @@ def launch(params_path: str, overrides: list[str]) -> int:
         )  # fmt: skip
         log_model_outputs(run.run_id, [model_id], client=run.client)
         summary = json.loads(METRICS.read_text())
+        run.client.log_artifact(run.run_id, str(CURVES), "plots")
         run.client.log_batch(run.run_id, metrics=_final_metrics(summary))
         models = dict(run.upstream["rollout"].models) if "rollout" in run.upstream else {}
         run.write_ref(REF, {"student": json.loads((STUDENT_DIR / "manifest.json").read_text())["sha256"]},
