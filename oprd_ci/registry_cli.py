@@ -398,6 +398,9 @@ def gate(
         ),
     ] = None,
     fail_on_reject: Annotated[bool, typer.Option(help="Exit 1 unless the verdict is PROMOTE.")] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why; recorded on the alias move with the decision id.")
+    ] = None,
     idempotency_key: KeyOpt = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -415,7 +418,11 @@ def gate(
         if policy is not None:
             _ensure_policy(call, name, policy)
         result = call(
-            "POST", "/v1/gate", body=body, params={"promote": promote, "alias": alias}, key=idempotency_key
+            "POST",
+            "/v1/gate",
+            body=body,
+            params={"promote": promote, "alias": alias, **({"reason": reason} if reason else {})},
+            key=idempotency_key,
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

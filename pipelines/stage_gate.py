@@ -118,7 +118,8 @@ def run(params_path: str, overrides: list[str]) -> int:
             run.run_id, params=_params({f"policy.{k}": v for k, v in flatten_params(policy).items()})
         )
         cmd = [sys.executable, "-m", "oprd_ci", "gate", "--evidence", str(EVIDENCE), "--out", str(METRICS),
-               "--alias", params.gate.alias, "--policy", params.gate.policy]  # fmt: skip
+               "--alias", params.gate.alias, "--policy", params.gate.policy,
+               "--reason", f"dvc gate stage, distill.method={params.distill.method}"]  # fmt: skip
         env = dict(os.environ)
         if params.gate.registry_url:
             env["OPRD_REGISTRY_URL"] = params.gate.registry_url

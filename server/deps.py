@@ -32,3 +32,9 @@ DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
 AliasQuery = Annotated[str, Query(pattern=NAME_PATTERN, max_length=128, description="Alias the gate moves")]
+ReasonQuery = Annotated[
+    str | None,
+    Query(
+        min_length=3, max_length=2000, pattern=r"^[^\x00]*$", description="Why (recorded on the alias move)"
+    ),
+]

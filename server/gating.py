@@ -132,9 +132,17 @@ def submit_evidence(
 
 
 def promote_on_verdict(
-    s: Session, who: Principal, model: RegisteredModel, mv: ModelVersion, decision: Decision, alias: str
+    s: Session,
+    who: Principal,
+    model: RegisteredModel,
+    mv: ModelVersion,
+    decision: Decision,
+    alias: str,
+    *,
+    reason: str | None = None,
 ) -> bool:
-    """Move ``alias`` to ``mv`` if the decision says PROMOTE and it is not already there (gate path)."""
+    """Move ``alias`` to ``mv`` if the decision says PROMOTE and it is not already there (gate path); the audit
+    reason is the decision, plus the caller's ``reason`` when given."""
     if decision.verdict != "PROMOTE":
         return False
     ensure_ready(mv)
@@ -151,7 +159,7 @@ def promote_on_verdict(
             action="promote",
             to_version=mv.version,
             expected_revision=row.revision if row else 0,
-            reason=f"gate decision {decision.id}: PROMOTE",
+            reason=f"gate decision {decision.id}: PROMOTE" + (f" ({reason})" if reason else ""),
             decision_id=decision.id,
             policy_version=policy.version if policy else None,
         ),

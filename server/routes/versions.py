@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.auth import CurrentPrincipal
-from server.deps import AliasQuery, DbDep, ModelName, SettingsDep, VersionPath
+from server.deps import AliasQuery, DbDep, ModelName, ReasonQuery, SettingsDep, VersionPath
 from server.errors import NotFound
 from server.gating import promote_on_verdict
 from server.gating import submit_evidence as _submit
@@ -90,8 +90,10 @@ def gate(
     who: CurrentPrincipal,
     promote: bool = True,
     alias: AliasQuery = "champion",
+    reason: ReasonQuery = None,
 ) -> JSONResponse:
-    """Register the candidate (if new), record its evidence, decide, and on PROMOTE move the alias."""
+    """Register the candidate (if new), record its evidence, decide, and on PROMOTE move the alias (the audit row
+    records ``reason`` after the decision id)."""
     reg = RegisterVersionIn(
         artifact_path=body.artifact_path,
         mlflow_run_id=body.mlflow_run_id,
@@ -106,7 +108,7 @@ def gate(
         mv = record_version(s, who, body.model, reg, verified, source)
         model = get_model(s, body.model, lock=True)
         d = _submit(s, who, model, mv, evidence, alias=alias, auto_rollback=settings.auto_rollback)
-        moved = promote and promote_on_verdict(s, who, model, mv, d, alias)
+        moved = promote and promote_on_verdict(s, who, model, mv, d, alias, reason=reason)
         row = (
             s.scalar(select(Alias).where(Alias.model_id == model.id, Alias.alias == alias)) if moved else None
         )

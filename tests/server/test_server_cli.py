@@ -43,7 +43,18 @@ def test_cli_in_process_gate_status_history_rollback(cli, tmp_path, make_artifac
         f = tmp_path / f"ev{i}.json"
         f.write_text(json.dumps(evidence("student", make_artifact(f"v{i}"), acc, n=60, seed=1)))
         out = tmp_path / "metrics" / "gate.json"
-        r = _run(cli, ["gate", "--evidence", str(f), "--policy", POLICY_FILE, "--out", str(out)])
+        gate = [
+            "gate",
+            "--evidence",
+            str(f),
+            "--policy",
+            POLICY_FILE,
+            "--out",
+            str(out),
+            "--reason",
+            f"nightly {i}",
+        ]
+        r = _run(cli, gate)
         assert r.exit_code == 0, r.output
         assert "PROMOTE" in r.output and json.loads(out.read_text())["promoted"]["version"] == i
     r = _run(cli, ["status", "student", "--json"])
@@ -51,6 +62,7 @@ def test_cli_in_process_gate_status_history_rollback(cli, tmp_path, make_artifac
     r = _run(cli, ["rollback", "student", "--reason", "canary regression"])
     assert r.exit_code == 0 and "-> v1" in r.output
     hist = json.loads(_run(cli, ["history", "student", "--json"]).output)
+    assert hist[-2]["reason"].endswith("PROMOTE (nightly 2)")  # the gate's move carries the caller's reason
     assert (
         hist[-1]["action"] == "rollback"
         and hist[-1]["actor"] == "local:alice"
