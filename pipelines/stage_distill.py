@@ -223,7 +223,7 @@ def launch(params_path: str, overrides: list[str]) -> int:
             raise WorkerFailed(f"distillation workers exited with {rc} (their messages are above)")
         model_id = log_logged_model(
             "student", STUDENT_DIR, role="student", run_id=run.run_id, client=run.client,
-            tags={"oprd.method": params.distill.method},
+            tags={"oprd.method": params.distill.method}, copy_max_mb=params.tracking.copy_weights_max_mb,
         )  # fmt: skip
         log_model_outputs(run.run_id, [model_id], client=run.client)
         summary = json.loads(METRICS.read_text())

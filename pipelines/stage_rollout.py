@@ -42,7 +42,14 @@ def run(params_path: str, overrides: list[str]) -> dict:
     with StageRun("rollout", params, datasets={"train_prompts": digest}) as run:
         log_dataset(run.run_id, prompts_path, "train_prompts", "training", digest, client=run.client)
         model_ids = {
-            role: log_logged_model(role, src.path, role=role, run_id=run.run_id, client=run.client)
+            role: log_logged_model(
+                role,
+                src.path,
+                role=role,
+                run_id=run.run_id,
+                client=run.client,
+                copy_max_mb=params.tracking.copy_weights_max_mb,
+            )
             for role, src in (("teacher", m.teacher), ("student_base", m.student))
         }
         log_model_inputs(run.run_id, list(model_ids.values()), client=run.client)

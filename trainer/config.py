@@ -272,8 +272,9 @@ class TrackingConfig(_Section):
     """First backoff between tracking retries; doubles on each further attempt."""
     timeout_s: Annotated[float, Field(gt=0.0)] = 5.0
     """HTTP timeout of one tracking request and of the reachability probe at stage start."""
-    copy_weights_max_mb: NonNegFloat = 512.0
-    """LoggedModels of directories larger than this log only ``config.json`` + ``manifest.json`` (by reference)."""
+    copy_weights_max_mb: NonNegFloat = 0.0
+    """LoggedModels of directories larger than this log only ``config.json`` + ``manifest.json`` (by reference:
+    the weights stay on disk at ``oprd.path``, identified by ``oprd.manifest_sha256``). 0 = always by reference."""
 
 
 class GateConfig(_Section):
