@@ -92,8 +92,13 @@ def test_kill_9_mid_run_resumes_from_newest_complete_checkpoint(tiny_pair, tmp_p
     proc = subprocess.Popen([*_torchrun(2), *args], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
-    while time.time() < deadline and len(complete_checkpoints(tmp_path / "ckpt")) < 3:
+    # keep_last=2 retains at most two checkpoints, so wait for the *newest step*, not for a count
+    while (
+        time.time() < deadline
+        and max((st for st, _ in complete_checkpoints(tmp_path / "ckpt")), default=0) < 3
+    ):
         time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before the kill; nothing was interrupted"
     # SIGKILL the launcher and both ranks at once, wherever they are (mid-step or mid-save). The ranks may
     # run in their own process groups, so walk the tree rather than killing one group.
     victims = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
