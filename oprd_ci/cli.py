@@ -52,19 +52,9 @@ def train(
     nproc = nproc_per_node or p.parallel.nproc_per_node
     args = ["--params", str(params), "--out", str(out), *(a for o in overrides for a in ("--set", o))]
     if nproc > 1 or p.parallel.nnodes > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--nnodes={p.parallel.nnodes}",
-        ]
-        cmd += (
-            [f"--rdzv_endpoint={p.parallel.rdzv_endpoint}", "--rdzv_backend=c10d"]
-            if p.parallel.rdzv_endpoint
-            else ["--standalone"]
-        )
-        raise typer.Exit(subprocess.call([*cmd, "-m", "trainer.train", *args]))
+        from trainer.distributed import torchrun_command
+
+        raise typer.Exit(subprocess.call([*torchrun_command(p.parallel, "trainer.train", nproc), *args]))
     from trainer.train import main as train_main
 
     raise typer.Exit(train_main(args))

@@ -33,7 +33,7 @@ from pipelines.tracking_metrics import MlflowMetricLogger
 from pipelines.tracking_models import log_logged_model, log_model_outputs
 from trainer.config import Params, load_params
 from trainer.data import encode_prompts, load_prompts
-from trainer.distributed import all_reduce_sum
+from trainer.distributed import all_reduce_sum, torchrun_command
 from trainer.metrics import JsonlLogger, LoggerGroup, MetricLogger
 from trainer.rollout import HFGenerateEngine
 from trainer.train import NonFiniteLossError, Trainer
@@ -208,17 +208,12 @@ def launch(params_path: str, overrides: list[str]) -> int:
         if world == 1:
             rc = worker(params_path, overrides, logger=run.metric_logger(flush_every=10))
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={par.nproc_per_node}",
-                   f"--nnodes={par.nnodes}"]  # fmt: skip
-            cmd += (
-                [f"--rdzv_endpoint={par.rdzv_endpoint}", "--rdzv_backend=c10d"]
-                if par.rdzv_endpoint
-                else ["--standalone"]
-            )
             args = ["--params", params_path, *(a for o in overrides for a in ("--set", o))]
             env = {**os.environ, "OMP_NUM_THREADS": str(params.optim.num_threads or 1),
                    RUN_ENV: run.run_id, URI_ENV: run.tracking_uri}  # fmt: skip
-            rc = subprocess.call([*cmd, "-m", "pipelines.stage_distill", "--worker", *args], env=env)
+            rc = subprocess.call(
+                [*torchrun_command(par, "pipelines.stage_distill"), "--worker", *args], env=env
+            )
         if rc != 0:
             raise WorkerFailed(f"distillation workers exited with {rc} (their messages are above)")
         model_id = log_logged_model(
@@ -228,18 +223,11 @@ def launch(params_path: str, overrides: list[str]) -> int:
         log_model_outputs(run.run_id, [model_id], client=run.client)
         summary = json.loads(METRICS.read_text())
         run.client.log_artifact(run.run_id, str(CURVES), "plots")
-        run.client.log_batch(run.run_id, metrics=_final_metrics(summary))
+        run.log_metrics({f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         models = dict(run.upstream["rollout"].models) if "rollout" in run.upstream else {}
         run.write_ref(REF, {"student": json.loads((STUDENT_DIR / "manifest.json").read_text())["sha256"]},
                       models={**models, "student": model_id})  # fmt: skip
     return 0
-
-
-def _final_metrics(summary: dict) -> list:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items() if isinstance(v, (int, float))]
 
 
 def main(argv: list[str] | None = None) -> int:

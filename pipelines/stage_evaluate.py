@@ -54,15 +54,11 @@ def run(params_path: str, overrides: list[str]) -> dict:
             for role, path in model_dirs(params).items()
         }
         tree = write_eval_outputs(results, METRICS)
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        flat = [
-            Metric(f"{suite}/{role}/{k}", float(v), now, 0)
+        run.log_metrics({
+            f"{suite}/{role}/{k}": v
             for suite, roles in tree.items() for role, m in roles.items()
             for k, v in m.items() if isinstance(v, (int, float))
-        ]  # fmt: skip
-        run.client.log_batch(run.run_id, metrics=flat)
+        })  # fmt: skip
         per_problem = Path("artifacts/eval/per_problem.jsonl")
         run.write_ref(REF, {"per_problem": file_sha256(per_problem), **digests}, models=models)
     return {"tree": tree, "wall_seconds": time.perf_counter() - t0}

@@ -149,19 +149,13 @@ def _params(d: dict) -> list:
 
 
 def _log_decision(run: StageRun, decision: dict, result: dict) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = []
+    metrics = {"gate/promoted": 1.0 if result.get("promoted") else 0.0}
     for c in decision["criteria"]:
         key = f"gate/{c['suite'] + '/' if c.get('suite') else ''}{c['criterion']}"
-        metrics.append(Metric(f"{key}/pass", 1.0 if c["status"] == "PASS" else 0.0, now, 0))
+        metrics[f"{key}/pass"] = 1.0 if c["status"] == "PASS" else 0.0
         if c.get("observed") is not None:
-            metrics.append(Metric(f"{key}/observed", float(c["observed"]), now, 0))
-    metrics.append(Metric("gate/promoted", 1.0 if result.get("promoted") else 0.0, now, 0))
-    run.client.log_batch(run.run_id, metrics=metrics)
+            metrics[f"{key}/observed"] = c["observed"]
+    run.log_metrics(metrics)
     run.set_tags({
         "oprd.gate.verdict": decision["verdict"],
         "oprd.gate.decision_id": str(decision["id"]),

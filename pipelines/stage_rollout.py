@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -95,20 +94,13 @@ def run(params_path: str, overrides: list[str]) -> dict:
         layer_plan = {"student": plan.student, "teacher": plan.teacher, "notes": plan.notes}
         summary = {"metrics": metrics, "layer_plan": layer_plan}
         write_json(METRICS, {**metrics, "layer_plan": layer_plan})
-        run.client.log_batch(run.run_id, metrics=_metrics(metrics))
+        run.log_metrics(metrics)
         run.set_tags({"oprd.alignment.cosine_mean": f"{report.mean_cosine:.4f}"})
         run.write_ref(REF, {"rollouts": file_sha256(rollouts), "train_prompts": digest}, models=model_ids)
         warning = check_alignment(report, params)
         if warning:
             print(warning, file=sys.stderr)
     return summary
-
-
-def _metrics(values: dict[str, float]) -> list:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in values.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -387,6 +387,13 @@ class StageRun:
             "num_devices": float(self.num_devices),
         }
 
+    def log_metrics(self, values: Mapping[str, float], step: int = 0) -> None:
+        """Log scalar metrics to the run in one request (one timestamp, one step)."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()]
+        )
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Add tags to the run (one request)."""
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

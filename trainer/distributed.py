@@ -8,6 +8,7 @@ CPU. With a world of 1 nothing is sharded and no process group is created.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,14 @@ from torch import Tensor, nn
 from trainer.config import ParallelConfig
 from trainer.hidden import decoder_parts
 
-__all__ = ["DistEnv", "all_reduce_max", "all_reduce_sum", "init_distributed", "shard_model"]
+__all__ = [
+    "DistEnv",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "init_distributed",
+    "shard_model",
+    "torchrun_command",
+]
 
 
 @dataclass(frozen=True)
@@ -87,3 +95,22 @@ def all_reduce_max(t: Tensor) -> Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def torchrun_command(cfg: ParallelConfig, module: str, nproc_per_node: int | None = None) -> list[str]:
+    """``python -m torch.distributed.run ... -m MODULE`` for this topology: ``--standalone`` on one node without a
+    rendezvous endpoint, else c10d rendezvous at ``parallel.rdzv_endpoint``. Append the module's own arguments."""
+    nproc = nproc_per_node or cfg.nproc_per_node
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={cfg.nnodes}",
+    ]
+    cmd += (
+        [f"--rdzv_endpoint={cfg.rdzv_endpoint}", "--rdzv_backend=c10d"]
+        if cfg.rdzv_endpoint
+        else ["--standalone"]
+    )
+    return [*cmd, "-m", module]
