@@ -196,6 +196,12 @@ class DistillConfig(_Section):
     """Export the checkpoint with the best validation accuracy instead of the last one."""
     memory_every: int = Field(default=10, ge=0)
     """Measure the actor-update transient peak memory every N steps (0 = never); the CPU profiler costs time."""
+    micro_batch_tokens: PosInt | None = None
+    """Token budget of one micro-batch of the update (``None`` = the whole per-rank batch at once). Rows are packed
+    so that a micro-batch's padded size (rows x (longest prompt + longest response)) stays within it; a row longer
+    than the budget is a micro-batch of its own. Gradients accumulate; losses and metrics stay normalized by the
+    step's global counts, so the result does not depend on the split (``trainer/microbatch.py``). The teacher and
+    old-log-prob passes run per micro-batch too."""
 
 
 class OptimConfig(_Section):
@@ -209,7 +215,13 @@ class OptimConfig(_Section):
     fused: bool | None = None
     """``None``: fused AdamW where torch supports it for the parameters' device."""
     bf16: bool = False
-    """bf16 autocast for forward passes (fp32 master weights). Off by default on CPU: no speed-up there."""
+    """bf16 compute with fp32 master weights. CUDA under FSDP2 (>1 rank): ``MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32)``; otherwise (CPU, or a single process) ``torch.autocast``. Off by default: no speed-up on
+    CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each student decoder layer's activations in backward instead of storing them (Hugging Face's
+    non-reentrant checkpointing, applied before FSDP2 wrapping): the update's activation memory drops from
+    ~layers x tokens x (4 ff + 12 d) to ~layers x tokens x d, for one extra forward of compute."""
     num_threads: int = Field(default=0, ge=0)
     """torch intra-op threads per process (0 = leave torch's default)."""
 

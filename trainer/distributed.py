@@ -22,9 +22,11 @@ __all__ = [
     "DistEnv",
     "all_reduce_max",
     "all_reduce_sum",
+    "enable_activation_checkpointing",
     "init_distributed",
     "shard_model",
     "torchrun_command",
+    "uses_fsdp_mixed_precision",
 ]
 
 
@@ -63,23 +65,55 @@ def init_distributed(cfg: ParallelConfig) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def shard_model(model: nn.Module, env: DistEnv, *, reshard_after_forward: bool = True) -> nn.Module:
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Non-reentrant activation checkpointing of every decoder layer (Hugging Face's own switch).
+
+    Must run before :func:`shard_model`. transformers checkpoints each layer's ``forward`` (not ``__call__``), so
+    FSDP2's all-gather hooks stay outside the recomputed region and run once per layer and pass. Only active
+    with grad enabled in train mode: rollouts and no-grad passes keep their KV cache and cost.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def uses_fsdp_mixed_precision(env: DistEnv, bf16: bool) -> bool:
+    """True where :func:`shard_model` applies FSDP2's bf16 ``MixedPrecisionPolicy`` (CUDA, more than 1 rank).
+
+    On CPU the trainer keeps ``torch.autocast``: FSDP2's policy would all-gather bf16 parameters over gloo and run
+    every op in bf16, including the ones autocast keeps in fp32 (softmax, norms), for no speed-up on CPU; and a
+    world of 1 is not sharded at all, so autocast gives the same fp32-master / bf16-compute contract there.
+    """
+    return bf16 and env.distributed and env.device.type == "cuda"
+
+
+def shard_model(
+    model: nn.Module, env: DistEnv, *, reshard_after_forward: bool = True, bf16: bool = False
+) -> nn.Module:
     """FSDP2: ``fully_shard`` each decoder block, then the root (embeddings, final norm and LM head).
 
     The root unit keeps tied embedding/LM-head weights together. Callers always invoke the root module's
     forward (see :mod:`trainer.hidden`), so the root's pre-forward hook all-gathers what the backbone needs.
+    ``bf16`` on CUDA (see :func:`uses_fsdp_mixed_precision`): parameters stay fp32 shards (the optimizer's
+    masters), are all-gathered and computed in bf16, and gradients are reduce-scattered in fp32.
     A world of 1 returns the model unchanged.
     """
     if not env.distributed:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
+    kw: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if uses_fsdp_mixed_precision(env, bf16):
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     blocks, _ = decoder_parts(model)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
     return model
 
 

@@ -94,15 +94,18 @@ def representation_loss(
 
 
 @torch.no_grad()
-def representation_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+def representation_cosine(
+    student: Tensor, teacher: Tensor, mask: Tensor, *, denominator: Tensor | float | None = None
+) -> Tensor:
     """Per-layer masked-mean cosine between student and teacher states: ``[Λ]`` fp32 (``rep/cosine_similarity``
-    is its mean). Inputs as in :func:`representation_loss`; an all-masked batch gives zeros."""
+    is its mean). Inputs as in :func:`representation_loss`; an all-masked batch gives zeros. ``denominator``: the
+    global count of selected slots, so that micro-batches' and ranks' values add up to the token-weighted mean."""
     s, t = student.float(), teacher.float()
     if s.dim() == 3:
         s, t = s.unsqueeze(1), t.unsqueeze(1)
     cos = F.cosine_similarity(s, t, dim=-1, eps=1e-12)  # [B, Λ, W]
     m = mask.to(cos.dtype).unsqueeze(1)
-    return (cos * m).sum(dim=(0, 2)) / m.sum().clamp(min=1.0)
+    return (cos * m).sum(dim=(0, 2)) / _denom(m.sum(), denominator)
 
 
 # ------------------------------------------------------------------------------------------- output space

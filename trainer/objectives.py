@@ -1,8 +1,11 @@
 """The per-step objective of each distillation method: what the no-grad passes compute, and the student loss.
 
-A step is ``targets = objective.prepare(student, teacher, batch)`` (no grad: the teacher pass, plus the student's
-old-log-prob pass for output-space methods, as the reference does) followed by
-``loss, metrics = objective.loss(student, batch, targets, denominators)`` (one student forward with grad).
+A step counts its global denominators once, ``den = objective.denominators(batch)`` all-reduced over ranks, then
+per micro-batch (:mod:`trainer.microbatch`) runs ``targets = objective.prepare(student, teacher, mb)`` (no grad: the
+teacher pass, plus the student's old-log-prob pass for output-space methods, as the reference does) followed by
+``loss, metrics = objective.loss(student, mb, targets, den)`` (one student forward with grad). Every loss term and
+every metric is normalized by ``den`` (global counts), so micro-batch losses, gradients and metrics *add up* to
+those of the whole batch, whatever the split.
 
 ==============  ==========================================================  =========================================
 method          no-grad passes                                              student forward (with grad)
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import DistillConfig
-from trainer.hidden import capture_hidden_states, num_decoder_layers
+from trainer.hidden import capture_hidden_states, num_decoder_layers, position_mask
 from trainer.losses import (
     combined_loss,
     full_vocab_reverse_kl,
@@ -62,10 +65,11 @@ class Targets:
 
 @dataclass
 class Denominators:
-    """Global (all ranks, all micro-batches) counts the losses are normalized by."""
+    """Global (all ranks, all micro-batches) counts the losses and metrics are normalized by (fp32 scalars)."""
 
-    selected: Tensor  # selected representation slots
-    response: Tensor  # valid response tokens
+    selected: Tensor  # selected representation slots (token-mean rep loss, cosine monitor)
+    response: Tensor  # valid response tokens (output-space losses)
+    sequences: Tensor | None = None  # rows with at least one selected slot (seq-mean-token-mean rep loss)
 
 
 def _full(t: Tensor) -> Tensor:
@@ -84,8 +88,9 @@ class Objective:
         self.method = cfg.method
         self.uses_states = self.method in ("oprd", "combined")
         self.monitor_cosine = monitor_cosine
-        # Capturing states for cosine monitoring in OPD runs costs memory; the benchmark turns it off.
-        self.capture_states = self.uses_states or monitor_cosine
+        # Capturing states for cosine monitoring in OPD runs costs memory; the benchmark turns it off. The full-KL
+        # path captures final states only and never monitors.
+        self.capture_states = self.uses_states or (monitor_cosine and self.method != "full_kl")
         self.chunked_kl = chunked_kl
 
     # ----------------------------------------------------------------------------------------- no grad
@@ -127,10 +132,21 @@ class Objective:
             out.topk_logprobs = token_logprobs(t.logits, out.topk_ids, opd.teacher_temperature)
         return out
 
-    def denominators(self, batch: RolloutBatch, targets: Targets) -> Denominators:
-        """Local counts; the trainer all-reduces them (SUM) across ranks before :meth:`loss`."""
-        sel = targets.state_mask.sum() if targets.state_mask is not None else batch.response_mask.sum()
-        return Denominators(selected=sel.float(), response=batch.response_mask.sum().float())
+    def denominators(self, batch: RolloutBatch, targets: Targets | None = None) -> Denominators:
+        """Local counts of ``batch`` (the whole step's batch on this rank, not a micro-batch); the trainer
+        all-reduces them (SUM) across ranks before the first :meth:`loss`. Counted from the masks alone (no
+        forward pass): the selected slots are those :func:`trainer.hidden.position_mask` marks, which is exactly
+        the compacted state mask's count. ``targets`` is accepted for backward compatibility and ignored."""
+        rep = self.cfg.rep
+        if self.capture_states:
+            per_row = position_mask(batch.response_mask, rep.positions, rep.k).sum(dim=-1)
+        else:
+            per_row = batch.response_mask.sum(dim=-1)
+        return Denominators(
+            selected=per_row.sum().float(),
+            response=batch.response_mask.sum().float(),
+            sequences=(per_row > 0).sum().float(),
+        )
 
     # ------------------------------------------------------------------------------------------- grad
     def loss(
@@ -157,13 +173,14 @@ class Objective:
             rep_loss = representation_loss(
                 s.states, targets.states, targets.state_mask,
                 normalize=rep.normalize, aggregation=rep.aggregation,
-                coef=rep.coef if self.method == "oprd" else 1.0, denominator=den.selected,
+                coef=rep.coef if self.method == "oprd" else 1.0,
+                denominator=den.sequences if rep.aggregation == "seq-mean-token-mean" else den.selected,
             )  # fmt: skip
             metrics["loss/rep"] = rep_loss.item()
         if self.capture_states and targets.states is not None:
-            for idx, c in zip(
-                self.plan.student, representation_cosine(s.states, targets.states, s.mask), strict=True
-            ):
+            # Token-weighted over the whole step: each micro-batch contributes its cosine *sum* / global count.
+            cos = representation_cosine(s.states, targets.states, s.mask, denominator=den.selected)
+            for idx, c in zip(self.plan.student, cos, strict=True):
                 metrics[f"rep/cosine/layer_{idx}"] = c.item()
         if self.method in ("opd_sampled", "combined"):
             lp = token_logprobs(s.logits, resp_ids)
@@ -194,7 +211,8 @@ class Objective:
             hs = s.states[:, 0].reshape(-1, s.states.shape[-1])[flat]
             ht = targets.final_states.reshape(-1, targets.final_states.shape[-1])[flat]
             loss = full_vocab_reverse_kl_chunked(
-                hs, student.get_output_embeddings().weight, ht, targets.head_weight, torch.ones(hs.shape[0]),
+                hs, student.get_output_embeddings().weight, ht, targets.head_weight,
+                torch.ones(hs.shape[0], device=hs.device),
                 chunk_size=opd.kl_chunk_size, teacher_temperature=opd.teacher_temperature, denominator=den.response,
             )  # fmt: skip
         else:

@@ -9,6 +9,9 @@ One step, as in the paper's Algorithm / oprd-method.md §1.1:
 4. one student forward with grad, the loss normalized by the **global** count of selected tokens, backward,
    finite check (all ranks agree) *before* ``optimizer.step``, clip, step.
 
+With ``distill.micro_batch_tokens`` steps 3-4 run per micro-batch (gradients accumulate, one optimizer step;
+:mod:`trainer.microbatch`), so the teacher targets of the whole batch are never alive at once.
+
 Usage::
 
     python -m trainer.train --params params.yaml --out artifacts/distill
@@ -40,10 +43,19 @@ from transformers import AutoModelForCausalLM
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import ConfigError, Params, load_params
 from trainer.data import PromptSampler, encode_prompts, load_prompts
-from trainer.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, shard_model
+from trainer.distributed import (
+    DistEnv,
+    all_reduce_max,
+    all_reduce_sum,
+    enable_activation_checkpointing,
+    init_distributed,
+    shard_model,
+    uses_fsdp_mixed_precision,
+)
 from trainer.export import write_manifest
 from trainer.memory import PeakMemory
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
+from trainer.microbatch import accumulate_update, micro_batches
 from trainer.models import check_compatibility, load_model, load_tokenizer
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
@@ -110,8 +122,11 @@ class Trainer:
             prompts = load_prompts(params.task.prompts_file)
         self.prompt_ids = encode_prompts(self.tokenizer, prompts)
         self.sampler = PromptSampler(len(self.prompt_ids), d.seed)
-        shard_model(self.student, self.env)
-        shard_model(self.teacher, self.env)
+        if params.optim.activation_checkpointing:
+            enable_activation_checkpointing(self.student)
+        shard_model(self.student, self.env, bf16=params.optim.bf16)
+        shard_model(self.teacher, self.env, bf16=params.optim.bf16)
+        self.fsdp_mixed_precision = uses_fsdp_mixed_precision(self.env, params.optim.bf16)
         self.optimizer = build_optimizer(self.student, params.optim)
         self.scheduler = build_scheduler(self.optimizer, d.steps, params.optim)
         # Chunked full-vocab KL reads the LM-head weight outside forward, which FSDP2 keeps sharded.
@@ -174,29 +189,39 @@ class Trainer:
             top_p=r.top_p, max_new_tokens=r.max_new_tokens, synced_gpus=env.distributed,
         ).to(env.device)  # fmt: skip
         t_rollout = time.perf_counter()
-        targets = self.objective.prepare(self.student, self.teacher, batch)
-        local = self.objective.denominators(batch, targets)
-        den = Denominators(all_reduce_sum(local.selected), all_reduce_sum(local.response))
-        t_teacher = time.perf_counter()
+        local = self.objective.denominators(batch)
+        den = Denominators(
+            *(all_reduce_sum(x.to(env.device)) for x in (local.selected, local.response, local.sequences))
+        )
+        micro = micro_batches(batch, d.micro_batch_tokens)
         measure = self.p.distill.memory_every and (state.step % self.p.distill.memory_every == 0)
+        # The measured region is the whole update: per micro-batch the no-grad passes (teacher, old log-probs),
+        # the student forward and backward, then the optimizer step. (The reference's ∆peak excludes its teacher,
+        # which runs on other workers; here the teacher shares the device, one micro-batch at a time.)
         with PeakMemory("auto", device=env.device) if measure else nullcontext() as mem:
-            with self._autocast():
-                loss, metrics = self.objective.loss(self.student, batch, targets, den)
-            # Each rank's loss is already normalized by the global count; FSDP2 averages gradients over
+            # Each micro-batch's loss is already normalized by the global count; FSDP2 averages gradients over
             # ranks, so scale by the world size to get the gradient of the global loss.
-            (loss * env.world_size).backward()
-            self._checked_step(loss)
+            upd = accumulate_update(
+                self.objective, self.student, self.teacher, micro, den,
+                loss_scale=env.world_size, autocast=self._autocast,
+            )  # fmt: skip
+            self._checked_step(upd.loss.to(env.device))
         t_end = time.perf_counter()
-        out = self._reduce_metrics(metrics)
+        out = self._reduce_metrics(upd.metrics)
         lengths = batch.response_lengths.float()
         n_tok = all_reduce_sum(lengths.sum())
         out |= {
-            "response/length_mean": (n_tok / all_reduce_sum(torch.tensor(float(lengths.numel())))).item(),
+            "response/length_mean": (
+                n_tok / all_reduce_sum(torch.tensor(float(lengths.numel()), device=env.device))
+            ).item(),
             "response/length_max": all_reduce_max(lengths.max()).item(),
             "perf/step_seconds": t_end - t0,
             "perf/rollout_seconds": t_rollout - t0,
-            "perf/teacher_seconds": t_teacher - t_rollout,
-            "perf/update_seconds": t_end - t_teacher,
+            "perf/teacher_seconds": upd.prepare_seconds,
+            "perf/update_seconds": t_end - t_rollout - upd.prepare_seconds,
+            "perf/micro_batches": all_reduce_max(
+                torch.tensor(float(upd.micro_batches), device=env.device)
+            ).item(),
             "perf/tokens_per_second": n_tok.item() / (t_end - t0),
             "optim/lr": self.scheduler.get_last_lr()[0],
             "optim/grad_norm": self._last_grad_norm,
@@ -207,7 +232,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ pieces
     def _autocast(self):
-        if not self.p.optim.bf16:
+        # Under FSDP2 mixed precision the parameters are already bf16 in forward (see shard_model).
+        if not self.p.optim.bf16 or self.fsdp_mixed_precision:
             return nullcontext()
         return torch.autocast(device_type=self.env.device.type, dtype=torch.bfloat16)
 
@@ -232,14 +258,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Loss terms are globally normalized per rank, so they sum; other metrics (cosines) average."""
+        """Every objective metric (loss terms, per-layer cosines) is this rank's share normalized by the step's
+        global count, so the global value is the plain sum over ranks (token-weighted, like the loss)."""
         keys = sorted(metrics)
-        vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        # On the device: NCCL reduces CUDA tensors only.
+        vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.env.device)
         total = all_reduce_sum(vals)
-        out = {
-            k: (total[i].item() if k.startswith("loss/") else total[i].item() / self.env.world_size)
-            for i, k in enumerate(keys)
-        }
+        out = {k: total[i].item() for i, k in enumerate(keys)}
         cos = [v for k, v in out.items() if k.startswith("rep/cosine/layer_")]
         if cos:
             out["rep/cosine/mean"] = sum(cos) / len(cos)

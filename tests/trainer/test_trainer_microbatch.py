@@ -1,0 +1,247 @@
+"""Micro-batched update: packing by a token budget, 1 vs N micro-batches give the same loss, gradients and metrics
+for every method (fp32), activation checkpointing changes memory and not the result, and 2 FSDP2 processes with
+micro-batches (and checkpointing) match 2 processes without."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from trainer.config import DistillConfig, OPDConfig, RepConfig
+from trainer.distributed import enable_activation_checkpointing
+from trainer.hidden import layer_indices
+from trainer.memory import PeakMemory
+from trainer.microbatch import accumulate_update, micro_batches, padded_tokens
+from trainer.models import LayerPlan
+from trainer.objectives import Objective
+from trainer.rollout import RolloutBatch, build_rollout_batch, left_pad
+
+EOS, PAD = 2, 0
+
+
+def _model(seed: int, *, hidden=16, layers=3, vocab=29, positions=64) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=EOS,
+        pad_token_id=PAD, bos_token_id=1, max_position_embeddings=positions,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(cfg)
+
+
+def _batch(prompt_lens, resp_lens, width, vocab=29, seed=0) -> RolloutBatch:
+    """Rows with the given prompt lengths and valid response lengths (EOS last, or no EOS when == width)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in prompt_lens]
+    ids, mask = left_pad(prompts, PAD)
+    resp = torch.randint(3, vocab, (len(resp_lens), width), generator=g)
+    for i, n in enumerate(resp_lens):
+        if n < width:
+            resp[i, n - 1] = EOS
+    return build_rollout_batch(
+        ids, mask, resp, torch.arange(len(resp_lens)), eos_token_id=EOS, pad_token_id=PAD
+    )
+
+
+PROMPTS, RESPONSES, WIDTH = [3, 5, 2, 4, 5, 1], [7, 12, 1, 12, 4, 9], 12
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.set_num_threads(1)
+    return _model(0), _model(1).eval().requires_grad_(False)
+
+
+def test_micro_batches_pack_within_budget_and_keep_every_row_once():
+    batch = _batch(PROMPTS, RESPONSES, WIDTH)
+    for budget in (1, 17, 20, 40, 10_000):
+        micro = micro_batches(batch, budget)
+        rows = sorted(int(i) for mb in micro for i in mb.prompt_index)
+        assert rows == list(range(len(PROMPTS)))
+        for mb in micro:
+            assert padded_tokens(mb) <= budget or mb.input_ids.shape[0] == 1
+            for j, row in enumerate(mb.prompt_index.tolist()):
+                # the same valid tokens at the same positions, only padding trimmed
+                keep = batch.attention_mask[row].bool()
+                assert torch.equal(mb.input_ids[j][mb.attention_mask[j].bool()], batch.input_ids[row][keep])
+                assert torch.equal(
+                    mb.position_ids[j][mb.attention_mask[j].bool()], batch.position_ids[row][keep]
+                )
+                assert int(mb.response_mask[j].sum()) == RESPONSES[row]
+    assert len(micro_batches(batch, 1)) == len(PROMPTS)  # every row alone when the budget is below any row
+    assert micro_batches(batch, None) == [batch]
+    assert len(micro_batches(batch, 10_000)) == 1
+
+
+CASES = {
+    "oprd": dict(method="oprd"),
+    "oprd_last_k_seq_mean": dict(
+        method="oprd", rep=RepConfig(positions="last_k", k=5, aggregation="seq-mean-token-mean", layers="odd")
+    ),
+    "oprd_first_k_normalized": dict(method="oprd", rep=RepConfig(positions="first_k", k=4, normalize=True)),
+    "oprd_last": dict(method="oprd", rep=RepConfig(positions="last", layers="last")),
+    "opd_sampled": dict(method="opd_sampled"),
+    "opd_topk": dict(method="opd_topk", opd=OPDConfig(top_k=4)),
+    "full_kl": dict(method="full_kl"),
+    "full_kl_chunked": dict(method="full_kl", opd=OPDConfig(kl_chunk_size=5)),
+    "combined": dict(method="combined", opd=OPDConfig(mu=0.5)),
+}
+
+
+def _grads(model) -> torch.Tensor:
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()]
+    )
+
+
+def _update(student, teacher, batch, case, budget, *, checkpointing=False):
+    cfg = DistillConfig(**{"rep": RepConfig(positions="all"), **CASES[case]})
+    plan_layers = layer_indices(3, cfg.rep.layers)
+    obj = Objective(
+        cfg, LayerPlan(student=plan_layers, teacher=plan_layers), chunked_kl=case == "full_kl_chunked"
+    )
+    student.zero_grad(set_to_none=True)
+    micro = micro_batches(batch, budget)
+    upd = accumulate_update(obj, student, teacher, micro, obj.denominators(batch))
+    return upd, _grads(student)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_vs_many_micro_batches_same_loss_gradients_and_metrics(pair, case):
+    student, teacher = pair
+    batch = _batch(PROMPTS, RESPONSES, WIDTH)
+    one, g1 = _update(student, teacher, batch, case, None)
+    many, gn = _update(student, teacher, batch, case, 20)  # 20 tokens: 4 micro-batches of 1-2 rows
+    assert many.micro_batches >= 4 and one.micro_batches == 1
+    assert g1.abs().sum() > 0
+    torch.testing.assert_close(many.loss, one.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gn, g1, rtol=1e-4, atol=1e-7)
+    assert many.metrics.keys() == one.metrics.keys()
+    for k in one.metrics:  # loss terms and per-layer cosines: token-weighted over the whole step
+        assert many.metrics[k] == pytest.approx(one.metrics[k], rel=1e-5, abs=1e-7), k
+    if CASES[case]["method"] == "oprd":
+        assert any(k.startswith("rep/cosine/layer_") for k in one.metrics)
+
+
+def test_cosine_metric_is_token_weighted_not_a_mean_of_micro_batch_means(pair):
+    """Rows of very different lengths: the per-micro-batch mean of means would differ from the token mean."""
+    student, teacher = pair
+    batch = _batch([2, 2], [12, 1], WIDTH)
+    one, _ = _update(student, teacher, batch, "oprd", None)
+    many, _ = _update(student, teacher, batch, "oprd", 14)
+    assert many.micro_batches == 2
+    assert many.metrics["rep/cosine/layer_3"] == pytest.approx(one.metrics["rep/cosine/layer_3"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["oprd", "opd_topk"])
+def test_activation_checkpointing_same_result_less_memory(case):
+    torch.set_num_threads(1)
+    # Long sequences, narrow model: activations dominate the update's transient memory.
+    kw = dict(hidden=32, layers=4, vocab=29, positions=1024)
+    teacher = _model(1, **kw).eval().requires_grad_(False)
+    batch = _batch([4, 4], [400, 300], 400)
+    results = []
+    for ckpt in (False, True):
+        student = _model(0, **kw).train()
+        if ckpt:
+            enable_activation_checkpointing(student)
+        cfg = DistillConfig(**{"rep": RepConfig(positions="all"), **CASES[case]})
+        idx = layer_indices(4, "all")
+        obj = Objective(cfg, LayerPlan(student=idx, teacher=idx), monitor_cosine=False)
+        den = obj.denominators(batch)
+        targets = obj.prepare(student, teacher, batch)
+        with PeakMemory("profiler") as pm:
+            loss, _ = obj.loss(student, batch, targets, den)
+            loss.backward()
+            del loss
+        results.append((_grads(student), pm.peak_bytes))
+    (g0, peak0), (g1, peak1) = results
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-8)
+    assert peak1 < 0.75 * peak0, (peak0, peak1)
+
+
+# ---------------------------------------------------------------------------------------- FSDP2, 2 processes
+def _train_args(pair, tmp: Path, extra: dict) -> list[str]:
+    sets = {
+        "models.teacher.path": pair["teacher"], "models.student.path": pair["student"], "models.embedded": False,
+        "task.prompts_file": pair["prompts"], "rollout.max_new_tokens": 8, "rollout.temperature": 0,
+        "distill.steps": 3, "distill.prompts_per_step": 8, "distill.n_responses": 1, "distill.eval_every": 0,
+        "distill.memory_every": 0, "optim.lr": 3e-3, "optim.num_threads": 1, "checkpoint.dir": tmp / "ckpt",
+        "checkpoint.every": 0, **extra,
+    }  # fmt: skip
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "params.yaml").write_text("{}\n")
+    out = ["--params", str(tmp / "params.yaml"), "--out", str(tmp / "out")]
+    for k, v in sets.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def _rows(tmp: Path) -> list[dict]:
+    return [json.loads(r) for r in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_micro_batches_and_checkpointing_match_one_micro_batch(tiny_pair, tmp_path):
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    import os
+
+    env = {**os.environ, **env}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "trainer.train",
+    ]
+    runs = {
+        "one": {},
+        # 4 prompts per rank of ~5 + 8 tokens: a 30-token budget gives 2-4 micro-batches per rank
+        "many": {"distill.micro_batch_tokens": 30, "optim.activation_checkpointing": True},
+    }
+    for name, extra in runs.items():
+        res = subprocess.run([*cmd, *_train_args(tiny_pair, tmp_path / name, extra)], env=env,
+                             capture_output=True, text=True, timeout=400)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+    one, many = _rows(tmp_path / "one"), _rows(tmp_path / "many")
+    assert [r["perf/micro_batches"] for r in one] == [1.0] * 3
+    assert all(r["perf/micro_batches"] >= 2 for r in many)
+    for key in ("loss/total", "rep/cosine/mean", "optim/grad_norm"):
+        assert [r[key] for r in many] == pytest.approx([r[key] for r in one], rel=2e-5, abs=1e-7), key
+    assert many[-1]["loss/total"] < many[0]["loss/total"]  # and it trains
+
+
+# ------------------------------------------------------------------------------------------------- CUDA only
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
+
+
+@cuda
+@pytest.mark.parametrize("case", ["oprd", "opd_topk"])
+def test_cuda_bf16_micro_batches_match_one_micro_batch(case):
+    dev = torch.device("cuda")
+    student, teacher = _model(0).to(dev), _model(1).to(dev).eval().requires_grad_(False)
+    enable_activation_checkpointing(student)
+    batch = _batch(PROMPTS, RESPONSES, WIDTH).to(dev)
+    cfg = DistillConfig(**{"rep": RepConfig(positions="all"), **CASES[case]})
+    idx = layer_indices(3, "all")
+    obj = Objective(cfg, LayerPlan(student=idx, teacher=idx))
+    out = []
+    for budget in (None, 20):
+        student.zero_grad(set_to_none=True)
+        upd = accumulate_update(
+            obj, student, teacher, micro_batches(batch, budget), obj.denominators(batch),
+            autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16),
+        )  # fmt: skip
+        out.append((upd.loss, _grads(student)))
+    (l1, g1), (ln, gn) = out
+    assert torch.isfinite(g1).all()
+    torch.testing.assert_close(ln, l1, rtol=2e-2, atol=1e-4)  # bf16: different shapes round differently
+    assert torch.nn.functional.cosine_similarity(gn, g1, dim=0) > 0.99
