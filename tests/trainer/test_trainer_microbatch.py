@@ -245,3 +245,27 @@ def test_cuda_bf16_micro_batches_match_one_micro_batch(case):
     assert torch.isfinite(g1).all()
     torch.testing.assert_close(ln, l1, rtol=2e-2, atol=1e-4)  # bf16: different shapes round differently
     assert torch.nn.functional.cosine_similarity(gn, g1, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("case", ["oprd", "oprd_last_k_seq_mean"])
+def test_micro_batched_loss_is_the_reference_aggregate_over_rows(pair, case):
+    """token-mean = Σ over rows of token sums / all tokens; seq-mean-token-mean = mean over rows of each row's
+    token-mean (paper Eq. 6). Both from rows scored one at a time with their own counts."""
+    student, teacher = pair
+    batch = _batch(PROMPTS, RESPONSES, WIDTH)
+    many, _ = _update(student, teacher, batch, case, 20)
+    cfg = DistillConfig(**{"rep": RepConfig(positions="all"), **CASES[case]})
+    idx = layer_indices(3, cfg.rep.layers)
+    obj = Objective(cfg, LayerPlan(student=idx, teacher=idx))
+    per_row, counts = [], []
+    with torch.no_grad():
+        for mb in micro_batches(batch, 1):  # one row each
+            den = obj.denominators(mb)
+            loss, _ = obj.loss(student, mb, obj.prepare(student, teacher, mb), den)
+            per_row.append(loss.item())
+            counts.append(den.selected.item())
+    if cfg.rep.aggregation == "token-mean":
+        expected = sum(v * c for v, c in zip(per_row, counts, strict=True)) / sum(counts)
+    else:
+        expected = sum(per_row) / len(per_row)
+    assert many.loss.item() == pytest.approx(expected, rel=1e-5)
