@@ -52,12 +52,62 @@ def _write(result: dict, out: Path) -> None:
 
 def _header(result: dict) -> str:
     s = result["shape"]
+    extra = ""
+    if result.get("checkpointing"):
+        extra += " act-ckpt"
+    if result.get("micro_batch_tokens") is not None and result.get("benchmark") == "update":
+        extra += f" micro-batch {result['micro_batch_tokens']} tok"
+    where = result["cpu"] if str(result.get("device", "cpu")) == "cpu" else result["device"]
     return (
         f"V={s['vocab']} d={s['hidden']} ff={s['intermediate']} L={s['layers']} "
         f"heads={s['heads']}/{s['kv_heads']} tied={s['tied']} params={s['params'] / 1e6:.1f}M | "
-        f"{result['dtype']} {result['optimizer']} | {result['cpu']} x{result['threads']} threads | "
+        f"{result['dtype']} {result['optimizer']}{extra} | {where} x{result['threads']} threads | "
         f"torch {result['versions']['torch']} transformers {result['versions']['transformers']}"
     )
+
+
+def _counts(text: str, flag: str, *, allow_none: bool = False) -> list:
+    """``"2,4,8"`` -> ``[2, 4, 8]``; with ``allow_none``, ``none``/``0`` -> ``None`` (one micro-batch)."""
+    out: list = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if allow_none and item in ("none", "0"):
+            out.append(None)
+            continue
+        try:
+            v = int(item)
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: expected comma-separated positive integers") from None
+        if v < 1:
+            raise ValueError(f"{flag} {text!r}: counts must be >= 1" + (" (or none)" if allow_none else ""))
+        out.append(v)
+    return out
+
+
+def sweep_markdown(result: dict) -> str:
+    """Markdown table of a memory sweep: one row per (sequences, method), one column per micro-batch budget."""
+    budgets = result["micro_batch_tokens"]
+    names = ["one micro-batch" if b is None else f"{b}-token micro-batches" for b in budgets]
+    lines = [f"`{_header({**result, 'micro_batch_tokens': None})}`", ""]
+    lines.append(
+        "| sequences x tokens | method | " + " | ".join(f"peak GiB, {n}" for n in names) + " | ratio |"
+    )
+    lines.append("|---" * (len(budgets) + 3) + "|")
+    cells = {(c["seqs"], c["method"], c["micro_batch_tokens"]): c for c in result["cells"]}
+    methods = list(dict.fromkeys(c["method"] for c in result["cells"]))
+    for n in result["sequences"]:
+        for m in methods:
+            row = [cells.get((n, m, b)) for b in budgets]
+            vals = []
+            for c in row:
+                if c is None or c.get("peak_memory_bytes") is None:
+                    vals.append("not run" if c is None else "failed")
+                else:
+                    vals.append(f"{_gib(c['peak_memory_bytes'])} ({c['micro_batches']} mb)")
+            peaks = [c.get("peak_memory_bytes") if c else None for c in row]
+            ratio = f"{peaks[-1] / peaks[0]:.2f}" if len(peaks) > 1 and peaks[0] and peaks[-1] else "-"
+            lines.append(f"| {n} x {result['shape']['response_len']} | {m} | {' | '.join(vals)} | {ratio} |")
+    return "\n".join(lines)
 
 
 def update_table(result: dict) -> Table:
@@ -121,7 +171,18 @@ def update(
     response_len: int = typer.Option(1024, help="Response tokens per sequence."),
     dtype: str = typer.Option("fp32", help=f"One of {', '.join(DTYPES)} (bf16 = CPU autocast)."),
     optimizer: str = typer.Option("adamw-fused", help=f"One of {', '.join(OPTIMIZERS)}."),
-    checkpointing: bool = typer.Option(False, "--checkpointing/--no-checkpointing"),
+    checkpointing: bool = typer.Option(
+        False, "--checkpointing/--no-checkpointing", help="Activation checkpointing of the student's layers."
+    ),
+    micro_batch_tokens: str = typer.Option(
+        "none",
+        help="Token budget per micro-batch (none = one batch, targets prepared outside the measured region). "
+        "With --sequences: a comma list, none/0 = one micro-batch with targets inside the region.",
+    ),
+    sequences: str = typer.Option(
+        None, help="Memory sweep over sequences per rank, e.g. 2,4,8,16 (overrides --seqs; memory only)."
+    ),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
     rounds: int = typer.Option(3, help="Timed rounds (round-robin over methods)."),
     warmup: int = typer.Option(
         0, help="Extra discarded warm-up rounds (the profiled round already warms up)."
@@ -136,12 +197,17 @@ def update(
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ) -> None:
     """The actor update alone (student forward, backward, optimizer step) on one fixed synthetic batch."""
-    from trainer.bench_update import UpdateBenchSpec, run_update_bench
+    from trainer.bench_update import UpdateBenchSpec, run_memory_sweep, run_update_bench
 
     try:
         if oprd_positions not in ("last", "all", "last_k", "first_k"):
             raise ValueError(f"--oprd-positions {oprd_positions!r}: use last, all, last_k or first_k")
+        budgets = _counts(micro_batch_tokens, "--micro-batch-tokens", allow_none=True)
+        sweep = _counts(sequences, "--sequences") if sequences else None
+        if sweep is None and len(budgets) != 1:
+            raise ValueError("--micro-batch-tokens takes one value without --sequences")
         spec = UpdateBenchSpec(
+            micro_batch_tokens=budgets[0] if sweep is None else None, device=device,
             shape=_shape(vocab, hidden, intermediate, layers, heads, kv_heads, untied),
             seqs=seqs, prompt_len=prompt_len, response_len=response_len, dtype=dtype, optimizer=optimizer,
             checkpointing=checkpointing, rounds=rounds, warmup=warmup, methods=methods.split(","),
@@ -156,9 +222,14 @@ def update(
     except ValueError as exc:
         raise _fail(str(exc)) from None
     log = (lambda _m: None) if quiet else (lambda m: _err.print(f"[dim]{m}[/dim]"))
-    result = run_update_bench(spec, log=log)
-    _write(result, out)
-    Console(width=170).print(update_table(result))
+    if sweep is not None:
+        result = run_memory_sweep(spec, sweep, budgets, log=log)
+        _write(result, out)
+        typer.echo(sweep_markdown(result))
+    else:
+        result = run_update_bench(spec, log=log)
+        _write(result, out)
+        Console(width=170).print(update_table(result))
     typer.echo(f"wrote {out}")
 
 
@@ -215,6 +286,8 @@ def markdown(result: dict) -> str:
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
+    if result.get("benchmark") == "update-sweep":
+        return sweep_markdown(result)
     lines = [f"`{_header(result)}`", ""]
     if result.get("benchmark") == "step":
         lines += [

@@ -147,9 +147,9 @@ class FloorObjective:
     def prepare(self, student: nn.Module, teacher: nn.Module, batch: RolloutBatch) -> Targets:
         return Targets()
 
-    def denominators(self, batch: RolloutBatch, targets: Targets) -> Denominators:
+    def denominators(self, batch: RolloutBatch, targets: Targets | None = None) -> Denominators:
         n = batch.response_mask.sum().float()
-        return Denominators(selected=n, response=n)
+        return Denominators(selected=n, response=n, sequences=(batch.response_mask.sum(-1) > 0).sum().float())
 
     def loss(
         self, student: nn.Module, batch: RolloutBatch, targets: Targets, den: Denominators
@@ -256,10 +256,10 @@ def prime_optimizer(opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def autocast(dtype: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU for ``bf16``; a no-op for ``fp32``."""
+def autocast(dtype: str, device: str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` (``cpu``/``cuda``) for ``bf16``; a no-op for ``fp32``."""
     if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device, dtype=torch.bfloat16)
     if dtype == "fp32":
         return contextlib.nullcontext()
     raise ValueError(f"unknown dtype {dtype!r}; choose fp32 or bf16")
