@@ -91,8 +91,11 @@ class ModelShape:
             raise ValueError(f"--heads ({self.heads}) must be divisible by --kv-heads ({self.kv_heads})")
 
 
-def build_model(shape: ModelShape, seed: int, max_positions: int) -> Qwen2ForCausalLM:
-    """A random-init fp32 Qwen2 CausalLM of ``shape`` (eager attention, deterministic for a seed)."""
+def build_model(
+    shape: ModelShape, seed: int, max_positions: int, device: torch.device | str = "cpu"
+) -> Qwen2ForCausalLM:
+    """A random-init fp32 Qwen2 CausalLM of ``shape`` (SDPA attention, deterministic for a seed and device),
+    built directly on ``device`` (initializing 1.5B parameters on the CPU first would take minutes)."""
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         vocab_size=shape.vocab,
@@ -108,7 +111,8 @@ def build_model(shape: ModelShape, seed: int, max_positions: int) -> Qwen2ForCau
         eos_token_id=EOS_ID,
         attn_implementation="sdpa",
     )
-    return Qwen2ForCausalLM(cfg)
+    with torch.device(device):
+        return Qwen2ForCausalLM(cfg)
 
 
 def synthetic_batch(

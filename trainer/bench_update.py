@@ -127,8 +127,8 @@ def run_update_bench(spec: UpdateBenchSpec, log: Callable[[str], None] = lambda 
 
 def _models(spec: UpdateBenchSpec, total_len: int):
     device = torch.device(spec.device)
-    student = build_model(spec.shape, spec.seed, total_len).train().to(device)
-    teacher = build_model(spec.shape, spec.seed + 1, total_len).eval().requires_grad_(False).to(device)
+    student = build_model(spec.shape, spec.seed, total_len, device).train()
+    teacher = build_model(spec.shape, spec.seed + 1, total_len, device).eval().requires_grad_(False)
     if spec.checkpointing:
         enable_activation_checkpointing(student)
     opt = make_optimizer(spec.optimizer, list(student.parameters()), spec.lr)
@@ -236,7 +236,7 @@ def _run(spec: UpdateBenchSpec, log: Callable[[str], None]) -> dict:
     for name in spec.methods:
         d = results[name].as_dict()
         d["median_step_seconds"] = median(d["step_seconds"])
-        d["median_rss_peak_bytes"] = median(d["rss_peak_bytes"])
+        d["median_rss_peak_bytes"] = median([b for b in d["rss_peak_bytes"] if b is not None])
         rows.append(d)
     with_ratios(rows)
     spec_dict = asdict(spec)

@@ -77,6 +77,15 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _compute_dtype(t: Tensor) -> Tensor:
+    """Teacher states in the compute dtype: under bf16 autocast the residual stream comes out fp32 (fp32 weights),
+    but it was computed from bf16 matmuls; keeping it in bf16 halves the targets' memory (the losses upcast)."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev) and t.is_floating_point():
+        return t.to(torch.get_autocast_dtype(dev))
+    return t
+
+
 class Objective:
     """Binds a :class:`DistillConfig` and a :class:`LayerPlan` to the no-grad and grad passes of one step."""
 
@@ -112,7 +121,7 @@ class Objective:
         if self.method == "full_kl":
             if self.chunked_kl:
                 t = capture_hidden_states(teacher, *args, [num_decoder_layers(teacher)], "all", shift=1)
-                out.final_states = t.states[:, 0]
+                out.final_states = _compute_dtype(t.states[:, 0])
                 out.head_weight = _full(teacher.get_output_embeddings().weight)
             else:
                 t = capture_hidden_states(
@@ -125,7 +134,7 @@ class Objective:
         want_logits = self.method != "oprd"
         t = capture_hidden_states(teacher, *args, layers, positions, rep.k, with_logits=want_logits)
         if self.capture_states:
-            out.states, out.state_mask = t.states, t.mask
+            out.states, out.state_mask = _compute_dtype(t.states), t.mask
         if self.method in ("opd_sampled", "combined"):
             out.token_logprobs = token_logprobs(t.logits, resp_ids, opd.teacher_temperature)
         elif self.method == "opd_topk":
