@@ -269,3 +269,30 @@ def test_micro_batched_loss_is_the_reference_aggregate_over_rows(pair, case):
     else:
         expected = sum(per_row) / len(per_row)
     assert many.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bench_memory_sweep_is_flat_with_micro_batches(tmp_path):
+    """`oprd-ci bench update --sequences ... --micro-batch-tokens none,N` at a tiny shape: one micro-batch grows
+    with the batch, micro-batches of one sequence do not (profiler replay: deterministic bytes)."""
+    from typer.testing import CliRunner
+
+    from oprd_ci.cli import app
+
+    out = tmp_path / "sweep.json"
+    args = ["bench", "update", "--out", str(out), "--vocab", "3000", "--hidden", "32", "--intermediate", "64",
+            "--layers", "2", "--heads", "4", "--kv-heads", "2", "--prompt-len", "8", "--response-len", "96",
+            "--sequences", "2,6", "--micro-batch-tokens", "none,104", "--methods", "oprd,opd_topk", "--threads", "1",
+            "--quiet"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cells = {
+        (c["seqs"], c["micro_batch_tokens"], c["method"]): c for c in json.loads(out.read_text())["cells"]
+    }
+    for m in ("oprd", "opd_topk"):
+        one2, one6 = cells[(2, None, m)]["peak_memory_bytes"], cells[(6, None, m)]["peak_memory_bytes"]
+        mb2, mb6 = cells[(2, 104, m)]["peak_memory_bytes"], cells[(6, 104, m)]["peak_memory_bytes"]
+        assert cells[(6, 104, m)]["micro_batches"] == 6
+        assert one6 > 2 * one2  # one micro-batch: grows with the sequences
+        assert mb6 < 1.25 * mb2 and mb6 < 0.5 * one6  # micro-batched: flat
+    bad = CliRunner().invoke(app, ["bench", "update", "--out", str(out), "--micro-batch-tokens", "none,x"])
+    assert bad.exit_code == 2 and "--micro-batch-tokens" in bad.output
