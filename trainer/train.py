@@ -44,7 +44,7 @@ from trainer.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_di
 from trainer.export import write_manifest
 from trainer.memory import PeakMemory
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
-from trainer.models import check_compatibility, load_model, load_tokenizer
+from trainer.models import check_compatibility, copy_tokenizer_files, load_model, load_tokenizer
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rollout import HFGenerateEngine
@@ -94,7 +94,8 @@ class Trainer:
         # Rollout sampling draws from the global RNG; each rank gets its own stream, restored on resume.
         _seed_everything(d.seed * 1000 + self.env.rank)
         m = params.models
-        self.tokenizer = load_tokenizer(m.tokenizer or m.student.path, m)
+        self.tokenizer_dir = Path(m.tokenizer or m.student.path)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir, m)
         teacher_tok = load_tokenizer(m.teacher.path, m) if _has_tokenizer(m.teacher.path) else self.tokenizer
         self.student = load_model(m.student, m, role="student", trainable=True).to(self.env.device)
         self.teacher = load_model(m.teacher, m, role="teacher", trainable=False).to(self.env.device)
@@ -267,7 +268,8 @@ class Trainer:
             plain.load_state_dict(sd, strict=True)
             plain.generation_config = self.student.generation_config
             plain.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
+            if not copy_tokenizer_files(self.tokenizer_dir, tmp):
+                self.tokenizer.save_pretrained(tmp)
             (tmp / "oprd_export.json").write_text(
                 json.dumps({"method": self.p.distill.method, **(extra or {})}, indent=2)
             )
