@@ -43,6 +43,7 @@ from trainer.data import PromptSampler, encode_prompts, load_prompts
 from trainer.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, shard_model
 from trainer.export import write_manifest
 from trainer.memory import PeakMemory
+from trainer.methods import method_spec
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
 from trainer.models import check_compatibility, copy_tokenizer_files, load_model, load_tokenizer
 from trainer.objectives import Denominators, Objective
@@ -66,6 +67,10 @@ class TrainResult:
     best_step: int
     best_score: float
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    """The step this process started at: the restored checkpoint's step, 0 for a fresh start."""
+    steps_computed: int = 0
+    """How many steps (``train_step`` calls) this process executed; restored steps are not recomputed."""
 
 
 class Trainer:
@@ -101,7 +106,7 @@ class Trainer:
         self.teacher = load_model(m.teacher, m, role="teacher", trainable=False).to(self.env.device)
         self.plan = check_compatibility(
             self.student, self.teacher, self.tokenizer, teacher_tok, d.rep,
-            uses_hidden_states=d.method in ("oprd", "combined"),
+            uses_hidden_states=method_spec(d.method).hidden_states,
         )  # fmt: skip
         if prompts is None:
             if not params.task.prompts_file:
@@ -116,7 +121,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.student, params.optim)
         self.scheduler = build_scheduler(self.optimizer, d.steps, params.optim)
         # Chunked full-vocab KL reads the LM-head weight outside forward, which FSDP2 keeps sharded.
-        self.objective = Objective(d, self.plan, chunked_kl=not self.env.distributed)
+        self.objective = Objective(
+            d, self.plan, monitor_cosine=d.monitor_cosine, chunked_kl=not self.env.distributed
+        )
         gen = self.student.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -137,6 +144,8 @@ class Trainer:
             self.ckpt.load_latest(self.student, self.optimizer, self.scheduler) if ck.resume else None
         ) or TrainState()
         start = state.step
+        if start and self.env.is_main:
+            print(f"resumed from the step {start} checkpoint under {ck.dir}", file=sys.stderr)
         if self.env.is_main:
             # A resumed run re-emits the restored steps, so every sink (a fresh JSONL, a new MLflow run) holds
             # each step exactly once.
@@ -152,6 +161,10 @@ class Trainer:
         while state.step < d.steps and (stop_after is None or state.step - start < stop_after):
             metrics = self.train_step(state)
             state.step += 1
+            # Provenance of the row, kept with it through checkpoints: which start this process made and how many
+            # steps it had computed, so a resumed run shows that it began at the checkpoint and recomputed nothing.
+            metrics["run/resumed_from"] = float(start)
+            metrics["run/steps_this_process"] = float(state.step - start)
             if d.eval_every and (state.step % d.eval_every == 0 or state.step == d.steps):
                 metrics.update(self.validate(state))
             state.history.append({"step": state.step, **metrics})
@@ -162,7 +175,10 @@ class Trainer:
             bar.update(1)
         bar.close()
         export = self.export_final(state) if state.step >= d.steps else None
-        return TrainResult(state.step, export, state.best_step, state.best_score, state.history)
+        return TrainResult(
+            state.step, export, state.best_step, state.best_score, state.history,
+            resumed_from=start, steps_computed=state.step - start,
+        )  # fmt: skip
 
     def train_step(self, state: TrainState) -> dict[str, float]:
         d, r, env = self.p.distill, self.p.rollout, self.env
