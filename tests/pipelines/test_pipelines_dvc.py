@@ -170,5 +170,5 @@ def test_killed_distill_stage_resumes_and_matches_a_clean_run(project, tmp_path)
     # the run restarts at step 0) gives the same student, and the resume check rejects it.
     _run(["python", "-m", "pipelines.stage_distill", "--set", "checkpoint.resume=false"], broken_project)
     assert _student_sha(broken_project) == resumed
-    with pytest.raises(AssertionError, match="not restored from the checkpoint"):
+    with pytest.raises(AssertionError, match="not computed by a process that resumed at step"):
         assert_resumed(_distill_rows(broken_project), newest, 10)

@@ -79,7 +79,7 @@ def test_resume_checks_fail_against_a_resume_that_ignores_the_checkpoint(tiny_pa
     assert _losses(broken) == _losses(full)  # what the old test checked: it cannot tell the difference
     assert [h["step"] for h in broken.history] == [1, 2, 3, 4, 5, 6]
     assert (broken.resumed_from, broken.steps_computed) == (0, 6)
-    with pytest.raises(AssertionError, match="not restored from the checkpoint"):
+    with pytest.raises(AssertionError, match="not computed by a process that resumed at step"):
         assert_resumed(broken.history, 2, 6)
 
 
