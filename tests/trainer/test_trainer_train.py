@@ -47,6 +47,14 @@ def test_baselines_train(tiny_pair, tmp_path, method):
     )
     result = _fit(params, tmp_path / "out")
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(_losses(result))))
+    # the configured method's terms, not another method's: each objective reports exactly its own
+    terms = {k for k in result.history[-1] if k.startswith("loss/")}
+    expected = {"opd_sampled": {"opd"}, "opd_topk": {"opd"}, "full_kl": {"kl"}, "combined": {"opd", "rep"}}[
+        method
+    ]
+    assert terms == {"loss/total", *(f"loss/{t}" for t in expected)}
+    # hidden states only where the loss uses them (cosine monitoring is opt-in for output-space methods)
+    assert ("rep/cosine/mean" in result.history[-1]) == (method == "combined")
 
 
 def _interrupt_and_resume(tiny_pair, tmp):
