@@ -3,7 +3,7 @@
 Flow for one model directory (:func:`evaluate_model`):
 
 1. Load ``AutoModelForCausalLM.from_pretrained(dir, use_safetensors=True)`` (fp32, eval mode) and its tokenizer
-   (``trainer.models.load_tokenizer``, i.e. ``AutoTokenizer`` with the trainer's guard for custom tokenizers).
+   (``trainer.models.load_tokenizer``: stock ``AutoTokenizer``, refused if it disagrees with ``tokenizer.json``).
 2. For each suite (:mod:`pipelines.suites`): encode every prompt (:func:`encode_prompt`), then, in chunks of
    ``evaluate.batch_size`` prompts, sample ``evaluate.k`` responses each with the rollout engine
    (:class:`trainer.rollout.HFGenerateEngine`; ``temperature == 0`` is greedy).
@@ -290,8 +290,8 @@ def evaluate_model(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    # The trainer's loader: AutoTokenizer unless transformers swaps in a model-type class that disagrees with the
-    # directory's own tokenizer.json (custom tokenizers saved next to a Qwen2 config).
+    # The trainer's loader: stock AutoTokenizer, checked against the directory's own tokenizer.json (a model-type
+    # tokenizer class can rebuild a custom vocabulary with a different pre-tokenizer).
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
     model.to(_resolve_device(cfg.device)).eval()

@@ -19,6 +19,7 @@ from torch import nn
 
 from trainer.config import Params
 from trainer.hidden import capture_hidden_states
+from trainer.methods import method_spec
 from trainer.models import LayerPlan
 from trainer.rollout import HFGenerateEngine, RolloutBatch
 
@@ -86,7 +87,11 @@ def check_alignment(report: AlignmentReport, params: Params) -> str | None:
     user set ``rollout.allow_unaligned``)."""
     method = params.distill.method
     threshold = params.rollout.min_cosine
-    if method not in ("oprd", "combined") or params.distill.rep.normalize or report.mean_cosine >= threshold:
+    if (
+        not method_spec(method).hidden_states
+        or params.distill.rep.normalize
+        or report.mean_cosine >= threshold
+    ):
         return None
     per_layer = ", ".join(f"L{lay}={c:.2f}" for lay, c in zip(report.layers, report.cosine, strict=True))
     msg = (

@@ -8,7 +8,6 @@ when DVC skipped that stage this time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, Params
+from trainer.export import file_sha256  # dataset digests: content hashes, passed explicitly to MLflow
 from trainer.models import CompatibilityError
 
 __all__ = ["TASK_DIR", "USER_ERRORS", "file_sha256", "prompts_file", "stage_cli", "val_file", "write_json"]
@@ -53,15 +53,6 @@ def write_json(path: str | Path, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (dataset digests are content hashes, passed explicitly to MLflow)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def stage_cli(

@@ -23,6 +23,7 @@ from pipelines.tracking import StageRun, TrackingUnreachable
 from pipelines.tracking_models import log_dataset, log_logged_model, log_model_inputs
 from trainer.config import load_params
 from trainer.data import encode_prompts, load_prompts
+from trainer.methods import method_spec
 from trainer.models import check_compatibility, load_model, load_tokenizer
 from trainer.rollout import HFGenerateEngine
 
@@ -57,7 +58,7 @@ def run(params_path: str, overrides: list[str]) -> dict:
         teacher = load_model(m.teacher, m, role="teacher", trainable=False)
         plan = check_compatibility(
             student, teacher, tok, load_tokenizer(m.teacher.path, m), params.distill.rep,
-            uses_hidden_states=params.distill.method in ("oprd", "combined"),
+            uses_hidden_states=method_spec(params.distill.method).hidden_states,
         )  # fmt: skip
         prompts = load_prompts(prompts_path)[: params.rollout.num_prompts]
         gen = student.generation_config

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
@@ -163,6 +163,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tk.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
+    # Stock ``AutoTokenizer`` ignores this pipeline for a ``qwen2`` config: transformers 5 rebuilds the vocabulary
+    # as ``Qwen2Tokenizer`` (Qwen's regex split + byte-level), which drops the space and splits ``\boxed{``.
+    # Added tokens are matched on the raw text before any pre-tokenizer, so declaring the two symbols it mangles
+    # as (non-special) added tokens makes both pipelines give the same ids; the other symbols are single printable
+    # ASCII characters, which byte-level maps to themselves. Ids and vocabulary are unchanged.
+    tk.add_tokens([AddedToken(t, normalized=False, special=False) for t in (" ", BOXED)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tk,
         bos_token=BOS,

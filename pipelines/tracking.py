@@ -266,7 +266,6 @@ def lineage_tags(
                 "oprd.loss.rep.aggregation": d.rep.aggregation,
                 "oprd.loss.rep.coef": str(d.rep.coef),
                 "oprd.loss.opd.top_k": str(d.opd.top_k),
-                "oprd.loss.opd.mu": str(d.opd.mu),
                 "oprd.loss.opd.weight": d.opd.weight,
             }
         )

@@ -6,17 +6,19 @@ listing is the UTF-8 text of one ``"<relpath>  <sha256>\\n"`` line per file, sor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+# The one implementation of the manifest format (standard library only: importing it does not load torch).
+from trainer.export import MANIFEST_NAME, manifest_digest
+from trainer.export import file_sha256 as sha256_file
+
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 # Pickle-bearing formats run code when loaded; a registered model must not carry them (reliability.md §4).
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_CHUNK = 1 << 20
 
 
 class ArtifactError(ValueError):
@@ -31,8 +33,8 @@ class VerifiedArtifact:
 
 
 def listing_sha256(files: dict[str, str]) -> str:
-    text = "".join(f"{rel}  {files[rel]}\n" for rel in sorted(files))
-    return hashlib.sha256(text.encode()).hexdigest()
+    """The manifest's own ``sha256`` for ``files`` (:func:`trainer.export.manifest_digest`)."""
+    return manifest_digest(files)
 
 
 def resolve_artifact_path(raw: str, roots: list[Path]) -> Path:
@@ -57,14 +59,6 @@ def resolve_artifact_path(raw: str, roots: list[Path]) -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_artifact(path: Path, expected_files: dict[str, str] | None = None) -> VerifiedArtifact:
     """Recompute every hash of the directory ``path`` and compare it with its ``manifest.json``.
 
@@ -72,7 +66,7 @@ def verify_artifact(path: Path, expected_files: dict[str, str] | None = None) ->
     still equal it. Every regular file except ``manifest.json`` must be listed, and nothing listed may be
     missing. Raises ``ArtifactError`` naming the first mismatch.
     """
-    manifest_path = path / "manifest.json"
+    manifest_path = path / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text())
     except FileNotFoundError as exc:

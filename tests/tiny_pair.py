@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from trainer.config import Params, load_params
@@ -25,7 +25,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tk.decoder = decoders.Fuse()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    # Stock AutoTokenizer rebuilds a qwen2 directory's vocabulary with Qwen's byte-level pipeline, which drops a
+    # plain " " token; as an added token it is matched first (see pipelines.task.build_tokenizer).
+    tk.add_tokens([AddedToken(" ", normalized=False, special=False)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
 
 
 def save_model(model: Qwen2ForCausalLM, tok, path: Path) -> Path:
@@ -83,3 +88,23 @@ def tiny_params(pair: dict[str, Path], tmp: Path, **overrides) -> Params:
     }
     base.update(overrides)
     return load_params(None, base)
+
+
+def assert_resumed(rows: list[dict], resumed_at: int, total: int) -> None:
+    """What only a real resume leaves in the per-step rows (``Trainer.fit`` history / ``metrics.jsonl``).
+
+    Steps ``1..total`` each appear once; steps up to ``resumed_at`` were computed by the interrupted process
+    (a fresh start), and every later step by the resumed process, which started at ``resumed_at`` and counted
+    ``step - resumed_at`` train steps of its own. A restart from step 0 reproduces the same losses and weights
+    (the runs are deterministic) but not this.
+    """
+    assert resumed_at > 0, "no checkpoint to resume from: the test did not interrupt the run"
+    assert [r["step"] for r in rows] == list(range(1, total + 1)), "each step logged exactly once"
+    for r in rows:
+        if r["step"] <= resumed_at:
+            assert r["run/resumed_from"] == 0, f"step {r['step']} was not restored from the checkpoint: {r}"
+        else:
+            assert (r["run/resumed_from"], r["run/steps_this_process"]) == (
+                resumed_at,
+                r["step"] - resumed_at,
+            ), f"step {r['step']} was not computed by a process that resumed at step {resumed_at}: {r}"

@@ -30,6 +30,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainer.methods import Method, method_spec
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -53,7 +55,6 @@ __all__ = [
 
 LayerMode = Literal["last", "all", "even", "odd"]
 PositionMode = Literal["last", "all", "last_k", "first_k"]
-Method = Literal["oprd", "opd_sampled", "opd_topk", "full_kl", "combined"]
 PosInt = Annotated[int, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
 
@@ -167,6 +168,8 @@ class RepConfig(_Section):
     """False: raw MSE/d (paper Eq. 6, reference ``main``). True: L2-normalized vectors (``OPRD-Bridge`` HEAD)."""
     aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     coef: NonNegFloat = 1.0
+    """μ, the weight of the representation term (reference ``REP_DISTILLATION_COEF``): ``oprd`` minimizes
+    ``coef · L_rep``, ``combined`` minimizes ``L_OPD + coef · L_rep`` (paper Eq. 7, oprd-method.md §2)."""
 
 
 class OPDConfig(_Section):
@@ -177,8 +180,16 @@ class OPDConfig(_Section):
     teacher_temperature: Annotated[float, Field(gt=0.0)] = 1.0
     kl_chunk_size: PosInt = 256
     """Tokens per chunk for the chunked full-vocabulary reverse KL."""
-    mu: NonNegFloat = 1.0
-    """Weight of the representation term in ``combined`` (``opd_sampled + mu * rep``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merged_mu(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mu" in data:
+            raise ValueError(
+                "distill.opd.mu was merged into distill.rep.coef (μ of the combined loss L_OPD + μ·L_rep, as the "
+                "reference's REP_DISTILLATION_COEF); set distill.rep.coef instead"
+            )
+        return data
 
 
 class DistillConfig(_Section):
@@ -189,7 +200,6 @@ class DistillConfig(_Section):
     seed: int = 0
     rep: RepConfig = RepConfig()
     opd: OPDConfig = OPDConfig()
-    log_every: PosInt = 1
     eval_every: int = Field(default=25, ge=0)
     """Greedy validation accuracy every N steps (0 = off); used to choose the exported checkpoint."""
     select_best: bool = True
@@ -202,6 +212,9 @@ class DistillConfig(_Section):
     than the budget is a micro-batch of its own. Gradients accumulate; losses and metrics stay normalized by the
     step's global counts, so the result does not depend on the split (``trainer/microbatch.py``). The teacher and
     old-log-prob passes run per micro-batch too."""
+    monitor_cosine: bool = False
+    """Also capture the selected hidden states in methods whose loss does not use them, to log student/teacher
+    cosines (costs memory and time; methods with a representation term always report them for free)."""
 
 
 class OptimConfig(_Section):
@@ -318,7 +331,7 @@ class Params(_Section):
         rep = self.distill.rep
         if isinstance(rep.layers, list) and len(set(rep.layers)) != len(rep.layers):
             raise ValueError(f"distill.rep.layers has duplicates: {rep.layers}; list each HF index once")
-        if self.distill.method in ("opd_topk",) and self.distill.opd.top_k < 2:
+        if method_spec(self.distill.method).top_k and self.distill.opd.top_k < 2:
             raise ValueError(
                 "distill.opd.top_k must be >= 2 for opd_topk (use opd_sampled for a single token)"
             )

@@ -8,7 +8,9 @@
 ``manifest.json`` itself. The manifest lines are ``f"{relpath}  {hash}\\n"`` (two spaces, as ``sha256sum``
 prints them) sorted by ``relpath`` and concatenated; their sha256 is the directory's single identity.
 
-Pure standard library on purpose: the registry service checks hashes without importing torch.
+Pure standard library on purpose: this is the one implementation of the format, shared by the trainer's export,
+the pipeline stages (``pipelines.stage_io.file_sha256``) and the registry service (``server.artifacts``), which
+imports it without pulling in torch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import hashlib
 import json
 from pathlib import Path
 
-__all__ = ["MANIFEST_NAME", "ManifestError", "hash_directory", "verify_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "ManifestError",
+    "file_sha256",
+    "hash_directory",
+    "manifest_digest",
+    "verify_manifest",
+    "write_manifest",
+]
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20  # bytes read at a time, so multi-GB safetensors never sit in memory whole
@@ -27,15 +37,17 @@ class ManifestError(ValueError):
     """A directory does not match its manifest (or has none); the message lists every difference."""
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _digest(files: dict[str, str]) -> str:
+def manifest_digest(files: dict[str, str]) -> str:
+    """The directory identity: sha256 of the sorted ``"<relpath>  <sha256>\\n"`` lines of ``files``."""
     lines = "".join(f"{rel}  {files[rel]}\n" for rel in sorted(files))
     return hashlib.sha256(lines.encode()).hexdigest()
 
@@ -50,7 +62,7 @@ def hash_directory(directory: str | Path) -> dict[str, str]:
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a directory")
     return {
-        p.relative_to(root).as_posix(): _file_sha256(p)
+        p.relative_to(root).as_posix(): file_sha256(p)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME
     }
@@ -63,7 +75,7 @@ def write_manifest(directory: str | Path) -> dict[str, object]:
         The manifest dict that was written.
     """
     files = hash_directory(directory)
-    manifest: dict[str, object] = {"files": files, "sha256": _digest(files)}
+    manifest: dict[str, object] = {"files": files, "sha256": manifest_digest(files)}
     (Path(directory) / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -94,7 +106,7 @@ def verify_manifest(directory: str | Path) -> str:
     ]
     problems += [f"missing: {rel}" for rel in sorted(set(recorded) - set(actual))]
     problems += [f"unexpected: {rel}" for rel in sorted(set(actual) - set(recorded))]
-    if not problems and _digest(recorded) != recorded_digest:
+    if not problems and manifest_digest(recorded) != recorded_digest:
         problems.append("the manifest's own sha256 does not match its file list")
     if problems:
         raise ManifestError(f"{directory}: does not match {MANIFEST_NAME}: " + "; ".join(problems))

@@ -7,24 +7,26 @@ is fetched from a hub: a path that does not exist is an error that says so.
 
 from __future__ import annotations
 
-import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.config import ModelsConfig, ModelSource, RepConfig
 from trainer.hidden import layer_indices, num_decoder_layers, teacher_layer_indices
 
-__all__ = ["CompatibilityError", "LayerPlan", "check_compatibility", "load_model", "load_tokenizer"]
+__all__ = [
+    "CompatibilityError",
+    "LayerPlan",
+    "check_compatibility",
+    "copy_tokenizer_files",
+    "load_model",
+    "load_tokenizer",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -66,26 +68,82 @@ def load_model(source: ModelSource, cfg: ModelsConfig, *, role: str, trainable: 
     return model
 
 
-GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+_PROBE_IDS = 512
+"""How many vocabulary ids (spread over the whole vocabulary) the tokenizer fidelity probe decodes and re-encodes."""
 
 
 def load_tokenizer(path: str | Path, cfg: ModelsConfig | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model directory, honouring the class its ``tokenizer_config.json`` declares.
+    """The tokenizer of a model directory, loaded with stock ``AutoTokenizer``, and checked against its files.
 
-    transformers 5's ``AutoTokenizer`` picks the class from ``config.json``'s ``model_type`` even when the
-    directory declares the generic fast tokenizer: a custom ``tokenizer.json`` saved next to a Qwen2 config then
-    loads as ``Qwen2Tokenizer``, which re-splits text with Qwen's pre-tokenizer (different ids) and appends
-    ``<|endoftext|>``. When the declared class is generic, the ``tokenizer.json`` is loaded as is.
+    transformers 5 picks the tokenizer class from ``config.json``'s ``model_type`` for some families (``qwen2``
+    among them) and rebuilds the vocabulary with that family's pre-tokenizer, whatever ``tokenizer.json`` says.
+    For a custom ``tokenizer.json`` that silently changes the ids (the embedded task's tokenizer avoids it, see
+    ``pipelines.task.build_tokenizer``). So when a ``tokenizer.json`` is present, a probe text (ids spread over
+    the vocabulary, decoded by the file's own pipeline) must encode to the same ids through ``AutoTokenizer``
+    as through the file; otherwise this raises instead of training or evaluating on different ids.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory.
+        CompatibilityError: stock loading disagrees with the directory's ``tokenizer.json``.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path} (set models.tokenizer)")
     trust = cfg.trust_remote_code if cfg is not None else False
-    config_file = path / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
-    if declared in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    if (path / "tokenizer.json").is_file():
+        _check_tokenizer_fidelity(tok, path)
+    return tok
+
+
+def _check_tokenizer_fidelity(tok: PreTrainedTokenizerBase, path: Path) -> None:
+    raw = Tokenizer.from_file(str(path / "tokenizer.json"))
+    size = raw.get_vocab_size(with_added_tokens=True)
+    special = {t.content for t in raw.get_added_tokens_decoder().values() if t.special}
+    ids = [i for i in range(0, size, max(1, size // _PROBE_IDS)) if raw.id_to_token(i) not in special]
+    probe = raw.decode(ids)
+    expected = raw.encode(probe, add_special_tokens=False).ids
+    got = tok(probe, add_special_tokens=False)["input_ids"]
+    if got != expected:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+            min(len(got), len(expected)),
+        )
+        got, expected = got[at : at + 8], expected[at : at + 8]
+        raise CompatibilityError(
+            f"{path}: AutoTokenizer loads this directory as {type(tok).__name__}, which tokenizes differently "
+            f"from its tokenizer.json (from id position {at}: {got} instead of {expected}). Re-save the "
+            "tokenizer so stock loading is exact (for a custom vocabulary on a model type with its own tokenizer "
+            "class: declare the symbols that class would split as added tokens)."
+        )
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+"""The files a Hugging Face tokenizer directory may consist of (transformers 4 and 5 layouts)."""
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files of ``src`` byte for byte into ``dst``; returns the names copied.
+
+    An exported student carries exactly its base's tokenizer (what :func:`load_tokenizer` checked), rather than
+    a re-serialization through whatever class ``AutoTokenizer`` picked, which can rewrite the pipeline.
+    """
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from trainer.losses import (
     representation_loss,
     token_logprobs,
 )
+from trainer.methods import method_spec
 from trainer.models import LayerPlan
 from trainer.rollout import RolloutBatch
 
@@ -90,16 +91,18 @@ class Objective:
     """Binds a :class:`DistillConfig` and a :class:`LayerPlan` to the no-grad and grad passes of one step."""
 
     def __init__(
-        self, cfg: DistillConfig, plan: LayerPlan, *, monitor_cosine: bool = True, chunked_kl: bool = True
+        self, cfg: DistillConfig, plan: LayerPlan, *, monitor_cosine: bool = False, chunked_kl: bool = True
     ):
         self.cfg = cfg
         self.plan = plan
         self.method = cfg.method
-        self.uses_states = self.method in ("oprd", "combined")
+        self.spec = method_spec(cfg.method)
+        self.uses_states = self.spec.hidden_states
         self.monitor_cosine = monitor_cosine
-        # Capturing states for cosine monitoring in OPD runs costs memory; the benchmark turns it off. The full-KL
-        # path captures final states only and never monitors.
-        self.capture_states = self.uses_states or (monitor_cosine and self.method != "full_kl")
+        # Capturing all selected states only to log cosines costs memory and time in output-space runs, so it is
+        # opt-in there (``distill.monitor_cosine``); methods with a representation term have them anyway. The
+        # full-KL path captures final states only and never monitors.
+        self.capture_states = self.uses_states or (monitor_cosine and not self.spec.full_vocab)
         self.chunked_kl = chunked_kl
 
     # ----------------------------------------------------------------------------------------- no grad
@@ -109,16 +112,16 @@ class Objective:
         args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
         resp_ids = batch.input_ids[:, -batch.response_mask.shape[1] :]
         out = Targets()
-        if self.method in ("opd_sampled", "combined", "opd_topk"):
+        if self.spec.old_logprobs:
             # The reference's compute_log_prob pass; equal to the update's detached values on-policy.
             s = capture_hidden_states(student, *args, [num_decoder_layers(student)], "last", with_logits=True)
-            if self.method == "opd_topk":
+            if self.spec.top_k:
                 out.topk_ids = s.logits.topk(opd.top_k, dim=-1).indices
                 out.old_logprobs = token_logprobs(s.logits, out.topk_ids)
             else:
                 out.old_logprobs = token_logprobs(s.logits, resp_ids)
             del s
-        if self.method == "full_kl":
+        if self.spec.full_vocab:
             if self.chunked_kl:
                 t = capture_hidden_states(teacher, *args, [num_decoder_layers(teacher)], "all", shift=1)
                 out.final_states = _compute_dtype(t.states[:, 0])
@@ -131,13 +134,13 @@ class Objective:
             return out
         layers = self.plan.teacher if self.capture_states else [num_decoder_layers(teacher)]
         positions = rep.positions if self.capture_states else "last"
-        want_logits = self.method != "oprd"
+        want_logits = self.spec.teacher_logits
         t = capture_hidden_states(teacher, *args, layers, positions, rep.k, with_logits=want_logits)
         if self.capture_states:
             out.states, out.state_mask = _compute_dtype(t.states), t.mask
-        if self.method in ("opd_sampled", "combined"):
+        if self.spec.sampled_token:
             out.token_logprobs = token_logprobs(t.logits, resp_ids, opd.teacher_temperature)
-        elif self.method == "opd_topk":
+        elif self.spec.top_k:
             out.topk_logprobs = token_logprobs(t.logits, out.topk_ids, opd.teacher_temperature)
         return out
 
@@ -171,9 +174,9 @@ class Objective:
         resp_ids = batch.input_ids[:, -batch.response_mask.shape[1] :]
         mask = batch.response_mask
         metrics: dict[str, float] = {}
-        if self.method == "full_kl":
+        if self.spec.full_vocab:
             return self._full_kl(student, args, targets, mask, den)
-        want_logits = self.method != "oprd"
+        want_logits = self.spec.teacher_logits  # the student's logits meet the teacher's output-space targets
         layers = self.plan.student if self.capture_states else [num_decoder_layers(student)]
         positions = rep.positions if self.capture_states else "last"
         s = capture_hidden_states(student, *args, layers, positions, rep.k, with_logits=want_logits)
@@ -182,7 +185,7 @@ class Objective:
             rep_loss = representation_loss(
                 s.states, targets.states, targets.state_mask,
                 normalize=rep.normalize, aggregation=rep.aggregation,
-                coef=rep.coef if self.method == "oprd" else 1.0,
+                coef=1.0 if self.spec.teacher_logits else rep.coef,
                 denominator=den.sequences if rep.aggregation == "seq-mean-token-mean" else den.selected,
             )  # fmt: skip
             metrics["loss/rep"] = rep_loss.item()
@@ -191,12 +194,12 @@ class Objective:
             cos = representation_cosine(s.states, targets.states, s.mask, denominator=den.selected)
             for idx, c in zip(self.plan.student, cos, strict=True):
                 metrics[f"rep/cosine/layer_{idx}"] = c.item()
-        if self.method in ("opd_sampled", "combined"):
+        if self.spec.sampled_token:
             lp = token_logprobs(s.logits, resp_ids)
             opd_loss = opd_sampled_token_loss(
                 lp, targets.token_logprobs, mask, old_logprobs=targets.old_logprobs, denominator=den.response
             )
-        elif self.method == "opd_topk":
+        elif self.spec.top_k:
             lp = token_logprobs(s.logits, targets.topk_ids)
             opd_loss = opd_topk_loss(
                 lp, targets.topk_logprobs, mask, old_logprobs=targets.old_logprobs,
@@ -204,10 +207,10 @@ class Objective:
             )  # fmt: skip
         if opd_loss is not None:
             metrics["loss/opd"] = opd_loss.item()
-        if self.method == "combined":
-            loss = combined_loss(opd_loss, rep_loss, opd.mu)
+        if rep_loss is not None and opd_loss is not None:  # combined: μ = rep.coef enters here (Eq. 7)
+            loss = combined_loss(opd_loss, rep_loss, rep.coef)
         else:
-            loss = rep_loss if self.method == "oprd" else opd_loss
+            loss = rep_loss if rep_loss is not None else opd_loss
         metrics["loss/total"] = loss.item()
         return loss, metrics
 

@@ -54,9 +54,10 @@ from trainer.distributed import (
 )
 from trainer.export import write_manifest
 from trainer.memory import PeakMemory
+from trainer.methods import method_spec
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
 from trainer.microbatch import accumulate_update, micro_batches
-from trainer.models import check_compatibility, load_model, load_tokenizer
+from trainer.models import check_compatibility, copy_tokenizer_files, load_model, load_tokenizer
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rollout import HFGenerateEngine
@@ -78,6 +79,10 @@ class TrainResult:
     best_step: int
     best_score: float
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    """The step this process started at: the restored checkpoint's step, 0 for a fresh start."""
+    steps_computed: int = 0
+    """How many steps (``train_step`` calls) this process executed; restored steps are not recomputed."""
 
 
 class Trainer:
@@ -106,13 +111,14 @@ class Trainer:
         # Rollout sampling draws from the global RNG; each rank gets its own stream, restored on resume.
         _seed_everything(d.seed * 1000 + self.env.rank)
         m = params.models
-        self.tokenizer = load_tokenizer(m.tokenizer or m.student.path, m)
+        self.tokenizer_dir = Path(m.tokenizer or m.student.path)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir, m)
         teacher_tok = load_tokenizer(m.teacher.path, m) if _has_tokenizer(m.teacher.path) else self.tokenizer
         self.student = load_model(m.student, m, role="student", trainable=True).to(self.env.device)
         self.teacher = load_model(m.teacher, m, role="teacher", trainable=False).to(self.env.device)
         self.plan = check_compatibility(
             self.student, self.teacher, self.tokenizer, teacher_tok, d.rep,
-            uses_hidden_states=d.method in ("oprd", "combined"),
+            uses_hidden_states=method_spec(d.method).hidden_states,
         )  # fmt: skip
         if prompts is None:
             if not params.task.prompts_file:
@@ -130,7 +136,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.student, params.optim)
         self.scheduler = build_scheduler(self.optimizer, d.steps, params.optim)
         # Chunked full-vocab KL reads the LM-head weight outside forward, which FSDP2 keeps sharded.
-        self.objective = Objective(d, self.plan, chunked_kl=not self.env.distributed)
+        self.objective = Objective(
+            d, self.plan, monitor_cosine=d.monitor_cosine, chunked_kl=not self.env.distributed
+        )
         gen = self.student.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -151,6 +159,8 @@ class Trainer:
             self.ckpt.load_latest(self.student, self.optimizer, self.scheduler) if ck.resume else None
         ) or TrainState()
         start = state.step
+        if start and self.env.is_main:
+            print(f"resumed from the step {start} checkpoint under {ck.dir}", file=sys.stderr)
         if self.env.is_main:
             # A resumed run re-emits the restored steps, so every sink (a fresh JSONL, a new MLflow run) holds
             # each step exactly once.
@@ -166,6 +176,10 @@ class Trainer:
         while state.step < d.steps and (stop_after is None or state.step - start < stop_after):
             metrics = self.train_step(state)
             state.step += 1
+            # Provenance of the row, kept with it through checkpoints: which start this process made and how many
+            # steps it had computed, so a resumed run shows that it began at the checkpoint and recomputed nothing.
+            metrics["run/resumed_from"] = float(start)
+            metrics["run/steps_this_process"] = float(state.step - start)
             if d.eval_every and (state.step % d.eval_every == 0 or state.step == d.steps):
                 metrics.update(self.validate(state))
             state.history.append({"step": state.step, **metrics})
@@ -176,7 +190,10 @@ class Trainer:
             bar.update(1)
         bar.close()
         export = self.export_final(state) if state.step >= d.steps else None
-        return TrainResult(state.step, export, state.best_step, state.best_score, state.history)
+        return TrainResult(
+            state.step, export, state.best_step, state.best_score, state.history,
+            resumed_from=start, steps_computed=state.step - start,
+        )  # fmt: skip
 
     def train_step(self, state: TrainState) -> dict[str, float]:
         d, r, env = self.p.distill, self.p.rollout, self.env
@@ -292,7 +309,8 @@ class Trainer:
             plain.load_state_dict(sd, strict=True)
             plain.generation_config = self.student.generation_config
             plain.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
+            if not copy_tokenizer_files(self.tokenizer_dir, tmp):
+                self.tokenizer.save_pretrained(tmp)
             (tmp / "oprd_export.json").write_text(
                 json.dumps({"method": self.p.distill.method, **(extra or {})}, indent=2)
             )

@@ -72,6 +72,9 @@ def test_bootstrap_models_load_as_hf_dirs_and_manifests_verify(tiny_runs: tuple[
         assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tok) == 20
         assert model.generation_config.eos_token_id == tok.eos_token_id == 2
         assert model.generation_config.pad_token_id == tok.pad_token_id == 0
+        text = "55+84=139 139-37=102 \\boxed{102}"  # stock loading keeps spaces and \boxed{ (one token)
+        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+        assert tok.convert_ids_to_tokens(tok(text)["input_ids"])[-6:] == [" ", "\\boxed{", "1", "0", "2", "}"]
         assert (d / "model.safetensors").is_file()
         weights[name] = model.state_dict()["model.embed_tokens.weight"]
     assert not torch.equal(weights["teacher"], weights["student-base"])

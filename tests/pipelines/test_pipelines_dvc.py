@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_pair import assert_resumed
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
@@ -72,9 +73,19 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     for stage in ("bootstrap", "rollout", "distill", "evaluate", "gate"):
         assert f"Running stage '{stage}'" in first.stdout
     gate = json.loads((project / "metrics/gate.json").read_text())
-    assert gate["decision"]["verdict"] in {"PROMOTE", "REJECT", "INCONCLUSIVE"}
     eval_tree = json.loads((project / "metrics/eval.json").read_text())
     assert set(eval_tree["embedded"]) == {"teacher", "student_base", "student"}
+    # The gate judged *this* student on *this* evaluation, and its verdict follows from its criteria table.
+    crit = {c["criterion"]: c for c in gate["decision"]["criteria"]}
+    student, teacher = eval_tree["embedded"]["student"], eval_tree["embedded"]["teacher"]
+    assert crit["min_problems"]["observed"] == student["n_problems"] == TINY["task"]["num_eval"]
+    assert crit["floor"]["observed"] == pytest.approx(student["avg_at_k"])
+    assert crit["teacher_gap"]["observed"] == pytest.approx(teacher["avg_at_k"] - student["avg_at_k"])
+    assert crit["non_inferiority"]["status"] == "NOT_APPLICABLE"  # the first version: no champion yet
+    statuses = {c["status"] for c in crit.values()}
+    expected = "REJECT" if "FAIL" in statuses else "INCONCLUSIVE" if "INCONCLUSIVE" in statuses else "PROMOTE"
+    assert gate["decision"]["verdict"] == expected
+    assert gate["version"]["manifest_sha256"] == _student_sha(project)
     assert json.loads((project / "metrics/distill.json").read_text())["steps"] == 4
     second = _run(["dvc", "repro"], project)
     assert "Running stage 'gate'" in second.stdout  # always_changed
@@ -114,9 +125,15 @@ def _lock_entry(project: Path, stage: str) -> dict:
     return yaml.safe_load((project / "dvc.lock").read_text())["stages"].get(stage, {})
 
 
+def _distill_rows(project: Path) -> list[dict]:
+    return [json.loads(r) for r in (project / "artifacts/distill/metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_killed_distill_stage_resumes_and_matches_a_clean_run(project):
+def test_killed_distill_stage_resumes_and_matches_a_clean_run(project, tmp_path):
     import psutil
+
+    from trainer.checkpoint import complete_checkpoints
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["distill"].update({"steps": 10, "eval_every": 5})
@@ -135,12 +152,23 @@ def test_killed_distill_stage_resumes_and_matches_a_clean_run(project):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
-    assert list(ckpts.glob("*/step_*/COMPLETE")), "no checkpoint before the kill"
+    (run_dir,) = [d for d in ckpts.iterdir() if d.is_dir()]  # one run: checkpoint.dir/<config digest>
+    newest = max((s for s, _ in complete_checkpoints(run_dir)), default=0)
+    assert newest >= 4, "no checkpoint before the kill"
     assert _lock_entry(project, "distill") == lock_before, "a killed stage must not update dvc.lock"
+    broken_project = tmp_path / "broken"  # the same killed state, for the test of the test below
+    shutil.copytree(project, broken_project, symlinks=True)
     _run(["dvc", "repro", "-s", "distill"], project)  # resumes from the newest complete checkpoint
     resumed = _student_sha(project)
-    resumed_rows = (project / "artifacts/distill/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in resumed_rows] == list(range(1, 11))
+    assert_resumed(_distill_rows(project), newest, 10)  # began at the checkpoint, recomputed no earlier step
     assert not ckpts.exists() or not any(ckpts.iterdir()), "checkpoints of a finished run are removed"
     _run(["dvc", "repro", "-f", "-s", "distill"], project)  # clean, uninterrupted
     assert _student_sha(project) == resumed
+    assert [r["run/resumed_from"] for r in _distill_rows(project)] == [0] * 10
+
+    # Test of the test: the stage re-run on the killed state with its checkpoints ignored (checkpoint.resume=false,
+    # the run restarts at step 0) gives the same student, and the resume check rejects it.
+    _run(["python", "-m", "pipelines.stage_distill", "--set", "checkpoint.resume=false"], broken_project)
+    assert _student_sha(broken_project) == resumed
+    with pytest.raises(AssertionError, match="not computed by a process that resumed at step"):
+        assert_resumed(_distill_rows(broken_project), newest, 10)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Qwen2Config
 
 from pipelines.task import (
     BOXED,
@@ -74,10 +74,13 @@ def test_make_splits_rejects_nonpositive_sizes() -> None:
 def test_tokenizer_roundtrips_save_and_autotokenizer_offline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After save_pretrained, AutoTokenizer reloads (offline) the same vocab, specials and ids."""
+    """After save_pretrained next to a Qwen2 config (as in every model directory), AutoTokenizer reloads (offline)
+    the same vocab, specials and ids, and decodes to the same text. Without the config transformers would keep the
+    saved pipeline and hide that a ``qwen2`` directory is rebuilt as ``Qwen2Tokenizer``."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert len(reloaded) == len(tok) == 20
     assert reloaded.get_vocab() == tok.get_vocab()

@@ -167,7 +167,7 @@ def test_stage_run_logs_params_tags_cost_and_upstream(store: str, project: Path,
     assert t["oprd.teacher.path"] == str(project / "artifacts/models/teacher")
     assert "oprd.student_base.sha256" in t
     assert t["oprd.method"] == "combined" and t["oprd.loss.rep.layers"] == "[2, 4]"
-    assert t["oprd.loss.opd.mu"] == "1.0" and t["oprd.loss.rep.normalize"] == "false"
+    assert t["oprd.loss.rep.coef"] == "1.0" and t["oprd.loss.rep.normalize"] == "false"
     assert t["oprd.upstream.rollout"] == "a" * 32
     assert t["oprd.dataset.prompts.sha256"] == "cd" * 32
     assert t["oprd.git.commit"] == "unknown"  # tmp project is no git repo

@@ -26,11 +26,19 @@ _app = create_app(
     )
 )
 with TestClient(_app) as _c:  # a model with a policy, two versions and a champion, so paths can resolve
-    _c.put("/v1/models/student/policy", json={"spec": POLICY, "reason": "setup"}, headers=auth(ADMIN))
+    _r = _c.put("/v1/models/student/policy", json={"spec": POLICY, "reason": "setup"}, headers=auth(ADMIN))
+    assert _r.status_code in (200, 201), f"setup: policy not stored: {_r.status_code} {_r.text}"
     for _v in (1, 2):
-        _c.post(
+        _r = _c.post(
             "/v1/gate", json=evidence("student", write_artifact(_tmp, f"v{_v}"), 0.5), headers=auth(ADMIN)
         )
+        assert _r.status_code in (200, 201), f"setup: version {_v} not gated: {_r.status_code} {_r.text}"
+        assert _r.json()["version"]["version"] == _v and _r.json()["decision"]["verdict"] == "PROMOTE", (
+            _r.text
+        )
+    # the state the generated requests are meant to reach: two versions, the second one champion
+    _r = _c.get("/v1/models/student/status", headers=auth(ADMIN))
+    assert _r.status_code == 200 and _r.json()["champion"]["version"] == 2, f"setup: no champion: {_r.text}"
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app)
 

@@ -25,6 +25,8 @@ def test_repo_params_yaml_is_valid_and_complete():
         ("evaluate.suites=[{nme: x}]", "allowed keys here: limit, name, path"),
         ("distill.rep.layers=[2, 2]", "duplicates"),
         ("nonsense", "expected KEY=VALUE"),
+        ("distill.opd.mu=2", "distill.opd.mu was merged into distill.rep.coef"),
+        ("distill.log_every=5", "distill.log_every: unknown key"),  # was never read; removed
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, message):

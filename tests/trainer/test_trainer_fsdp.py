@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny_pair import assert_resumed
 
 from trainer.checkpoint import complete_checkpoints
 
@@ -86,17 +88,13 @@ def test_two_process_fsdp2_matches_single_process(tiny_pair, tmp_path):
     assert (tmp_path / "two" / "out" / "student" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_kill_9_mid_run_resumes_from_newest_complete_checkpoint(tiny_pair, tmp_path):
-    args = _args(tiny_pair, tmp_path, steps=40, every=1)
+def _kill_mid_run(args: list[str], ckpt: Path) -> int:
+    """Start a 2-process run, SIGKILL it (launcher and ranks) once step 3 is checkpointed; the newest step."""
     proc = subprocess.Popen([*_torchrun(2), *args], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
     # keep_last=2 retains at most two checkpoints, so wait for the *newest step*, not for a count
-    while (
-        time.time() < deadline
-        and max((st for st, _ in complete_checkpoints(tmp_path / "ckpt")), default=0) < 3
-    ):
+    while time.time() < deadline and max((st for st, _ in complete_checkpoints(ckpt)), default=0) < 3:
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before the kill; nothing was interrupted"
     # SIGKILL the launcher and both ranks at once, wherever they are (mid-step or mid-save). The ranks may
@@ -107,12 +105,36 @@ def test_kill_9_mid_run_resumes_from_newest_complete_checkpoint(tiny_pair, tmp_p
             os.kill(pid, signal.SIGKILL)
     proc.wait()
     psutil.wait_procs([p for p in map(_proc, victims) if p is not None], timeout=30)
-    done = complete_checkpoints(tmp_path / "ckpt")
+    done = complete_checkpoints(ckpt)
     assert done, "no checkpoint was completed before the kill"
-    newest = done[-1][0]
+    return done[-1][0]
+
+
+def _rows(tmp: Path) -> list[dict]:
+    return [json.loads(r) for r in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_resumes_from_newest_complete_checkpoint(tiny_pair, tmp_path):
+    args = _args(tiny_pair, tmp_path, steps=40, every=1)
+    newest = _kill_mid_run(args, tmp_path / "ckpt")
+    # the broken twin (test of the test below) starts from the very same killed state
+    shutil.copytree(tmp_path, tmp_path.with_name(tmp_path.name + "-broken"))
     resumed = subprocess.run([*_torchrun(2), *args], env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = [json.loads(r) for r in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows]
-    assert steps == list(range(1, 41)), "each step logged exactly once after the resume"
-    assert newest >= 1 and not list((tmp_path / "ckpt").glob("*.tmp"))
+    assert f"resumed from the step {newest} checkpoint" in resumed.stderr
+    assert_resumed(_rows(tmp_path), newest, 40)  # began at the checkpoint, recomputed no earlier step
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+
+    # Test of the test: the same killed state, resumed by a run that ignores its checkpoints
+    # (checkpoint.resume=false restarts at step 0; deterministic, so losses and weights come out the same).
+    broken_tmp = tmp_path.with_name(tmp_path.name + "-broken")
+    broken_args = _args(tiny_pair, broken_tmp, steps=40, every=1, extra=["--set", "checkpoint.resume=false"])
+    broken = subprocess.run(
+        [*_torchrun(2), *broken_args], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert broken.returncode == 0, broken.stderr[-3000:]
+    assert [r["step"] for r in _rows(broken_tmp)] == list(range(1, 41))  # what the old test checked
+    assert _losses(broken_tmp) == pytest.approx(_losses(tmp_path), **TOLERANCE)
+    with pytest.raises(AssertionError, match="not computed by a process that resumed at step"):
+        assert_resumed(_rows(broken_tmp), newest, 40)

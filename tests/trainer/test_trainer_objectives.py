@@ -32,10 +32,10 @@ def setup():
     return student, teacher, batch, plan
 
 
-def _run(setup, method, **kw):
+def _run(setup, method, coef=1.0, **kw):
     student, teacher, batch, plan = setup
     cfg = DistillConfig(
-        method=method, rep=RepConfig(positions="all"), opd=OPDConfig(top_k=4, kl_chunk_size=3)
+        method=method, rep=RepConfig(positions="all", coef=coef), opd=OPDConfig(top_k=4, kl_chunk_size=3)
     )
     obj = Objective(cfg, plan, **kw)
     targets = obj.prepare(student, teacher, batch)
@@ -59,9 +59,33 @@ def test_oprd_reports_per_layer_cosine(setup):
     assert all(-1.0 <= metrics[f"rep/cosine/layer_{i}"] <= 1.0 for i in (1, 2))
 
 
-def test_combined_is_sum_of_terms(setup):
-    loss, metrics, _ = _run(setup, "combined")
-    assert loss.item() == pytest.approx(metrics["loss/opd"] + 1.0 * metrics["loss/rep"], rel=1e-5)
+def test_cosine_monitoring_is_opt_in_for_output_space_methods(setup):
+    _, plain, _ = _run(setup, "opd_sampled")
+    _, monitored, _ = _run(setup, "opd_sampled", monitor_cosine=True)
+    assert not any(k.startswith("rep/") for k in plain)  # no hidden states captured by default
+    assert {"rep/cosine/layer_1", "rep/cosine/layer_2"} <= monitored.keys()
+    assert plain["loss/total"] == pytest.approx(
+        monitored["loss/total"], rel=1e-6
+    )  # monitoring changes nothing
+
+
+@pytest.mark.parametrize("mu", [0.0, 2.5])
+def test_combined_is_opd_plus_mu_times_rep_from_independent_objectives(setup, mu):
+    """Eq. 7 with μ = distill.rep.coef, against the two terms computed by the plain ``opd_sampled`` and ``oprd``
+    objectives on the same batch (loss and gradient: both are linear in the terms)."""
+    l_opd, _, g_opd = _run(setup, "opd_sampled")
+    l_rep, _, g_rep = _run(setup, "oprd", coef=1.0)
+    l_comb, m_comb, g_comb = _run(setup, "combined", coef=mu)
+    assert l_comb.item() == pytest.approx(l_opd.item() + mu * l_rep.item(), rel=1e-5)
+    torch.testing.assert_close(g_comb, g_opd + mu * g_rep, rtol=1e-4, atol=1e-7)
+    assert m_comb["loss/rep"] == pytest.approx(l_rep.item(), rel=1e-5)  # the unweighted term is reported
+
+
+def test_rep_coef_scales_the_oprd_loss(setup):
+    l1, _, g1 = _run(setup, "oprd", coef=1.0)
+    l3, _, g3 = _run(setup, "oprd", coef=3.0)
+    assert l3.item() == pytest.approx(3.0 * l1.item(), rel=1e-6)
+    torch.testing.assert_close(g3, 3.0 * g1)
 
 
 def test_chunked_and_plain_full_kl_agree(setup):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_pair import tiny_params
+from tiny_pair import assert_resumed, tiny_params
 
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint import Checkpointer, complete_checkpoints
 from trainer.export import verify_manifest
 from trainer.train import NonFiniteLossError, Trainer
 
@@ -47,23 +47,48 @@ def test_baselines_train(tiny_pair, tmp_path, method):
     )
     result = _fit(params, tmp_path / "out")
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(_losses(result))))
+    # the configured method's terms, not another method's: each objective reports exactly its own
+    terms = {k for k in result.history[-1] if k.startswith("loss/")}
+    expected = {"opd_sampled": {"opd"}, "opd_topk": {"opd"}, "full_kl": {"kl"}, "combined": {"opd", "rep"}}[
+        method
+    ]
+    assert terms == {"loss/total", *(f"loss/{t}" for t in expected)}
+    # hidden states only where the loss uses them (cosine monitoring is opt-in for output-space methods)
+    assert ("rep/cosine/mean" in result.history[-1]) == (method == "combined")
+
+
+def _interrupt_and_resume(tiny_pair, tmp):
+    params = tiny_params(tiny_pair, tmp)
+    first = _fit(params, tmp / "out", stop_after=3)  # "crashes" after step 3; last checkpoint is 2
+    assert first.steps == 3 and [s for s, _ in complete_checkpoints(tmp / "ckpt")] == [2]
+    return _fit(params, tmp / "out")
 
 
 def test_resume_reproduces_uninterrupted_run_bitwise(tiny_pair, tmp_path):
     full = _fit(tiny_params(tiny_pair, tmp_path / "a"), tmp_path / "a" / "out")
     # every=2, keep_last=2: steps 2, 4, 6 were saved and only the newest two are kept
     assert [s for s, _ in complete_checkpoints(tmp_path / "a" / "ckpt")] == [4, 6]
-    params_b = tiny_params(tiny_pair, tmp_path / "b")
-    first = _fit(
-        params_b, tmp_path / "b" / "out", stop_after=3
-    )  # "crashes" after step 3; last checkpoint is 2
-    assert first.steps == 3 and [s for s, _ in complete_checkpoints(tmp_path / "b" / "ckpt")] == [2]
-    resumed = _fit(params_b, tmp_path / "b" / "out")
-    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]  # 1-2 restored, 3-6 recomputed
+    resumed = _interrupt_and_resume(tiny_pair, tmp_path / "b")
+    # the resumed process started at step 2 and computed only steps 3-6 (1-2 restored with the checkpoint)
+    assert (resumed.resumed_from, resumed.steps_computed) == (2, 4)
+    assert_resumed(resumed.history, 2, 6)
     assert _losses(resumed) == _losses(full)  # bitwise: the same floats
     a = load_file(tmp_path / "a" / "out" / "student" / "model.safetensors")
     b = load_file(tmp_path / "b" / "out" / "student" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_checks_fail_against_a_resume_that_ignores_the_checkpoint(tiny_pair, tmp_path, monkeypatch):
+    """The test of the test: a broken resume (the checkpoint is never loaded, the run restarts at step 0) still
+    reproduces every loss and the final weights of an uninterrupted run, and the checks above reject it."""
+    full = _fit(tiny_params(tiny_pair, tmp_path / "a"), tmp_path / "a" / "out")
+    monkeypatch.setattr(Checkpointer, "load_latest", lambda *a, **k: None)
+    broken = _interrupt_and_resume(tiny_pair, tmp_path / "b")
+    assert _losses(broken) == _losses(full)  # what the old test checked: it cannot tell the difference
+    assert [h["step"] for h in broken.history] == [1, 2, 3, 4, 5, 6]
+    assert (broken.resumed_from, broken.steps_computed) == (0, 6)
+    with pytest.raises(AssertionError, match="not computed by a process that resumed at step"):
+        assert_resumed(broken.history, 2, 6)
 
 
 def test_partial_checkpoints_are_ignored_and_cleaned(tiny_pair, tmp_path):
