@@ -90,7 +90,7 @@ CASES = {
     "opd_topk": dict(method="opd_topk", opd=OPDConfig(top_k=4)),
     "full_kl": dict(method="full_kl"),
     "full_kl_chunked": dict(method="full_kl", opd=OPDConfig(kl_chunk_size=5)),
-    "combined": dict(method="combined", opd=OPDConfig(mu=0.5)),
+    "combined": dict(method="combined", rep=RepConfig(coef=0.5)),
 }
 
 
