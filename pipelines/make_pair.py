@@ -49,9 +49,7 @@ __all__ = ["CHAT_TEMPLATE", "PairSpec", "build_pair", "build_tokenizer", "main",
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 """Qwen2's pre-tokenizer split pattern (digits are split one by one)."""
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -198,7 +196,9 @@ def save_pair_dir(
     tok.save_pretrained(str(directory))
     cfg_file = directory / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["tokenizer_class"] = "Qwen2Tokenizer"  # what AutoTokenizer picks for model_type qwen2; say so explicitly
+    cfg["tokenizer_class"] = (
+        "Qwen2Tokenizer"  # what AutoTokenizer picks for model_type qwen2; say so explicitly
+    )
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return str(write_manifest(directory)["sha256"])
 
@@ -210,7 +210,9 @@ def build_pair(prompts_file: str | Path, out: str | Path, spec: PairSpec = PairS
         ValueError: ``student_step`` outside ``[1, steps)``, or too few rows fit ``seq_len``.
     """
     if not 1 <= spec.student_step < spec.steps:
-        raise ValueError(f"student_step must be in [1, steps), got {spec.student_step} with steps={spec.steps}")
+        raise ValueError(
+            f"student_step must be in [1, steps), got {spec.student_step} with steps={spec.steps}"
+        )
     t0 = time.perf_counter()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(spec.num_threads)
@@ -236,9 +238,7 @@ def build_pair(prompts_file: str | Path, out: str | Path, spec: PairSpec = PairS
         model = Qwen2ForCausalLM(_config(spec, tok))
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: _lr_factor(s, spec.warmup_steps, spec.steps)
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec.warmup_steps, spec.steps))
         gen = torch.Generator().manual_seed(spec.seed + 1)
         initial_nll = _mean_nll(model, val, pad_id)
         student_state: dict[str, torch.Tensor] = {}
@@ -279,8 +279,12 @@ def build_pair(prompts_file: str | Path, out: str | Path, spec: PairSpec = PairS
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.make_pair", description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", default="data/dapo-math-17k.parquet", help="verl-layout parquet (or json/jsonl)")
-    ap.add_argument("--out", default="models/dapo-pair", help="output directory (teacher/, student/, pair.json)")
+    ap.add_argument(
+        "--prompts", default="data/dapo-math-17k.parquet", help="verl-layout parquet (or json/jsonl)"
+    )
+    ap.add_argument(
+        "--out", default="models/dapo-pair", help="output directory (teacher/, student/, pair.json)"
+    )
     for name, default in asdict(PairSpec()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = vars(ap.parse_args(argv))

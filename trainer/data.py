@@ -21,7 +21,11 @@ def _chat(value: list, where: str) -> list[dict[str, str]] | None:
     """The messages of a chat-format prompt as plain ``{"role", "content"}`` dicts; ``None`` if malformed."""
     messages = []
     for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
             return None
         messages.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "user" and m["content"].strip() for m in messages):
@@ -75,7 +79,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         if isinstance(value, list):  # chat format
             messages = _chat(value, f"{path}: row {i}")
             if messages is None:
-                raise ValueError(f"{path}: row {i}: chat prompt must be a list of {{'role', 'content'}} strings")
+                raise ValueError(
+                    f"{path}: row {i}: chat prompt must be a list of {{'role', 'content'}} strings"
+                )
             prompts.append(messages)
             continue
         if not isinstance(value, str) or not value.strip():

@@ -116,7 +116,7 @@ def test_verl_layout_and_common_id_columns(tmp_path: Path) -> None:
         {"data_source": "x", "prompt": [{"role": "user", "content": "1+1="}],
          "reward_model": {"ground_truth": "2", "style": "rule"}, "extra_info": {"index": "a-1"}},
         {"data_source": "x", "prompt": [{"role": "user", "content": "2+2="}],
-         "reward_model": {"ground_truth": 4, "style": "rule"}, "extra_info": {"index": "a-2"}},
+         "reward_model": {"ground_truth": "4", "style": "rule"}, "extra_info": {"index": "a-2"}},
     ]  # fmt: skip
     parquet = tmp_path / "verl.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet)

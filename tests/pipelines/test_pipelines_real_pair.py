@@ -52,7 +52,11 @@ def test_stock_autotokenizer_round_trips_text_and_matches_the_trained_bpe(pair) 
             assert ids == raw.encode(text).ids == ours(text)["input_ids"], text
             assert tok.decode(ids) == text  # exact round trip, spaces and \boxed{ included
         # Qwen's special tokens are single ids; EOS ends a chat turn, pad is <|endoftext|>; no BOS is added
-        assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
+        assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
+            0,
+            1,
+            2,
+        ]
         assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
 
 
@@ -62,7 +66,10 @@ def test_chat_template_renders_chatml_and_round_trips(pair) -> None:
     assert tok.chat_template == CHAT_TEMPLATE
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = encode_prompts(tok, [chat])[0]
     assert tok.decode(ids) == text
     assert ids.count(1) == 3 and ids.count(2) == 2  # <|im_start|> x3, <|im_end|> x2, each one token
@@ -102,7 +109,10 @@ def test_dapo_prompts_load_as_chat_conversations_and_encode_with_the_template(pa
     tok = AutoTokenizer.from_pretrained(out / "student")
     ids = encode_prompts(tok, prompts[:2])
     assert all(isinstance(i, int) for i in ids[0])
-    assert tok.decode(ids[0]) == f"<|im_start|>user\n{prompts[0][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.decode(ids[0])
+        == f"<|im_start|>user\n{prompts[0][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_verl_parquet_loads_as_a_suite_with_nested_answer_and_index() -> None:

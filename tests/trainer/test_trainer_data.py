@@ -58,7 +58,9 @@ def test_encode_prompts_with_a_real_chat_template_gives_token_ids(tiny_pair):
     ]
     tok.chat_template = None
     assert encode_prompts(tok, ["1+1"]) == [tok("1+1")["input_ids"]]  # no template: the tokenizer's own BOS
-    with pytest.raises(ValueError, match="prompt 0 is a chat conversation but the tokenizer has no chat template"):
+    with pytest.raises(
+        ValueError, match="prompt 0 is a chat conversation but the tokenizer has no chat template"
+    ):
         encode_prompts(tok, [[{"role": "user", "content": "4"}]])
 
 
