@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 from test_pipelines_dvc import _merge, _run
+from transformers import AutoTokenizer
 
 from trainer.config import load_params
+from trainer.data import encode_prompts, load_prompts
 from trainer.export import verify_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +99,10 @@ def test_dvc_repro_on_a_real_pair_runs_through_gate(pair, tmp_path, engine):
     assert distill["steps"] == 4 and distill["method"] == "oprd"
     student = root / "artifacts/models/student"
     assert json.loads((student / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+    exported, original = (AutoTokenizer.from_pretrained(d) for d in (student, root / PAIR / "student"))
+    prompt = load_prompts(root / "data/dapo-math-17k.parquet")[0]
+    assert encode_prompts(exported, [prompt]) == encode_prompts(original, [prompt])  # stock loading, same ids
+    assert exported.decode(encode_prompts(exported, [prompt])[0]).startswith("<|im_start|>user\nSolve the")
     eval_tree = json.loads((root / "metrics/eval.json").read_text())
     assert set(eval_tree) == {"AIME24"} and set(eval_tree["AIME24"]) == {"teacher", "student_base", "student"}
     assert all(m["n_problems"] == LIMIT and m["k"] == 2 for m in eval_tree["AIME24"].values())
@@ -130,7 +136,7 @@ def test_dvc_repro_on_a_real_pair_runs_through_gate(pair, tmp_path, engine):
     assert "loss/total" in by_stage["distill"].data.metrics
     assert by_stage["gate"].data.tags["oprd.gate.verdict"] == "REJECT"
     versions = client.search_model_versions("name='oprd-student'")
-    assert [v.version for v in versions] == ["1"]
+    assert [int(v.version) for v in versions] == [1]
 
 
 def test_readme_scale_out_blocks_validate_and_the_cpu_block_is_what_the_test_runs(tmp_path):
