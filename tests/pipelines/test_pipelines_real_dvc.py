@@ -79,6 +79,7 @@ def _project(root: Path, pair: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~2 min of CPU, but setup (the pair) + repro ran 15 min on the shared 2-core box
 @pytest.mark.parametrize("engine", ENGINES)
 def test_dvc_repro_on_a_real_pair_runs_through_gate(pair, tmp_path, engine):
     root = _project(tmp_path, pair)
