@@ -26,6 +26,7 @@ from trainer.data import encode_prompts, load_prompts
 from trainer.methods import method_spec
 from trainer.models import check_compatibility, load_model, load_tokenizer
 from trainer.rollout import HFGenerateEngine
+from trainer.train import fit_prompts
 
 OUT_DIR = Path("artifacts/rollout")
 METRICS = Path("metrics/rollout.json")
@@ -61,11 +62,12 @@ def run(params_path: str, overrides: list[str]) -> dict:
             uses_hidden_states=method_spec(params.distill.method).hidden_states,
         )  # fmt: skip
         prompts = load_prompts(prompts_path)[: params.rollout.num_prompts]
+        prompt_ids = fit_prompts(encode_prompts(tok, prompts), student, params)
         gen = student.generation_config
         engine = HFGenerateEngine(
             pad_token_id=tok.pad_token_id, eos_token_id=gen.eos_token_id or tok.eos_token_id
         )
-        batch = sample_rollouts(student, encode_prompts(tok, prompts), params, engine)
+        batch = sample_rollouts(student, prompt_ids, params, engine)
         report = measure_alignment(student, teacher, batch, plan)
         lengths = batch.response_lengths.float()
         metrics = {

@@ -11,10 +11,16 @@ Column mapping (the first name present wins; rows are objects):
 ==========  =================================================================================
 prompt      ``prompt``, ``problem``, ``question``, ``input``. A chat-style list of
             ``{"role", "content"}`` messages (verl parquet) gives the last user message.
-answer      ``answer``, ``final_answer``, ``ground_truth``, ``gt``, ``target``, ``solution``
-            (a worked ``solution`` is fine: the grader takes its last ``\\boxed{}``).
-id          ``id``, ``problem_id``, ``unique_id``, ``idx``; else the 0-based row number.
+answer      ``answer``, ``final_answer``, ``ground_truth``, ``gt``, ``target``,
+            ``reward_model.ground_truth`` (verl), ``solution`` (a worked ``solution`` is fine: the
+            grader takes its last ``\\boxed{}``).
+id          ``id``, ``problem_id``, ``problem_idx``, ``unique_id``, ``idx``, ``extra_info.index``
+            (verl); else the 0-based row number.
 ==========  =================================================================================
+
+A dotted name is a path into nested objects: ``reward_model.ground_truth`` is ``row["reward_model"]["ground_truth"]``
+(verl's layout, e.g. DAPO-Math-17k: ``{"prompt": [messages], "reward_model": {"ground_truth": ...},
+"extra_info": {"index": ...}, "data_source": ...}``).
 
 Numbers as answers are kept as written in the file (``142.0`` stays ``"142.0"``; the grader compares numbers
 exactly). A row without a prompt or an answer (missing, null or blank) is an error naming the file, the 1-based row
@@ -45,8 +51,10 @@ __all__ = [
 ]
 
 PROMPT_COLUMNS = ("prompt", "problem", "question", "input")
-ANSWER_COLUMNS = ("answer", "final_answer", "ground_truth", "gt", "target", "solution")
-ID_COLUMNS = ("id", "problem_id", "unique_id", "idx")
+ANSWER_COLUMNS = (
+    "answer", "final_answer", "ground_truth", "gt", "target", "reward_model.ground_truth", "solution"
+)  # fmt: skip
+ID_COLUMNS = ("id", "problem_id", "problem_idx", "unique_id", "idx", "extra_info.index")
 _LIST_KEYS = ("data", "rows", "problems")
 
 
@@ -108,10 +116,24 @@ def _read_rows(path: Path) -> list[Any]:
     raise SuiteFormatError(f"{path}: unsupported suite format {suffix!r}; use .json, .jsonl or .parquet")
 
 
+_MISSING = object()
+
+
+def _lookup(row: dict[str, Any], name: str) -> Any:
+    """``row[name]``, following dots into nested objects; :data:`_MISSING` when any level is absent."""
+    node: Any = row
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
 def _first(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
     for name in names:
-        if name in row:
-            return name, row[name]
+        value = _lookup(row, name)
+        if value is not _MISSING:
+            return name, value
     return None, None
 
 

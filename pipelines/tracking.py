@@ -248,7 +248,9 @@ def lineage_tags(
         tags["oprd.git.dirty"] = str(dirty).lower()
     for role, src in (("teacher", params.models.teacher), ("student_base", params.models.student)):
         path = Path(src.path) if Path(src.path).is_absolute() else base / src.path
-        tags[f"oprd.{role}.path"] = str(path)
+        # Repo-relative when inside the project (a path that means the same on every clone), else as given.
+        rel = path.resolve().relative_to(base) if path.resolve().is_relative_to(base) else path
+        tags[f"oprd.{role}.path"] = rel.as_posix()
         if src.revision:
             tags[f"oprd.{role}.revision"] = src.revision
         if (sha := _manifest_sha256(path)) is not None:

@@ -120,7 +120,9 @@ class TaskConfig(_Section):
     20%), 54.5% at 600: 500 is clearly weak but on the teacher's trajectory. The cliff moves with the schedule
     length (``teacher_steps: 1500``: 4% at 500, 16.5% at 600)."""
     prompts_file: str = "artifacts/task/train.jsonl"
-    """Training prompts: a json/jsonl/parquet file with a ``prompt`` column (default: the embedded train split)."""
+    """Training prompts: a json/jsonl/parquet file with a ``prompt`` column (default: the embedded train split).
+    Text prompts become one user turn; chat prompts (a list of messages, e.g. DAPO-Math-17k in verl's layout) are
+    rendered whole with the student tokenizer's chat template (``trainer.data``)."""
     teacher_lr: Annotated[float, Field(gt=0.0)] = 2.0e-3
     """Peak AdamW learning rate of the teacher's from-scratch SFT (betas 0.9/0.98, wd 0.01, clip 1.0)."""
     teacher_batch_size: PosInt = 64

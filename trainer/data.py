@@ -9,14 +9,37 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PromptSampler", "encode_prompts", "load_prompts"]
+__all__ = ["Prompt", "PromptSampler", "drop_overlong", "encode_prompts", "load_prompts"]
 
 PROMPT_COLUMNS = ("prompt", "problem", "question")
 
+Prompt = str | list[dict[str, str]]
+"""A plain-text prompt, or a chat conversation: ``[{"role": ..., "content": ...}, ...]`` (verl / DAPO layout)."""
 
-def load_prompts(path: str | Path) -> list[str]:
-    """Prompt strings from a ``.jsonl`` / ``.json`` / ``.parquet`` file with a ``prompt`` (or ``problem`` /
-    ``question``) column. Chat-format prompts (a list of ``{"role", "content"}``) keep their last user turn.
+
+def _chat(value: list, where: str) -> list[dict[str, str]] | None:
+    """The messages of a chat-format prompt as plain ``{"role", "content"}`` dicts; ``None`` if malformed."""
+    messages = []
+    for m in value:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            return None
+        messages.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        raise ValueError(f"{where}: chat prompt has no non-empty user message")
+    return messages
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a ``.jsonl`` / ``.json`` / ``.parquet`` file with a ``prompt`` (or ``problem`` / ``question``)
+    column.
+
+    A text prompt is returned as a string. A chat-format prompt (a list of ``{"role", "content"}`` messages, as in
+    verl-layout parquet such as DAPO-Math-17k) is returned as the whole conversation, system turns included;
+    :func:`encode_prompts` renders it with the tokenizer's chat template, as ``apply_chat_template`` users expect.
 
     Errors name the file and the 1-based row: a missing or empty prompt is never silently skipped.
     """
@@ -54,8 +77,13 @@ def load_prompts(path: str | Path) -> list[str]:
         if hasattr(value, "tolist"):
             value = value.tolist()
         if isinstance(value, list):  # chat format
-            users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
-            value = users[-1] if users else None
+            messages = _chat(value, f"{path}: row {i}")
+            if messages is None:
+                raise ValueError(
+                    f"{path}: row {i}: chat prompt must be a list of {{'role', 'content'}} strings"
+                )
+            prompts.append(messages)
+            continue
         if not isinstance(value, str) or not value.strip():
             raise ValueError(
                 f"{path}: row {i}: missing or empty prompt (looked for columns {', '.join(PROMPT_COLUMNS)})"
@@ -66,19 +94,43 @@ def load_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """Token ids per prompt: the chat template (generation prompt added) when the tokenizer has one, else the
-    tokenizer's own special-token convention (e.g. a BOS)."""
-    if getattr(tokenizer, "chat_template", None):
-        return [
-            list(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-                )
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> list[list[int]]:
+    """Token ids per prompt.
+
+    With a chat template: a text prompt becomes one user turn, a chat prompt keeps its messages; the template is
+    rendered with the generation prompt added and tokenized without extra special tokens (the template wrote
+    them). Without one: a text prompt is ``tokenizer(text)`` (its own convention, e.g. a BOS), and a chat prompt is
+    an error, since there is no faithful way to render it.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str) and not template:
+            out.append(list(tokenizer(p)["input_ids"]))
+            continue
+        if not template:
+            raise ValueError(
+                f"prompt {i} is a chat conversation but the tokenizer has no chat template; use a tokenizer "
+                "with one (models.tokenizer) or a prompt file with text prompts"
             )
-            for p in prompts
-        ]
-    return [list(ids) for ids in tokenizer(prompts)["input_ids"]]
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        # tokenize=False: transformers 5 returns a BatchEncoding (not ids) from a tokenizing apply_chat_template.
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def drop_overlong(prompt_ids: list[list[int]], max_prompt_tokens: int | None) -> tuple[list[int], int]:
+    """Indices of the prompts with at most ``max_prompt_tokens`` tokens, and how many were dropped.
+
+    A prompt that leaves no room for the response inside the model's context cannot be rolled out; like verl's
+    ``filter_overlong_prompts`` such prompts are left out of training (the caller reports the count).
+    ``None`` keeps everything.
+    """
+    if max_prompt_tokens is None:
+        return list(range(len(prompt_ids))), 0
+    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= max_prompt_tokens]
+    return keep, len(prompt_ids) - len(keep)
 
 
 class PromptSampler:

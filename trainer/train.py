@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import ConfigError, Params, load_params
-from trainer.data import PromptSampler, encode_prompts, load_prompts
+from trainer.data import Prompt, PromptSampler, drop_overlong, encode_prompts, load_prompts
 from trainer.distributed import (
     DistEnv,
     all_reduce_max,
@@ -62,7 +62,7 @@ from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rollout import HFGenerateEngine
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "main"]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "fit_prompts", "main", "prompt_budget"]
 
 Validator = Callable[[nn.Module, int], dict[str, float]]
 """``validate(student, step) -> {"val/accuracy": ..., ...}``; called on every rank (it may use collectives)."""
@@ -93,7 +93,7 @@ class Trainer:
         params: Params,
         out_dir: str | Path,
         *,
-        prompts: list[str] | None = None,
+        prompts: list[Prompt] | None = None,
         validator: Validator | None = None,
         logger: MetricLogger | None = None,
     ):
@@ -126,7 +126,7 @@ class Trainer:
                     "no training prompts: set task.prompts_file (json/jsonl/parquet with a prompt column)"
                 )
             prompts = load_prompts(params.task.prompts_file)
-        self.prompt_ids = encode_prompts(self.tokenizer, prompts)
+        self.prompt_ids = fit_prompts(encode_prompts(self.tokenizer, prompts), self.student, params)
         self.sampler = PromptSampler(len(self.prompt_ids), d.seed)
         if params.optim.activation_checkpointing:
             enable_activation_checkpointing(self.student)
@@ -335,6 +335,34 @@ class Trainer:
         self.logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def prompt_budget(model: nn.Module, max_new_tokens: int) -> int | None:
+    """Longest prompt (tokens) that leaves ``max_new_tokens`` inside the model's ``max_position_embeddings``."""
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    return None if max_pos is None else max_pos - max_new_tokens
+
+
+def fit_prompts(prompt_ids: list[list[int]], model: nn.Module, params: Params) -> list[list[int]]:
+    """The prompts whose rollout fits the model's context; the others are dropped with a warning on stderr.
+
+    Raises:
+        ConfigError: no prompt fits (``rollout.max_new_tokens`` too large for the model).
+    """
+    budget = prompt_budget(model, params.rollout.max_new_tokens)
+    keep, dropped = drop_overlong(prompt_ids, budget)
+    if not keep:
+        raise ConfigError(
+            f"no training prompt fits: every prompt is longer than {budget} tokens (max_position_embeddings "
+            f"{model.config.max_position_embeddings} - rollout.max_new_tokens {params.rollout.max_new_tokens})"
+        )
+    if dropped:
+        print(
+            f"warning: {dropped} of {len(prompt_ids)} training prompts are longer than {budget} tokens "
+            f"(max_position_embeddings - rollout.max_new_tokens) and are left out",
+            file=sys.stderr,
+        )
+    return [prompt_ids[i] for i in keep]
 
 
 def _seed_everything(seed: int) -> None:

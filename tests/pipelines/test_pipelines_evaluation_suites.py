@@ -109,3 +109,27 @@ def test_malformed_files_name_file_row_and_field(tmp_path: Path, name: str, cont
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
         load_problems(tmp_path / "nope.jsonl")
+
+
+def test_verl_layout_and_common_id_columns(tmp_path: Path) -> None:
+    rows = [
+        {"data_source": "x", "prompt": [{"role": "user", "content": "1+1="}],
+         "reward_model": {"ground_truth": "2", "style": "rule"}, "extra_info": {"index": "a-1"}},
+        {"data_source": "x", "prompt": [{"role": "user", "content": "2+2="}],
+         "reward_model": {"ground_truth": "4", "style": "rule"}, "extra_info": {"index": "a-2"}},
+    ]  # fmt: skip
+    parquet = tmp_path / "verl.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    got = [(p.problem_id, p.prompt, p.answer) for p in load_problems(parquet)]
+    assert got == [("a-1", "1+1=", "2"), ("a-2", "2+2=", "4")]
+    # a top-level id column wins over extra_info.index; problem_idx is an id column too
+    jsonl = tmp_path / "ids.jsonl"
+    jsonl.write_text(
+        json.dumps({"problem": "p", "answer": "1", "problem_idx": 7}) + "\n"
+        + json.dumps({"problem": "q", "answer": "2", "id": "z", "extra_info": {"index": "ignored"}}) + "\n"
+    )  # fmt: skip
+    assert [p.problem_id for p in load_problems(jsonl)] == ["7", "z"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": "p", "reward_model": {"style": "rule"}}) + "\n")
+    with pytest.raises(SuiteFormatError, match="row 1: no answer field"):
+        load_problems(broken)
