@@ -117,7 +117,10 @@ def run(params_path: str, overrides: list[str]) -> int:
         distill, rollout = run.upstream["distill"], run.upstream["rollout"]
         model_id = distill.models["student"]
         evidence.update({k: v for k, v in registry_fields(model_id, distill.run_id, artifact).items()})
-        evidence["lineage"]["mlflow_run_ids"] = {s: r.run_id for s, r in run.upstream.items()}
+        evidence["lineage"]["mlflow_run_ids"] = {
+            **{s: r.run_id for s, r in run.upstream.items()},
+            "gate": run.run_id,
+        }
         evidence["lineage"]["logged_model_ids"] = {**rollout.models, **distill.models}
         evidence["lineage"]["dataset_digests"] = {
             k: v

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.stage_logs import quiet_third_party
 from trainer.config import ConfigError, Params
 from trainer.models import CompatibilityError
 
@@ -81,6 +82,7 @@ def stage_cli(
     if extra_args is not None:
         extra_args(ap)
     args = ap.parse_args(argv)
+    quiet_third_party()  # profiler lines, weight-loading bars, repeated warnings (pipelines.stage_logs)
     try:
         return body(args)
     except (*USER_ERRORS, *errors) as exc:

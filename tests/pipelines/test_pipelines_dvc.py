@@ -28,7 +28,24 @@ TINY = {
     "distill": {"steps": 4, "prompts_per_step": 4, "n_responses": 2, "eval_every": 2, "memory_every": 2},
     "evaluate": {"k": 2, "batch_size": 64},
     "optim": {"num_threads": 1},
+    "gate": {"policy": "policies/tiny.yaml"},
 }  # fmt: skip
+# The tiny models are too weak for the default floor: a permissive policy makes the first version PROMOTE, so the
+# champion alias exists for the lineage browser test (the gate's logic is tested in tests/server).
+TINY_POLICY = """suites:
+  embedded: {floor: 0.0, non_inferiority_margin: 1.0, max_teacher_gap: 1.0, min_problems: 10}
+"""
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix, tree
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -53,6 +70,7 @@ def project(tmp_path_factory) -> Path:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
+    (root / "policies/tiny.yaml").write_text(TINY_POLICY)
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text(
@@ -69,15 +87,20 @@ def project(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     first = _run(["dvc", "repro"], project)
-    for stage in ("bootstrap", "rollout", "distill", "evaluate", "gate"):
+    for stage in ("precheck", "bootstrap", "rollout", "distill", "evaluate", "gate"):
         assert f"Running stage '{stage}'" in first.stdout
-    gate = json.loads((project / "metrics/gate.json").read_text())
+    gate = json.loads((project / "artifacts/gate/decision.json").read_text())
     assert gate["decision"]["verdict"] in {"PROMOTE", "REJECT", "INCONCLUSIVE"}
+    for name in ("gate", "distill", "rollout", "eval"):  # metrics files hold numbers only
+        doc = json.loads((project / f"metrics/{name}.json").read_text())
+        assert not [k for k, v in _leaves(doc) if not isinstance(v, (int, float))], name
+    assert json.loads((project / "metrics/gate.json").read_text())["version"] == gate["decision"]["version"]
     eval_tree = json.loads((project / "metrics/eval.json").read_text())
     assert set(eval_tree["embedded"]) == {"teacher", "student_base", "student"}
     assert json.loads((project / "metrics/distill.json").read_text())["steps"] == 4
     second = _run(["dvc", "repro"], project)
     assert "Running stage 'gate'" in second.stdout  # always_changed
+    assert "Running stage 'precheck'" in second.stdout  # always_changed, same output: nothing else re-runs
     for stage in ("bootstrap", "rollout", "distill", "evaluate"):
         assert f"Running stage '{stage}'" not in second.stdout
     shown = _run(["dvc", "metrics", "show", "--json"], project)
