@@ -18,6 +18,7 @@ Set ``OPRD_VERBOSE_LOGS=1`` to keep everything.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -77,10 +78,8 @@ class StderrFilter:
             self._emit(buf)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
         os.dup2(self._saved, 2)  # closes the pipe's last write end in this process: the pump sees EOF
         self._thread.join(timeout=5)
         os.close(self._r)
