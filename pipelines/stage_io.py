@@ -82,7 +82,9 @@ def stage_cli(
     if extra_args is not None:
         extra_args(ap)
     args = ap.parse_args(argv)
-    quiet_third_party()  # profiler lines, weight-loading bars, repeated warnings (pipelines.stage_logs)
+    # Profiler lines, weight-loading bars, repeated warnings (pipelines.stage_logs); the fd-level filter only
+    # for a real command line (argv None), never under an in-process caller that captures fd 2 itself.
+    quiet_third_party(fd_filter=argv is None)
     try:
         return body(args)
     except (*USER_ERRORS, *errors) as exc:

@@ -85,8 +85,9 @@ class StderrFilter:
         os.close(self._r)
 
 
-def quiet_third_party() -> None:
-    """Silence third-party noise in this process and its children (idempotent; see the module docstring)."""
+def quiet_third_party(*, fd_filter: bool = True) -> None:
+    """Silence third-party noise in this process and its children (idempotent; see the module docstring).
+    ``fd_filter=False`` leaves file descriptor 2 alone (in-process callers such as tests that capture it)."""
     global _installed
     if os.environ.get("OPRD_VERBOSE_LOGS") == "1":
         return
@@ -95,7 +96,7 @@ def quiet_third_party() -> None:
     warnings.simplefilter("once")
     for name in ("mlflow", "alembic", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if _installed is None:
+    if _installed is None and fd_filter:
         try:
             _installed = StderrFilter()
         except OSError:  # no usable fd 2 (a closed stderr): leave the stream alone
