@@ -120,6 +120,48 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert by_stage["gate"][0].data.tags["oprd.gate.verdict"] == gate["decision"]["verdict"]
 
 
+def _tree_digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".dvc" not in p.parts and ".git" not in p.parts and p.name != "params.yaml"
+        and p.suffix not in (".db", ".log", ".pyc") and "mlartifacts" not in p.parts and "tmp" not in p.parts
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bad_prompts_file_fails_first_and_deletes_nothing(project):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    before = _tree_digest(project / "artifacts") | _tree_digest(project / "metrics")
+    try:
+        (project / "empty.jsonl").write_text("")
+        params = yaml.safe_load(original)
+        params["task"]["prompts_file"] = "empty.jsonl"
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        # bootstrap depends only on the keys that generate the pair: pointing the prompts elsewhere leaves it alone
+        status = subprocess.run(
+            ["dvc", "status", "bootstrap", "--json"], cwd=project, capture_output=True, text=True
+        )
+        assert json.loads(status.stdout or "{}") == {}, status.stdout
+        out = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=600)
+        assert out.returncode != 0
+        assert "precheck failed (no stage ran, nothing was deleted)" in out.stderr + out.stdout
+        assert "empty.jsonl: no prompts" in out.stderr + out.stdout
+        for stage in ("bootstrap", "rollout", "distill", "evaluate", "gate"):
+            assert f"Running stage '{stage}'" not in out.stdout
+        after = _tree_digest(project / "artifacts") | _tree_digest(project / "metrics")
+        before.pop("artifacts/precheck.ok", None)  # the failed precheck's own output (DVC removes it first)
+        assert {k: v for k, v in after.items() if k in before} == before
+        assert set(before) <= set(after)
+    finally:
+        params_path.write_text(original)
+        (project / "empty.jsonl").unlink(missing_ok=True)
+    _run(["dvc", "repro", "precheck"], project)
+
+
 @pytest.mark.slow
 def test_dvc_experiment_with_another_method(project):
     _run(["git", "add", "-A"], project)
