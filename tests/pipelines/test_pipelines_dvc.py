@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,116 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert distill.data.tags["oprd.upstream.rollout"] == by_stage["rollout"][0].info.run_id
     assert "loss/total" in distill.data.metrics and distill.data.tags["oprd.method"] == "oprd"
     assert by_stage["gate"][0].data.tags["oprd.gate.verdict"] == gate["decision"]["verdict"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class _Anchors(HTMLParser):
+    """``(href, text)`` of every ``<a>`` in a DOM dump."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self._href, self._text = dict(attrs).get("href"), []
+
+    def handle_data(self, data):
+        if self._href is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "a" and self._href is not None:
+            self.links.append((self._href, " ".join("".join(self._text).split())))
+            self._href = None
+
+
+class _Browser:
+    """Headless Chromium rendering MLflow's single-page app: each visit dumps the DOM after the JS ran."""
+
+    def __init__(self, base: str, profile: Path) -> None:
+        self.base, self.profile, self.visits = base, profile, 0
+
+    def _cmd(self, *extra: str) -> list[str]:
+        self.visits += 1
+        return [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={self.profile}-{self.visits}", "--virtual-time-budget=20000", *extra,
+        ]  # fmt: skip
+
+    def visit(self, href: str, expect: str) -> tuple[str, list[tuple[str, str]]]:
+        """The rendered DOM text of ``href`` (a link as found on a page) and its links; retried until
+        ``expect`` shows up (the app fetches its data asynchronously; a loaded machine is slow)."""
+        url = self.base + "/" + href.lstrip("./")
+        for _ in range(3):
+            dom = subprocess.run(
+                self._cmd("--dump-dom", url), capture_output=True, text=True, timeout=180
+            ).stdout
+            if expect in dom:
+                break
+        parser = _Anchors()
+        parser.feed(dom)
+        assert expect in dom, f"{url}: {expect!r} not rendered"
+        return dom, parser.links
+
+    def screenshot(self, href: str, out: Path) -> None:
+        subprocess.run(self._cmd("--window-size=1400,1700", "--hide-scrollbars", f"--screenshot={out}",
+                                 self.base + "/" + href), capture_output=True, timeout=180)  # fmt: skip
+
+
+def _follow(links: list[tuple[str, str]], text_prefix: str) -> str:
+    found = [h for h, t in links if t.startswith(text_prefix) and h.startswith("#/")]
+    assert found, f"no link starting {text_prefix!r} among {[t for _, t in links if t][:60]}"
+    return found[0]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI: scripts/services.sh installs it)")
+def test_lineage_is_reachable_by_links_from_the_champion_version_page(project, tmp_path):
+    """From the registered model's champion version page, the teacher, the student base, the training data, the
+    distill run, the evaluation and the gate decision are each reached by following links (no ids copied)."""
+    from pipelines.tracking_server import LeanMlflowServer
+
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "mlflow.db").symlink_to(project / "mlflow.db")  # the pipeline's own store
+    with LeanMlflowServer(tmp_path / "srv") as srv:
+        b = _Browser(srv.uri, tmp_path / "chromium")
+        dom, links = b.visit("#/models/oprd-student", 'title="champion"')
+        row = next(r for r in dom.split('role="row"') if 'title="champion"' in r)
+        version_href = re.search(r'href="(#/models/oprd-student/versions/\d+)"', row).group(1)
+
+        dom, links = b.visit(version_href, "PROMOTE")
+        assert "criterion" in dom and "n/a" in dom  # the gate's criteria table; no-champion criteria are n/a
+        version_page = links
+
+        dom, _ = b.visit(_follow(version_page, "teacher"), "embedded/avg_at_k")
+        assert (
+            ">teacher<" in dom and "bootstrap " in dom
+        )  # its page: name, source run = bootstrap, eval metrics
+        dom, _ = b.visit(_follow(version_page, "student base"), "embedded/avg_at_k")
+        assert ">student_base<" in dom and "bootstrap " in dom
+
+        distill_href = _follow(version_page, "distill oprd")  # the version's source run (MLflow's own link)
+        dom, distill_links = b.visit(distill_href, "train_prompts")  # the training data: a dataset input
+        assert "training" in dom and "oprd.method" in dom
+        models_used = {h for h, _ in distill_links if "/models/m-" in h}
+        assert _follow(version_page, "teacher") in models_used  # model inputs of the distill run
+        assert _follow(version_page, "student base") in models_used
+        data_href = next(h for h, t in version_page if t.startswith("train_prompts"))
+        assert data_href == distill_href
+
+        dom, _ = b.visit(_follow(version_page, "evaluate run"), "eval_embedded")
+        assert "evaluate " in dom
+        dom, _ = b.visit(_follow(version_page, "gate PROMOTE"), "oprd.gate.verdict")
+        assert "gate PROMOTE v" in dom and "lineage" in dom
+        b.screenshot(version_href, tmp_path / "version.png")
+    assert (tmp_path / "version.png").stat().st_size > 10_000
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
