@@ -59,8 +59,10 @@ err = Console(stderr=True)
 class RegistryCall:
     """One connection to the registry: HTTP when ``url`` is set, else the app in-process."""
 
-    def __init__(self, url: str | None, token: str | None) -> None:
-        self.url, self.token = url, token
+    def __init__(self, url: str | None, token: str | None, *, reconcile: bool = True) -> None:
+        # reconcile=False (read-only commands in-process): no background MLflow writer, so `status` reports
+        # drift as it is instead of racing the reconciler's repair (and starts faster).
+        self.url, self.token, self.reconcile = url, token, reconcile
         self._client: Any = None
 
     def __enter__(self) -> RegistryCall:
@@ -72,7 +74,8 @@ class RegistryCall:
             from server.app import create_app
 
             self._client = TestClient(
-                create_app(local_actor=getpass.getuser()), raise_server_exceptions=False
+                create_app(local_actor=getpass.getuser(), run_reconciler=self.reconcile),
+                raise_server_exceptions=False,
             )
             self._client.__enter__()
         return self
@@ -152,7 +155,7 @@ class RegistryCall:
 
 
 def _fail(code: int, message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -424,7 +427,7 @@ def retire(
 
 def status(name: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Aliases of NAME, the champion's decision, and MLflow agreement (exit 4 when MLflow disagrees)."""
-    with RegistryCall(url, token) as call:
+    with RegistryCall(url, token, reconcile=False) as call:
         s = call("GET", f"/v1/models/{name}/status")
     _emit(s, as_json, _render_status)
     if problems := alias_disagreements(s):
