@@ -29,10 +29,11 @@ import warnings
 __all__ = ["NOISE", "StderrFilter", "quiet_third_party"]
 
 NOISE = re.compile(
-    rb"^(?:\s*USDT:|STAGE:|\[W\d*\s.*(?:Profiler|kineto|CUPTI)|.*ActivityProfilerController|"
-    rb".*Loading weights:|.*Loading checkpoint shards:)"
+    rb"(?:USDT:|STAGE:\d|\[W\d+ [^\n]*(?:Profiler|kineto|CUPTI)|[^\r\n]*ActivityProfilerController|"
+    rb"Loading weights:|Loading checkpoint shards:)"
 )
-"""Lines dropped from stderr: kineto's start/stop chatter and weight-loading progress bars."""
+"""Start of noise: kineto's start/stop chatter and weight-loading progress bars. A line is cut from the match
+to its end (kineto writes right after a progress-bar frame, without a newline; the frame is kept)."""
 
 _ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
@@ -47,7 +48,8 @@ _installed: StderrFilter | None = None
 class StderrFilter:
     """Route file descriptor 2 through a pipe and drop lines matching ``pattern``.
 
-    Complete lines are filtered; a partial line ending in ``\\r`` (a progress-bar redraw) is forwarded at once.
+    Complete lines are filtered (cut where :data:`NOISE` starts); a progress-bar frame ending in ``\\r`` is
+    forwarded at once.
     :meth:`close` (registered with ``atexit``) restores fd 2 and drains the pipe.
     """
 
@@ -70,12 +72,17 @@ class StderrFilter:
         while chunk := os.read(self._r, 65536):
             buf += chunk
             *lines, buf = buf.split(b"\n")
-            self._emit(b"".join(line + b"\n" for line in lines if not self.pattern.match(line)))
+            self._emit(b"".join(self._clean(line, b"\n") for line in lines))
             if b"\r" in buf:  # progress-bar redraws: forward each finished frame now, unless it is noise
                 *frames, buf = buf.split(b"\r")
-                self._emit(b"".join(f + b"\r" for f in frames if not self.pattern.match(f)))
-        if buf and not self.pattern.match(buf):
-            self._emit(buf)
+                self._emit(b"".join(self._clean(f, b"\r") for f in frames))
+        self._emit(self._clean(buf, b""))
+
+    def _clean(self, line: bytes, end: bytes) -> bytes:
+        m = self.pattern.search(line)
+        if m is None:
+            return line + end
+        return line[: m.start()]  # the noise and its line end go; a bar frame before it stays
 
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
