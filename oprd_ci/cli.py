@@ -104,7 +104,7 @@ def results(
         )
         raise typer.Exit(2)
     data = {name: json.loads(p.read_text()) for name, p in files.items()}
-    run_record = Path("artifacts/distill/run.json")
+    run_record = metrics_dir.parent / "artifacts/distill/run.json"
     data["distill"].update(json.loads(run_record.read_text()) if run_record.is_file() else {})
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
