@@ -298,7 +298,8 @@ def lineage_chain(out: dict, base: str) -> list[tuple[str, str, str]]:
                                 ("student", "student", v["manifest_sha256"])):  # fmt: skip
         m = models.get(role)
         link = f"{base}/#/experiments/{exp}/models/{m['model_id']}" if m and exp else ""
-        rows.append((label, f"sha256 {_short(digest)}", link))
+        short = _short(digest)
+        rows.append((label, short if "@" in short else f"sha256 {short}", link))
     for name, digest in (lin.get("dataset_digests") or {}).items():
         rows.append((f"dataset {name}", f"sha256 {_short(digest)}", ""))
     for stage in ("rollout", "distill", "evaluate", "gate"):
