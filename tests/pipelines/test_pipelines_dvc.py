@@ -89,6 +89,7 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two full (tiny) repros; seen past 900 s on a shared 2-core machine at load 22
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     first = _run(["dvc", "repro"], project)
     for stage in ("precheck", "bootstrap", "rollout", "distill", "evaluate", "gate"):
