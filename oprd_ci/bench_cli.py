@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from trainer.bench import DTYPES, METHODS, OPTIMIZERS, ModelShape
+from trainer.bench_names import DTYPES, METHODS, OPTIMIZERS  # torch-free: `oprd-ci --help` stays fast
 
 __all__ = ["bench_app", "register"]
 
@@ -140,7 +140,9 @@ def step_table(result: dict) -> Table:
     return t
 
 
-def _shape(vocab, hidden, intermediate, layers, heads, kv_heads, untied) -> ModelShape:
+def _shape(vocab, hidden, intermediate, layers, heads, kv_heads, untied):  # -> trainer.bench.ModelShape
+    from trainer.bench import ModelShape
+
     return ModelShape(vocab, hidden, intermediate, layers, heads, kv_heads, tied=not untied)
 
 

@@ -93,7 +93,10 @@ def results(
     from rich.console import Console
     from rich.table import Table
 
-    files = {name: metrics_dir / f"{name}.json" for name in ("eval", "distill", "gate")}
+    files = {name: metrics_dir / f"{name}.json" for name in ("eval", "distill")}
+    files["gate"] = Path(
+        "artifacts/gate/decision.json"
+    )  # the full record (metrics/gate.json is numbers only)
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         typer.echo(
@@ -101,6 +104,8 @@ def results(
         )
         raise typer.Exit(2)
     data = {name: json.loads(p.read_text()) for name, p in files.items()}
+    run_record = metrics_dir.parent / "artifacts/distill/run.json"
+    data["distill"].update(json.loads(run_record.read_text()) if run_record.is_file() else {})
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
         return
@@ -122,9 +127,10 @@ def results(
     console.print(table)
     d = data["distill"]
     console.print(
-        f"distill: method [bold]{d['method']}[/], {d['steps']} steps in {d['wall_seconds']:.0f} s "
-        f"(x{d['world_size']} processes), best val {100 * (d['best_val_accuracy'] or 0):.1f}% at step "
-        f"{d['best_step']}, final loss {d['final_loss']:.4g}, update peak {1024 * (d['update_peak_GiB_max'] or 0):.0f} MiB"
+        f"distill: method [bold]{d.get('method', '?')}[/], {d['steps']} steps in {d['wall_seconds']:.0f} s "
+        f"(x{d['world_size']} processes), best val {100 * (d.get('best_val_accuracy') or 0):.1f}% at step "
+        f"{d['best_step']}, final loss {d.get('final_loss', float('nan')):.4g}, update peak "
+        f"{1024 * (d.get('update_peak_GiB_max') or 0):.0f} MiB"
     )
     g = data["gate"]["decision"]
     promoted = data["gate"].get("promoted")

@@ -12,6 +12,7 @@ connection error, 6 not found.
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import json
 import sys
@@ -58,8 +59,10 @@ err = Console(stderr=True)
 class RegistryCall:
     """One connection to the registry: HTTP when ``url`` is set, else the app in-process."""
 
-    def __init__(self, url: str | None, token: str | None) -> None:
-        self.url, self.token = url, token
+    def __init__(self, url: str | None, token: str | None, *, reconcile: bool = True) -> None:
+        # reconcile=False (read-only commands in-process): no background MLflow writer, so `status` reports
+        # drift as it is instead of racing the reconciler's repair (and starts faster).
+        self.url, self.token, self.reconcile = url, token, reconcile
         self._client: Any = None
 
     def __enter__(self) -> RegistryCall:
@@ -71,7 +74,8 @@ class RegistryCall:
             from server.app import create_app
 
             self._client = TestClient(
-                create_app(local_actor=getpass.getuser()), raise_server_exceptions=False
+                create_app(local_actor=getpass.getuser(), run_reconciler=self.reconcile),
+                raise_server_exceptions=False,
             )
             self._client.__enter__()
         return self
@@ -111,6 +115,9 @@ class RegistryCall:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
+            message = detail if isinstance(detail, str) else json.dumps(detail)
+            if r.status_code == 404:
+                message += self._not_found_hint(path)
             code = {
                 401: EXIT_AUTH,
                 403: EXIT_AUTH,
@@ -118,12 +125,37 @@ class RegistryCall:
                 409: EXIT_CONFLICT,
                 412: EXIT_CONFLICT,
             }.get(r.status_code, EXIT_SERVER if r.status_code >= 500 else EXIT_USAGE)
-            _fail(code, f"HTTP {r.status_code}: {detail if isinstance(detail, str) else json.dumps(detail)}")
+            # The status code picks the exit code; the message is the server's reason, not "HTTP 404".
+            _fail(code, message)
         return r.json()
+
+    def _not_found_hint(self, path: str) -> str:
+        """For ``/v1/models/<name>/...`` answered 404: the closest known model names, or the known versions."""
+        parts = path.strip("/").split("/")
+        if len(parts) < 3 or parts[:2] != ["v1", "models"]:
+            return ""
+        name = parts[2]
+        try:
+            names = self._get_quiet("/v1/models") or []
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                known = ", ".join(names[:20]) or "none yet (run the gate stage or `oprd-ci gate`)"
+                return f"{hint} (known models: {known})"
+            versions = self._get_quiet(f"/v1/models/{name}/versions") or []
+            listed = ", ".join(f"v{v['version']}" for v in versions[-20:]) or "none"
+            return f" (known versions of {name}: {listed})"
+        except Exception:  # a hint must never hide the original error
+            return ""
+
+    def _get_quiet(self, path: str) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        r = self._client.request("GET", path, headers=headers)
+        return r.json() if r.status_code == 200 else None
 
 
 def _fail(code: int, message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -146,8 +178,9 @@ def _render_alias(a: dict) -> None:
 
 def _render_decision(d: dict) -> None:
     color = {"PROMOTE": "green", "REJECT": "red", "INCONCLUSIVE": "yellow"}[d["verdict"]]
+    before = f"champion then v{d['champion_version']}" if d.get("champion_version") else "no champion before"
     console.print(
-        f"decision {d['id']}: {d['model']} v{d['version']} [bold {color}]{d['verdict']}[/] (policy v{d['policy_version']}, champion v{d['champion_version']})"
+        f"decision {d['id']}: {d['model']} v{d['version']} [bold {color}]{d['verdict']}[/] (policy v{d['policy_version']}, {before})"
     )
     t = Table("criterion", "suite", "status", "observed", "threshold", "detail")
     for c in d["criteria"]:
@@ -155,7 +188,7 @@ def _render_decision(d: dict) -> None:
         t.add_row(
             c["criterion"],
             c["suite"] or "",
-            c["status"],
+            "n/a" if c["status"] == "NOT_APPLICABLE" else c["status"],
             fmt(c["observed"]),
             fmt(c["threshold"]),
             c["detail"],
@@ -185,6 +218,26 @@ def _render_status(s: dict) -> None:
         )
 
 
+def alias_disagreements(s: dict) -> list[str]:
+    """Where MLflow's aliases differ from the registry's (the registry is authoritative), one line each;
+    empty when they agree or MLflow was not read."""
+    ml = s.get("mlflow_aliases")
+    if ml is None:
+        return []
+    ours = {a["alias"]: a["version"] for a in s["aliases"]}
+    out = []
+    for alias in sorted(set(ours) | set(ml)):
+        mine, theirs = ours.get(alias), ml.get(alias)
+        if mine != theirs:
+            out.append(
+                f"{s['model']}@{alias}: registry says "
+                + (f"v{mine}" if mine is not None else "no such alias")
+                + ", MLflow says "
+                + (f"v{theirs}" if theirs is not None else "no such alias")
+            )
+    return out
+
+
 def _render_history(events: list) -> None:
     t = Table(
         "seq", "when", "action", "alias", "from", "to", "actor", "reason", "decision", "policy", "override"
@@ -211,27 +264,69 @@ def _render_history(events: list) -> None:
     console.print(t)
 
 
-def _render_lineage(out: dict) -> None:
+def _short(digest: str | None, n: int = 12) -> str:
+    """``teacher@<sha>`` / ``sha256:<hex>`` / ``<hex>`` -> the first ``n`` hex chars (``-`` when missing)."""
+    if not digest:
+        return "-"
+    tail = digest.rsplit("@", 1)[-1].split(":", 1)[-1]
+    return (digest.rsplit("@", 1)[0] + "@" if "@" in digest else "") + tail[:n]
+
+
+def ui_base(explicit: str | None = None) -> str:
+    """The MLflow UI address links point at: ``--mlflow-ui`` / ``$OPRD_MLFLOW_UI_URL``, else an http(s)
+    ``$MLFLOW_TRACKING_URI`` (the server is the UI), else ``mlflow ui``'s default ``http://127.0.0.1:5000``."""
+    import os
+
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = (
+        explicit or os.environ.get("OPRD_MLFLOW_UI_URL") or (tracking if tracking.startswith("http") else "")
+    )
+    return (base or "http://127.0.0.1:5000").rstrip("/")
+
+
+def lineage_chain(out: dict, base: str) -> list[tuple[str, str, str]]:
+    """``(what, identity, MLflow link)`` rows from the version through its models, runs and decision."""
+    ml = out.get("mlflow") or {}
+    runs, models = ml.get("runs", {}), ml.get("logged_models", {})
+    exp = next((r.get("experiment_id") for r in runs.values() if r.get("experiment_id")), None)
     v = out["version"]
-    console.print(
-        f"{out['model']} v{v['version']} [{v['status']}] sha256 {v['manifest_sha256'][:12]} from {v['artifact_path']}"
-    )
+    lin = (out.get("evidence") or {}).get("lineage", {})
+    rows = [(f"{out['model']} v{v['version']}", f"sha256 {_short(v['manifest_sha256'])} [{v['status']}]",
+             f"{base}/#/models/{out['model']}/versions/{v['version']}")]  # fmt: skip
+    for role, label, digest in (("teacher", "teacher", lin.get("teacher")),
+                                ("student_base", "student base", lin.get("student_base")),
+                                ("student", "student", v["manifest_sha256"])):  # fmt: skip
+        m = models.get(role)
+        link = f"{base}/#/experiments/{exp}/models/{m['model_id']}" if m and exp else ""
+        short = _short(digest)
+        rows.append((label, short if "@" in short else f"sha256 {short}", link))
+    for name, digest in (lin.get("dataset_digests") or {}).items():
+        rows.append((f"dataset {name}", f"sha256 {_short(digest)}", ""))
+    for stage in ("rollout", "distill", "evaluate", "gate"):
+        r = runs.get(stage)
+        if r:
+            state = r.get("status", r.get("error", ""))
+            rows.append(
+                (
+                    f"{stage} run",
+                    f"{r['run_id'][:8]} {state}",
+                    f"{base}/#/experiments/{exp}/runs/{r['run_id']}",
+                )
+            )
+    return rows
+
+
+def _render_lineage(out: dict, base: str = "http://127.0.0.1:5000") -> None:
     ev = out["evidence"] or {}
-    lin = ev.get("lineage", {})
-    console.print(
-        f"teacher: {lin.get('teacher')}   student base: {lin.get('student_base')}   cost: {ev.get('cost')}"
-    )
-    t = Table("stage", "MLflow run", "status", "metrics")
-    for stage, r in out["mlflow"].get("runs", {}).items():
-        t.add_row(
-            stage,
-            r.get("run_id", ""),
-            r.get("status", r.get("error", "")),
-            json.dumps(r.get("metrics", {}))[:80],
-        )
+    t = Table("what", "identity", "MLflow", title=f"lineage of {out['model']} v{out['version']['version']}")
+    for row in lineage_chain(out, base):
+        t.add_row(*row)
     console.print(t)
+    cost = ev.get("cost") or {}
+    if cost:
+        console.print(f"cost: {cost.get('device_hours', 0):.4g} device-hours, ${cost.get('usd', 0):.4g}")
     for d in out["decisions"]:
-        console.print(f"decision {d['id']}: {d['verdict']} (policy v{d['policy_version']})")
+        _render_decision(d)
     _render_history(out["audit"])
 
 
@@ -332,9 +427,18 @@ def retire(
 
 
 def status(name: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
-    """Aliases of NAME, the champion's decision, and MLflow agreement."""
-    with RegistryCall(url, token) as call:
-        _emit(call("GET", f"/v1/models/{name}/status"), as_json, _render_status)
+    """Aliases of NAME, the champion's decision, and MLflow agreement (exit 4 when MLflow disagrees)."""
+    with RegistryCall(url, token, reconcile=False) as call:
+        s = call("GET", f"/v1/models/{name}/status")
+    _emit(s, as_json, _render_status)
+    if problems := alias_disagreements(s):
+        _fail(
+            EXIT_CONFLICT,
+            "MLflow's aliases disagree with the registry (the registry is authoritative; pending writes: "
+            f"{s['pending_mlflow_writes']}): "
+            + "; ".join(problems)
+            + ". Restart the registry service (it replays pending writes) or promote again to re-point MLflow.",
+        )
 
 
 def history(
@@ -364,14 +468,29 @@ def parse_target(target: str) -> tuple[str, dict[str, Any]]:
 
 def lineage(
     target: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION (default alias: champion)")],
+    evidence: Annotated[
+        bool, typer.Option("--evidence", help="With --json: keep the per-problem evidence (large).")
+    ] = False,
+    mlflow_ui: Annotated[
+        str | None, typer.Option("--mlflow-ui", help="MLflow UI address for the links (default: see docs).")
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Teacher -> student chain, evidence, decisions, moves and the linked MLflow runs and models."""
+    """Teacher -> student chain with short hashes and MLflow links, decisions and alias moves."""
     name, params = parse_target(target)
     with RegistryCall(url, token) as call:
-        _emit(call("GET", f"/v1/models/{name}/lineage", params=params), as_json, _render_lineage)
+        out = call("GET", f"/v1/models/{name}/lineage", params=params)
+    if not evidence and out.get("evidence"):
+        suites = out["evidence"].pop("suites", None) or {}
+        out["evidence"]["suites_summary"] = {
+            s: {role: len(rows) for role, rows in roles.items() if isinstance(rows, list)}
+            for s, roles in suites.items()
+        }
+    base = ui_base(mlflow_ui)
+    out["links"] = [{"what": w, "identity": i, "url": u} for w, i, u in lineage_chain(out, base)]
+    _emit(out, as_json, lambda o: _render_lineage(o, base))
 
 
 def gate(

@@ -11,6 +11,7 @@ This module imports neither MLflow nor matplotlib at import time (the picture im
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import tempfile
@@ -24,8 +25,14 @@ __all__ = [
     "LineageNode",
     "RunRef",
     "RunRefError",
+    "model_url",
     "read_run_ref",
     "render_lineage",
+    "render_lineage_html",
+    "run_url",
+    "short_digest",
+    "verdict_kind",
+    "version_url",
     "write_run_ref",
 ]
 
@@ -129,6 +136,27 @@ def read_run_ref(path: str | Path, *, stage: str | None = None) -> RunRef:
         raise RunRefError(f"{target}: malformed run ref (missing {exc}); rerun the upstream stage") from None
 
 
+# ------------------------------------------------------------------------------------------ MLflow UI links
+def _base(base: str) -> str:
+    return base.rstrip("/") + "/" if base else ""
+
+
+def run_url(base: str, experiment_id: str, run_id: str, tab: str = "") -> str:
+    """The MLflow UI page of a run. ``base`` is the UI's address (``http://host:5000``) or ``""`` for a link
+    relative to the UI itself (what the markdown descriptions that the UI renders need)."""
+    return f"{_base(base)}#/experiments/{experiment_id}/runs/{run_id}{'/' + tab if tab else ''}"
+
+
+def model_url(base: str, experiment_id: str, model_id: str) -> str:
+    """The MLflow UI page of a LoggedModel (its metrics, source run and registered versions)."""
+    return f"{_base(base)}#/experiments/{experiment_id}/models/{model_id}"
+
+
+def version_url(base: str, name: str, version: int | str) -> str:
+    """The MLflow UI page of a registered model version."""
+    return f"{_base(base)}#/models/{name}/versions/{version}"
+
+
 # ------------------------------------------------------------------------------------------ the picture
 @dataclass(frozen=True)
 class LineageNode:
@@ -137,8 +165,11 @@ class LineageNode:
     key: str
     title: str
     kind: str = "model"
-    """``model | dataset | run | evaluation | gate``: picks the box colour."""
+    """``model | dataset | run | evaluation | gate | promote | reject | inconclusive``: the box colour (a gate
+    box is drawn as its verdict: PROMOTE green, REJECT red, INCONCLUSIVE amber)."""
     details: Mapping[str, str] = field(default_factory=dict)
+    url: str | None = None
+    """Where the box links to (:func:`run_url`, :func:`model_url`, :func:`version_url`)."""
 
 
 @dataclass(frozen=True)
@@ -152,9 +183,18 @@ _COLOURS = {
     "model": "#dbeafe",
     "dataset": "#fef9c3",
     "run": "#e5e7eb",
-    "evaluation": "#dcfce7",
-    "gate": "#fde2e2",
+    "evaluation": "#ede9fe",
+    "gate": "#e5e7eb",
+    "promote": "#bbf7d0",
+    "reject": "#fecaca",
+    "inconclusive": "#fde68a",
 }
+_BORDERS = {"promote": "#15803d", "reject": "#b91c1c", "inconclusive": "#b45309"}
+
+
+def verdict_kind(verdict: str) -> str:
+    """The node kind (colour) of a gate verdict."""
+    return {"PROMOTE": "promote", "REJECT": "reject"}.get(verdict, "inconclusive")
 
 
 def short_digest(digest: str, n: int = 12) -> str:
@@ -162,24 +202,13 @@ def short_digest(digest: str, n: int = 12) -> str:
     return digest.split(":", 1)[-1][:n]
 
 
-def render_lineage(
-    path_png: str | Path, nodes: Sequence[LineageNode], edges: Sequence[LineageEdge], *, title: str = ""
-) -> Path:
-    """Draw the lineage graph as a PNG with matplotlib (no graphviz binary) and return its path.
-
-    Layout: nodes are placed in columns by their longest distance from a source node (teacher and student
-    base left, gate right), stacked within a column. Edges that point backwards or to unknown keys are a
-    programming error.
+def _columns(nodes: Sequence[LineageNode], edges: Sequence[LineageEdge]) -> dict[int, list[LineageNode]]:
+    """Nodes by column: a node's column is its longest distance from a source node (teacher and student base
+    left, gate right).
 
     Raises:
-        ValueError: an edge names an unknown node, or the edges form a cycle.
+        ValueError: duplicate node keys, an edge naming an unknown node, or a cycle.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: stages run without a display
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch
-
     keys = {n.key for n in nodes}
     if len(keys) != len(nodes):
         raise ValueError("render_lineage: duplicate node keys")
@@ -198,10 +227,92 @@ def render_lineage(
     else:
         if edges:
             raise ValueError("render_lineage: the edges form a cycle")
-
     columns: dict[int, list[LineageNode]] = {}
     for n in nodes:
         columns.setdefault(depth[n.key], []).append(n)
+    return dict(sorted(columns.items()))
+
+
+def render_lineage_html(
+    nodes: Sequence[LineageNode], edges: Sequence[LineageEdge], *, title: str = "", footer: str = ""
+) -> str:
+    """The lineage graph as one self-contained HTML page (no scripts, no external assets).
+
+    Columns as in :func:`render_lineage`, one card per node with its title (a link when ``url`` is set), its
+    details in a monospace list, and under each card the edges leaving it (``label -> target``). Sized in CSS
+    pixels for the MLflow artifact pane (readable at ~900 px width; wraps into rows when narrower).
+
+    Raises:
+        ValueError: as :func:`_columns`.
+    """
+    esc = html.escape
+    columns = _columns(nodes, edges)
+    titles = {n.key: n.title for n in nodes}
+    out_edges: dict[str, list[LineageEdge]] = {}
+    for e in edges:
+        out_edges.setdefault(e.src, []).append(e)
+
+    def card(n: LineageNode) -> str:
+        head = esc(n.title)
+        if n.url:
+            head = f'<a href="{esc(n.url, quote=True)}" target="_top">{head}</a>'
+        rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in n.details.items())
+        outs = "".join(
+            f"<li>{esc(e.label or 'to')} &rarr; {esc(titles[e.dst])}</li>" for e in out_edges.get(n.key, [])
+        )
+        colour = _COLOURS.get(n.kind, "#f3f4f6")
+        border = _BORDERS.get(n.kind, "#374151")
+        return (
+            f'<div class="card {esc(n.kind)}" id="node-{esc(n.key)}" style="background:{colour};'
+            f'border-color:{border}"><h3>{head}</h3><table>{rows}</table>'
+            + (f'<ul class="edges">{outs}</ul>' if outs else "")
+            + "</div>"
+        )
+
+    cols = "".join(
+        '<div class="col">' + "".join(card(n) for n in members) + "</div>" for members in columns.values()
+    )
+    style = (
+        "body{font:15px/1.4 system-ui,sans-serif;margin:12px;color:#111827}"
+        "h1{font-size:20px;margin:0 0 12px}"
+        ".graph{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}"
+        ".col{display:flex;flex-direction:column;gap:14px;min-width:240px;max-width:320px}"
+        ".card{border:2px solid;border-radius:10px;padding:10px 12px}"
+        ".card h3{font-size:17px;margin:0 0 6px}.card a{color:#1d4ed8}"
+        ".card table{border-collapse:collapse;font:13px/1.35 ui-monospace,monospace}"
+        ".card th{text-align:left;padding-right:8px;font-weight:600;vertical-align:top}"
+        ".edges{margin:6px 0 0;padding-left:18px;font-size:13px;color:#374151}"
+        ".promote h3{color:#166534}.reject h3{color:#991b1b}"
+        "footer{margin-top:14px;font-size:13px;color:#4b5563}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title or 'lineage')}</title>"
+        f"<style>{style}</style></head><body>"
+        + (f"<h1>{esc(title)}</h1>" if title else "")
+        + f'<div class="graph">{cols}</div>'
+        + (f"<footer>{esc(footer)}</footer>" if footer else "")
+        + "</body></html>\n"
+    )
+
+
+def render_lineage(
+    path_png: str | Path, nodes: Sequence[LineageNode], edges: Sequence[LineageEdge], *, title: str = ""
+) -> Path:
+    """Draw the lineage graph as a PNG with matplotlib (no graphviz binary) and return its path.
+
+    Layout: :func:`_columns`, stacked within a column. The HTML page (:func:`render_lineage_html`) is the
+    readable, linked view; the PNG is a thumbnail for places that show images only.
+
+    Raises:
+        ValueError: an edge names an unknown node, or the edges form a cycle.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: stages run without a display
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    columns = _columns(nodes, edges)
     ncol = max(columns) + 1 if columns else 1
     nrow = max((len(c) for c in columns.values()), default=1)
     box_w, box_h, gap_x, gap_y = 3.2, 1.9, 1.3, 0.5
@@ -227,7 +338,7 @@ def render_lineage(
                     box_h,
                     boxstyle="round,pad=0.02,rounding_size=0.12",
                     facecolor=_COLOURS.get(n.kind, "#f3f4f6"),
-                    edgecolor="#374151",
+                    edgecolor=_BORDERS.get(n.kind, "#374151"),
                 )
             )
             ax.text(x + 0.12, y + box_h - 0.22, n.title, fontsize=9.5, weight="bold", va="top")

@@ -30,7 +30,7 @@ from pipelines.stage_io import file_sha256, prompts_file, stage_cli, val_file, w
 from pipelines.suites import load_problems
 from pipelines.tracking import StageRun, TrackingUnreachable
 from pipelines.tracking_metrics import MlflowMetricLogger
-from pipelines.tracking_models import log_logged_model, log_model_outputs
+from pipelines.tracking_models import log_dataset, log_logged_model, log_model_inputs, log_model_outputs
 from trainer.config import Params, load_params
 from trainer.data import encode_prompts, load_prompts
 from trainer.distributed import all_reduce_sum, torchrun_command
@@ -44,6 +44,7 @@ METRICS = Path("metrics/distill.json")
 PLOTS = Path("plots/distill.tsv")
 CURVES = Path("plots/distill.png")
 REF = WORK_DIR / "distill.mlflow.json"
+RUN_RECORD = WORK_DIR / "run.json"
 UPSTREAM = Path("artifacts/rollout/rollout.mlflow.json")
 RUN_ENV = "OPRD_MLFLOW_RUN_ID"
 
@@ -136,8 +137,7 @@ def _write_outputs(params: Params, result, digest: str, wall: float, world: int)
     hist = result.history
     last = hist[-1] if hist else {}
     mem = [h["mem/actor_update_delta_peak_GiB"] for h in hist if "mem/actor_update_delta_peak_GiB" in h]
-    summary = {
-        "method": params.distill.method,
+    summary = {  # numbers only (dvc metrics show); the method and config digest go to RUN_RECORD and tags
         "steps": result.steps,
         "final_loss": last.get("loss/total"),
         "final_cosine": last.get("rep/cosine/mean"),
@@ -148,9 +148,9 @@ def _write_outputs(params: Params, result, digest: str, wall: float, world: int)
         "step_seconds_median": sorted(h["perf/step_seconds"] for h in hist)[len(hist) // 2] if hist else None,
         "wall_seconds": wall,
         "world_size": world,
-        "config_digest": digest,
     }
-    write_json(METRICS, summary)
+    write_json(METRICS, {k: v for k, v in summary.items() if v is not None})
+    write_json(RUN_RECORD, {"method": params.distill.method, "config_digest": digest})
     PLOTS.parent.mkdir(parents=True, exist_ok=True)
     with PLOTS.open("w") as f:
         f.write("step\t" + "\t".join(k.replace("/", "_") for k in PLOT_KEYS) + "\n")
@@ -203,8 +203,14 @@ def launch(params_path: str, overrides: list[str]) -> int:
     par = params.parallel
     world = par.nproc_per_node * par.nnodes
     prompts = prompts_file(params)
+    prompts_sha = file_sha256(prompts)
     with StageRun("distill", params, upstream=[UPSTREAM], num_devices=world,
-                  datasets={"train_prompts": file_sha256(prompts)}) as run:  # fmt: skip
+                  datasets={"train_prompts": prompts_sha}) as run:  # fmt: skip
+        # What this run consumed, on its page: the training prompts and the teacher and student base.
+        log_dataset(run.run_id, prompts, "train_prompts", "training", prompts_sha, client=run.client)
+        inputs = dict(run.upstream["rollout"].models) if "rollout" in run.upstream else {}
+        log_model_inputs(run.run_id, list(inputs.values()), client=run.client)
+        run.set_tags({"oprd.config_digest": config_digest(params)})
         if world == 1:
             rc = worker(params_path, overrides, logger=run.metric_logger(flush_every=10))
         else:
@@ -224,9 +230,8 @@ def launch(params_path: str, overrides: list[str]) -> int:
         summary = json.loads(METRICS.read_text())
         run.client.log_artifact(run.run_id, str(CURVES), "plots")
         run.log_metrics({f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        models = dict(run.upstream["rollout"].models) if "rollout" in run.upstream else {}
         run.write_ref(REF, {"student": json.loads((STUDENT_DIR / "manifest.json").read_text())["sha256"]},
-                      models={**models, "student": model_id})  # fmt: skip
+                      models={**inputs, "student": model_id})  # fmt: skip
     return 0
 
 

@@ -21,7 +21,7 @@ from pipelines.stage_distill import STUDENT_DIR
 from pipelines.stage_io import file_sha256, stage_cli
 from pipelines.suites import load_suite
 from pipelines.tracking import StageRun, TrackingUnreachable
-from pipelines.tracking_models import log_dataset, log_model_inputs
+from pipelines.tracking_models import log_dataset, log_model_inputs, log_model_metrics
 from trainer.config import Params, load_params
 
 METRICS = Path("metrics/eval.json")
@@ -59,6 +59,17 @@ def run(params_path: str, overrides: list[str]) -> dict:
             for suite, roles in tree.items() for role, m in roles.items()
             for k, v in m.items() if isinstance(v, (int, float))
         })  # fmt: skip
+        # The same keys against each LoggedModel and the eval dataset: the experiment's Models view then
+        # compares teacher, student base and student side by side, each row linked to its model page.
+        by_suite = {s.name: s for s in suites}
+        for suite, roles in tree.items():
+            for role, m in roles.items():
+                if role in models:
+                    log_model_metrics(
+                        run.run_id, models[role],
+                        {f"{suite}/{k}": v for k, v in m.items() if isinstance(v, (int, float))},
+                        dataset_name=f"eval_{suite}", dataset_digest=by_suite[suite].digest, client=run.client,
+                    )  # fmt: skip
         per_problem = Path("artifacts/eval/per_problem.jsonl")
         run.write_ref(REF, {"per_problem": file_sha256(per_problem), **digests}, models=models)
     return {"tree": tree, "wall_seconds": time.perf_counter() - t0}

@@ -7,9 +7,13 @@
    rewritten by the next ``dvc repro``.
 2. Build the evidence (``server.schemas.EvidenceIn``): per-problem results of the candidate and the teacher from
    ``artifacts/eval/per_problem.jsonl``, the distillation cost, lineage refs (MLflow runs, digests).
-3. ``oprd-ci gate --evidence ... --out metrics/gate.json``: the registry registers the version, decides
+3. ``oprd-ci gate --evidence ... --out artifacts/gate/decision.json``: the registry registers the version, decides
    PROMOTE / REJECT / INCONCLUSIVE under the model's policy and, on PROMOTE, moves ``gate.alias`` in MLflow.
    With ``gate.registry_url`` (or ``$OPRD_REGISTRY_URL``) unset, the same app runs in-process on the local DB.
+4. The record: ``metrics/gate.json`` (numbers only), the gate run's tags (verdict, one ``n/a``/pass/fail tag per
+   criterion), ``gate/decision.md`` + ``decision.json`` artifacts, the model version's markdown description
+   (verdict, criteria table, policy, cost, links to every stage run and model; also the gate run's note) and
+   ``lineage/lineage.html`` (linked cards, PROMOTE green).
 """
 
 from __future__ import annotations
@@ -22,15 +26,23 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from pipelines.lineage import LineageEdge, LineageNode, short_digest
+from pipelines.lineage import (
+    LineageEdge,
+    LineageNode,
+    model_url,
+    run_url,
+    short_digest,
+    verdict_kind,
+    version_url,
+)
 from pipelines.stage_distill import METRICS as DISTILL_METRICS
 from pipelines.stage_distill import REF as DISTILL_REF
 from pipelines.stage_distill import STUDENT_DIR
 from pipelines.stage_evaluate import METRICS as EVAL_METRICS
 from pipelines.stage_evaluate import REF as EVAL_REF
 from pipelines.stage_io import stage_cli, write_json
-from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params
-from pipelines.tracking_models import log_lineage, registry_fields
+from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params, short_commit
+from pipelines.tracking_models import log_lineage, registry_fields, set_version_record
 from trainer.config import Params, load_params
 from trainer.export import verify_manifest
 
@@ -38,6 +50,7 @@ STORE = Path("registry-store")
 PER_PROBLEM = Path("artifacts/eval/per_problem.jsonl")
 EVIDENCE = Path("artifacts/gate/evidence.json")
 METRICS = Path("metrics/gate.json")
+DECISION = Path("artifacts/gate/decision.json")
 ROLE_TO_EVIDENCE = {"student": "candidate", "teacher": "teacher"}
 ROLLOUT_REF = Path("artifacts/rollout/rollout.mlflow.json")
 
@@ -104,7 +117,10 @@ def run(params_path: str, overrides: list[str]) -> int:
         distill, rollout = run.upstream["distill"], run.upstream["rollout"]
         model_id = distill.models["student"]
         evidence.update({k: v for k, v in registry_fields(model_id, distill.run_id, artifact).items()})
-        evidence["lineage"]["mlflow_run_ids"] = {s: r.run_id for s, r in run.upstream.items()}
+        evidence["lineage"]["mlflow_run_ids"] = {
+            **{s: r.run_id for s, r in run.upstream.items()},
+            "gate": run.run_id,
+        }
         evidence["lineage"]["logged_model_ids"] = {**rollout.models, **distill.models}
         evidence["lineage"]["dataset_digests"] = {
             k: v
@@ -117,7 +133,7 @@ def run(params_path: str, overrides: list[str]) -> int:
         run.client.log_batch(
             run.run_id, params=_params({f"policy.{k}": v for k, v in flatten_params(policy).items()})
         )
-        cmd = [sys.executable, "-m", "oprd_ci", "gate", "--evidence", str(EVIDENCE), "--out", str(METRICS),
+        cmd = [sys.executable, "-m", "oprd_ci", "gate", "--evidence", str(EVIDENCE), "--out", str(DECISION),
                "--alias", params.gate.alias, "--policy", params.gate.policy,
                "--reason", f"dvc gate stage, distill.method={params.distill.method}"]  # fmt: skip
         env = dict(os.environ)
@@ -128,12 +144,127 @@ def run(params_path: str, overrides: list[str]) -> int:
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
             raise GateFailed(f"oprd-ci gate exited with {rc} (its message is above)")
-        result = json.loads(METRICS.read_text())
+        result = json.loads(DECISION.read_text())
         decision = result["decision"]
+        write_json(METRICS, gate_metrics(result))
         _log_decision(run, decision, result)
-        nodes, edges = _lineage_graph(params, evidence, decision, sha)
-        log_lineage(run.run_id, nodes, edges, title="oprd-ci lineage", client=run.client)
+        links = StageLinks(run, params)
+        record = decision_markdown(params, decision, result, evidence, links)
+        run.client.log_text(run.run_id, record, "gate/decision.md")
+        run.client.log_artifact(run.run_id, str(DECISION), "gate")
+        run.set_tags({"mlflow.note.content": record})
+        run.client.update_run(
+            run.run_id, name=f"gate {decision['verdict']} v{decision['version']} {short_commit()}"
+        )
+        set_version_record(
+            params.gate.model_name, int(decision["version"]), description=record, model_id=model_id,
+            tags={"oprd.gate.verdict": decision["verdict"], "oprd.gate.decision_id": str(decision["id"]),
+                  "oprd.gate.run_id": run.run_id, "oprd.gate.policy_version": str(decision["policy_version"])},
+            client=run.client,
+        )  # fmt: skip
+        nodes, edges = _lineage_graph(params, evidence, decision, sha, links.absolute())
+        log_lineage(
+            run.run_id, nodes, edges, client=run.client,
+            title=f"{params.gate.model_name} v{decision['version']}: {decision['verdict']}",
+            footer=f"Links point at the MLflow UI at {links.ui_base} (set {UI_ENV} to change it).",
+        )  # fmt: skip
     return 0
+
+
+UI_ENV = "OPRD_MLFLOW_UI_URL"
+
+
+class StageLinks:
+    """MLflow UI links of the runs and models of this pipeline execution (relative ``#/...`` links for the
+    markdown that the UI renders itself; :meth:`absolute` for the standalone HTML page)."""
+
+    def __init__(self, run: StageRun, params: Params, base: str = "") -> None:
+        self.run, self.params, self.base = run, params, base
+        self.exp = run.experiment_id
+        uri = run.tracking_uri
+        self.ui_base = os.environ.get(UI_ENV) or (uri if uri.startswith("http") else "http://127.0.0.1:5000")
+
+    def absolute(self) -> StageLinks:
+        return StageLinks(self.run, self.params, self.ui_base)
+
+    def stage(self, stage: str) -> str:
+        run_id = self.run.run_id if stage == "gate" else self.run.upstream[stage].run_id
+        return run_url(self.base, self.exp, run_id)
+
+    def model(self, role: str) -> str:
+        models = {**self.run.upstream["rollout"].models, **self.run.upstream["distill"].models}
+        return model_url(self.base, self.exp, models[role])
+
+    def version(self, version: int) -> str:
+        return version_url(self.base, self.params.gate.model_name, version)
+
+
+def gate_metrics(result: dict) -> dict[str, float]:
+    """``metrics/gate.json``: numbers only (``dvc metrics show``); the verdict text and the criteria table are
+    in ``artifacts/gate/decision.json``, the gate run's tags and the model version's description."""
+    d = result["decision"]
+    statuses = [c["status"] for c in d["criteria"]]
+    out = {
+        "promote": int(d["verdict"] == "PROMOTE"),
+        "alias_moved": int(bool(result.get("promoted"))),
+        "version": int(d["version"]),
+        "decision_id": int(d["id"]),
+        "policy_version": int(d["policy_version"]),
+        **{
+            f"criteria_{s.lower()}": statuses.count(s)
+            for s in ("PASS", "FAIL", "INCONCLUSIVE", "NOT_APPLICABLE")
+        },
+    }
+    if d.get("champion_version") is not None:
+        out["champion_version"] = int(d["champion_version"])
+    return out
+
+
+_STATUS_TEXT = {"PASS": "pass", "FAIL": "**FAIL**", "INCONCLUSIVE": "inconclusive", "NOT_APPLICABLE": "n/a"}
+
+
+def decision_markdown(params: Params, decision: dict, result: dict, evidence: dict, links: StageLinks) -> str:
+    """The gate record as markdown (model-version description and gate run note): verdict, policy, cost, the
+    criteria table (criteria that did not apply read "n/a") and links to every stage run and model."""
+    fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+    champion = decision.get("champion_version")
+    moved = result.get("promoted")
+    lines = [
+        f"**{decision['verdict']}**: {decision['model']} v{decision['version']} under policy "
+        f"v{decision['policy_version']} (decision {decision['id']}; champion before: "
+        f"{'v' + str(champion) if champion is not None else 'none'}"
+        + (f"; `{moved['alias']}` now points here" if moved else "")
+        + ").",
+        "",
+        "| criterion | suite | status | observed | threshold | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in decision["criteria"]:
+        lines.append(
+            f"| {c['criterion']} | {c.get('suite') or ''} | {_STATUS_TEXT.get(c['status'], c['status'])} | "
+            f"{fmt(c.get('observed'))} | {fmt(c.get('threshold'))} | {str(c.get('detail') or '').replace('|', '/')} |"
+        )
+    cost = evidence.get("cost") or {}
+    lin = evidence["lineage"]
+    digests = lin.get("dataset_digests", {})
+    train = ", ".join(f"{k} `{short_digest(v)}`" for k, v in digests.items() if k.startswith("train"))
+    evals = ", ".join(f"{k} `{short_digest(v)}`" for k, v in digests.items() if k.startswith("eval"))
+    lines += [
+        "",
+        f"Cost: {cost.get('device_hours', 0.0):.4g} device-hours, ${cost.get('usd', 0.0):.4g}. "
+        f"Method: `{params.distill.method}`.",
+        "",
+        "Lineage:",
+        f"- teacher: [teacher `{short_digest(lin['teacher'].split('@')[-1])}`]({links.model('teacher')})",
+        f"- student base: [student base `{short_digest(lin['student_base'])}`]({links.model('student_base')})",
+        f"- training data: [{train or 'train prompts'}]({links.stage('distill')}) (dataset inputs of the distill run)",
+        f"- distill run: [distill {params.distill.method}]({links.stage('distill')}), "
+        f"rollout run: [rollout]({links.stage('rollout')})",
+        f"- evaluation: [evaluate run]({links.stage('evaluate')}) on {evals or 'the eval suites'}",
+        f"- gate decision: [gate {decision['verdict']} (decision {decision['id']})]({links.stage('gate')}), "
+        f"lineage view: [lineage.html]({links.stage('gate')}/artifacts/lineage/lineage.html)",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _read_policy(path: str) -> dict:
@@ -149,45 +280,60 @@ def _params(d: dict) -> list:
 
 
 def _log_decision(run: StageRun, decision: dict, result: dict) -> None:
-    metrics = {"gate/promoted": 1.0 if result.get("promoted") else 0.0}
+    metrics = {"gate/promote": 1.0 if decision["verdict"] == "PROMOTE" else 0.0,
+               "gate/alias_moved": 1.0 if result.get("promoted") else 0.0}  # fmt: skip
+    tags = {}
     for c in decision["criteria"]:
         key = f"gate/{c['suite'] + '/' if c.get('suite') else ''}{c['criterion']}"
+        tags[f"oprd.{key.replace('/', '.')}"] = _STATUS_TEXT.get(c["status"], c["status"]).strip("*").lower()
+        if c["status"] == "NOT_APPLICABLE":
+            continue  # nothing was compared: no pass/fail number, the tag says "n/a"
         metrics[f"{key}/pass"] = 1.0 if c["status"] == "PASS" else 0.0
         if c.get("observed") is not None:
             metrics[f"{key}/observed"] = c["observed"]
     run.log_metrics(metrics)
     run.set_tags({
+        **tags,
         "oprd.gate.verdict": decision["verdict"],
         "oprd.gate.decision_id": str(decision["id"]),
         "oprd.gate.version": str(decision["version"]),
         "oprd.gate.policy_version": str(decision["policy_version"]),
-        "oprd.gate.champion_version": str(decision.get("champion_version")),
+        "oprd.gate.champion_version": str(decision.get("champion_version") or "none"),
     })  # fmt: skip
 
 
-def _lineage_graph(params: Params, evidence: dict, decision: dict, sha: str):
+def _lineage_graph(params: Params, evidence: dict, decision: dict, sha: str, links: StageLinks):
     eval_tree = json.loads(EVAL_METRICS.read_text()) if EVAL_METRICS.is_file() else {}
     acc = {role: m["avg_at_k"] for roles in eval_tree.values() for role, m in roles.items()}
     lin = evidence["lineage"]
+    digests = lin["dataset_digests"]
+    cost = evidence.get("cost") or {}
     nodes = [
         LineageNode("teacher", "teacher", "model", {"sha256": short_digest(lin["teacher"].split("@")[-1]),
-                                                   "avg@k": f"{acc.get('teacher', float('nan')):.3f}"}),
+                    "avg@k": f"{acc.get('teacher', float('nan')):.3f}"}, url=links.model("teacher")),
         LineageNode("base", "student base", "model", {"sha256": short_digest(lin["student_base"]),
-                                                     "avg@k": f"{acc.get('student_base', float('nan')):.3f}"}),
-        LineageNode("data", "train prompts", "dataset", {k: short_digest(v) for k, v in lin["dataset_digests"].items()
-                                                         if k.startswith("train")}),
+                    "avg@k": f"{acc.get('student_base', float('nan')):.3f}"}, url=links.model("student_base")),
+        LineageNode("data", "train prompts", "dataset",
+                    {k: short_digest(v) for k, v in digests.items() if k.startswith("train")},
+                    url=links.stage("rollout")),
+        LineageNode("distill", f"distill run ({params.distill.method})", "run",
+                    {"cost $": f"{cost.get('usd', 0.0):.4g}", "device-h": f"{cost.get('device_hours', 0.0):.3g}"},
+                    url=links.stage("distill")),
         LineageNode("student", f"student v{decision['version']}", "model", {
-            "method": params.distill.method, "sha256": short_digest(sha),
-            "avg@k": f"{acc.get('student', float('nan')):.3f}"}),
-        LineageNode("eval", "evaluate", "evaluation", {k: short_digest(v) for k, v in lin["dataset_digests"].items()
-                                                       if k.startswith("eval")}),
-        LineageNode("gate", f"gate: {decision['verdict']}", "gate", {"decision": str(decision["id"]),
-                                                                      "policy": f"v{decision['policy_version']}"}),
+            "sha256": short_digest(sha), "avg@k": f"{acc.get('student', float('nan')):.3f}"},
+            url=links.version(decision["version"])),
+        LineageNode("eval", "evaluate", "evaluation",
+                    {k: short_digest(v) for k, v in digests.items() if k.startswith("eval")},
+                    url=links.stage("evaluate")),
+        LineageNode("gate", f"gate: {decision['verdict']}", verdict_kind(decision["verdict"]),
+                    {"decision": str(decision["id"]), "policy": f"v{decision['policy_version']}"},
+                    url=links.stage("gate")),
     ]  # fmt: skip
     edges = [
-        LineageEdge("teacher", "student", "distilled_from"),
-        LineageEdge("base", "student", "initialized_from"),
-        LineageEdge("data", "student", "consumed"),
+        LineageEdge("teacher", "distill", "distilled_from"),
+        LineageEdge("base", "distill", "initialized_from"),
+        LineageEdge("data", "distill", "consumed"),
+        LineageEdge("distill", "student", "produced"),
         LineageEdge("student", "eval", "evaluated"),
         LineageEdge("eval", "gate", "evidence"),
     ]

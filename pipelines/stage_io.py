@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.stage_logs import quiet_third_party
 from trainer.config import ConfigError, Params
 from trainer.export import file_sha256  # dataset digests: content hashes, passed explicitly to MLflow
 from trainer.models import CompatibilityError
@@ -72,6 +73,9 @@ def stage_cli(
     if extra_args is not None:
         extra_args(ap)
     args = ap.parse_args(argv)
+    # Profiler lines, weight-loading bars, repeated warnings (pipelines.stage_logs); the fd-level filter only
+    # for a real command line (argv None), never under an in-process caller that captures fd 2 itself.
+    quiet_third_party(fd_filter=argv is None)
     try:
         return body(args)
     except (*USER_ERRORS, *errors) as exc:

@@ -20,7 +20,7 @@ import torch
 from pipelines.preflight import AlignmentError, check_alignment, measure_alignment, sample_rollouts
 from pipelines.stage_io import file_sha256, prompts_file, stage_cli, write_json
 from pipelines.tracking import StageRun, TrackingUnreachable
-from pipelines.tracking_models import log_dataset, log_logged_model, log_model_inputs
+from pipelines.tracking_models import ensure_source_models, log_dataset, log_model_inputs
 from trainer.config import load_params
 from trainer.data import encode_prompts, load_prompts
 from trainer.methods import method_spec
@@ -31,6 +31,8 @@ from trainer.train import fit_prompts
 OUT_DIR = Path("artifacts/rollout")
 METRICS = Path("metrics/rollout.json")
 REF = OUT_DIR / "rollout.mlflow.json"
+LAYER_PLAN = OUT_DIR / "layer_plan.json"
+BOOTSTRAP_RECORD = Path("artifacts/bootstrap.json")
 
 
 def run(params_path: str, overrides: list[str]) -> dict:
@@ -42,17 +44,12 @@ def run(params_path: str, overrides: list[str]) -> dict:
     digest = file_sha256(prompts_path)
     with StageRun("rollout", params, datasets={"train_prompts": digest}) as run:
         log_dataset(run.run_id, prompts_path, "train_prompts", "training", digest, client=run.client)
-        model_ids = {
-            role: log_logged_model(
-                role,
-                src.path,
-                role=role,
-                run_id=run.run_id,
-                client=run.client,
-                copy_max_mb=params.tracking.copy_weights_max_mb,
-            )
-            for role, src in (("teacher", m.teacher), ("student_base", m.student))
-        }
+        # Logged once, by the run that produced them (bootstrap or "register external"), not by this consumer.
+        model_ids = ensure_source_models(
+            {"teacher": m.teacher.path, "student_base": m.student.path},
+            experiment_id=run.experiment_id, embedded=m.embedded, bootstrap_record=BOOTSTRAP_RECORD,
+            copy_max_mb=params.tracking.copy_weights_max_mb, client=run.client,
+        )  # fmt: skip
         log_model_inputs(run.run_id, list(model_ids.values()), client=run.client)
         tok = load_tokenizer(m.tokenizer or m.student.path, m)
         student = load_model(m.student, m, role="student", trainable=False)
@@ -96,10 +93,14 @@ def run(params_path: str, overrides: list[str]) -> dict:
         ).to_parquet(rollouts, index=False)
         layer_plan = {"student": plan.student, "teacher": plan.teacher, "notes": plan.notes}
         summary = {"metrics": metrics, "layer_plan": layer_plan}
-        write_json(METRICS, {**metrics, "layer_plan": layer_plan})
+        write_json(METRICS, metrics)  # numbers only (dvc metrics show); the plan is a record of its own
+        write_json(LAYER_PLAN, layer_plan)
+        run.client.log_artifact(run.run_id, str(LAYER_PLAN))
         run.log_metrics(metrics)
+        rollouts_sha = file_sha256(rollouts)
+        log_dataset(run.run_id, rollouts, "rollouts", "produced", rollouts_sha, client=run.client)
         run.set_tags({"oprd.alignment.cosine_mean": f"{report.mean_cosine:.4f}"})
-        run.write_ref(REF, {"rollouts": file_sha256(rollouts), "train_prompts": digest}, models=model_ids)
+        run.write_ref(REF, {"rollouts": rollouts_sha, "train_prompts": digest}, models=model_ids)
         warning = check_alignment(report, params)
         if warning:
             print(warning, file=sys.stderr)

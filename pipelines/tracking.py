@@ -51,7 +51,9 @@ __all__ = [
     "git_state",
     "lineage_tags",
     "project_root",
+    "repo_relative",
     "resolve_tracking_uri",
+    "short_commit",
 ]
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,24 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def repo_relative(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` relative to the project root when it lies inside it (what tags and metrics files record, so
+    they read the same on every machine), else the absolute path (an external model directory)."""
+    base = Path(root).resolve() if root is not None else project_root()
+    p = Path(path)
+    p = (p if p.is_absolute() else base / p).resolve()
+    try:
+        return p.relative_to(base).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def short_commit(root: str | Path | None = None) -> str:
+    """The first 7 hex chars of HEAD (``unknown`` outside git), with ``+`` when tracked files are modified."""
+    commit, dirty = git_state(root)
+    return commit if commit == "unknown" else commit[:7] + ("+" if dirty else "")
+
+
 def git_state(root: str | Path | None = None) -> tuple[str, bool | None]:
     """``(commit, dirty)`` of the repository at ``root``; ``("unknown", None)`` outside git.
 
@@ -248,9 +268,7 @@ def lineage_tags(
         tags["oprd.git.dirty"] = str(dirty).lower()
     for role, src in (("teacher", params.models.teacher), ("student_base", params.models.student)):
         path = Path(src.path) if Path(src.path).is_absolute() else base / src.path
-        # Repo-relative when inside the project (a path that means the same on every clone), else as given.
-        rel = path.resolve().relative_to(base) if path.resolve().is_relative_to(base) else path
-        tags[f"oprd.{role}.path"] = rel.as_posix()
+        tags[f"oprd.{role}.path"] = repo_relative(path, base)
         if src.revision:
             tags[f"oprd.{role}.revision"] = src.revision
         if (sha := _manifest_sha256(path)) is not None:
@@ -282,7 +300,7 @@ class StageRun:
 
     On enter: probes the store (:func:`check_tracking_reachable`, raises :class:`TrackingUnreachable` in a few
     seconds), sets the process-wide MLflow tracking URI (MLflow internals resolve LoggedModels through it),
-    creates/gets the experiment, starts a run named ``<stage>`` (or ``run_name``) and logs the flattened
+    creates/gets the experiment, starts a run named ``<stage> [<method>] <short commit>`` (or ``run_name``) and logs the flattened
     config, :func:`lineage_tags`, ``oprd.dvc.stage``, ``oprd.upstream.<stage>`` = upstream run id for every
     upstream ref, ``oprd.dataset.<name>.sha256`` for ``datasets`` and ``extra_tags``. It is also the active
     fluent run, so ``mlflow.log_*`` inside the block land in it.
@@ -321,7 +339,11 @@ class StageRun:
         self.device_kind = device_kind
         self.datasets = dict(datasets or {})
         self.extra_tags = dict(extra_tags or {})
-        self.run_name = run_name or stage
+        # Named for what the run is: "distill oprd 1a2b3c4" (stage, method where it matters, short commit).
+        if run_name is None:
+            method = f" {params.distill.method}" if stage in ("distill", "rollout") else ""
+            run_name = f"{stage}{method} {short_commit(self.root)}"
+        self.run_name = run_name
         # The bootstrap stage builds the models: a distillation method means nothing there.
         self.include_method = stage != "bootstrap" if include_method is None else include_method
         self.upstream: dict[str, RunRef] = {}

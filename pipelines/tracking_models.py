@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,23 +29,35 @@ from typing import Any, Literal
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput, LoggedModelStatus
+from mlflow.entities import (
+    DatasetInput,
+    InputTag,
+    LoggedModelInput,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+)
 from mlflow.exceptions import MlflowException
 
-from pipelines.lineage import LineageEdge, LineageNode, render_lineage
+from pipelines.lineage import LineageEdge, LineageNode, render_lineage, render_lineage_html
 from pipelines.mlflow_globals import process_uris
+from pipelines.tracking import repo_relative, short_commit
 from trainer.export import MANIFEST_NAME, verify_manifest
 
 __all__ = [
     "REGISTRY_MANAGED_TAG",
     "RegistryManagedError",
+    "ensure_source_models",
+    "find_logged_model",
     "log_dataset",
     "log_lineage",
     "log_logged_model",
     "log_model_inputs",
+    "log_model_metrics",
     "log_model_outputs",
     "register_student",
     "registry_fields",
+    "set_version_record",
 ]
 
 REGISTRY_MANAGED_TAG = "oprd.managed_by"
@@ -95,16 +109,17 @@ def log_dataset(
     frame). MLflow caps dataset digests at 36 characters, so the dataset digest is its first
     :data:`DATASET_DIGEST_CHARS` hex chars and the full value is the input tag ``oprd.sha256``. ``df`` skips
     reading the file (pass it when the caller already holds the frame, or a schema-bearing head of a huge
-    file). The source is the absolute file path.
+    file). The source is the file path relative to the project root (absolute outside it).
     """
     p = Path(path).resolve()
     frame = df if df is not None else _read_table(p)
+    source = repo_relative(p)
     with warnings.catch_warnings():
         # MLflow registers two equivalent local-file source classes and warns that the path is ambiguous,
         # and warns about integer columns in the inferred schema; neither applies to a recorded input.
         warnings.simplefilter("ignore", UserWarning)
         ds = mlflow.data.from_pandas(
-            frame, source=str(p), name=name, digest=digest[:DATASET_DIGEST_CHARS], targets=targets
+            frame, source=source, name=name, digest=digest[:DATASET_DIGEST_CHARS], targets=targets
         )
         entity = ds._to_mlflow_entity()  # the schema is inferred here
     input_tags = [InputTag("mlflow.data.context", context), InputTag("oprd.sha256", digest)]
@@ -133,7 +148,7 @@ def log_logged_model(
     """Record ``model_dir`` as a READY LoggedModel and return its model id.
 
     The directory's manifest is verified first (``trainer.export.verify_manifest``; raises ``ManifestError``
-    on any mismatch). Tags: ``oprd.role``, ``oprd.manifest_sha256``, ``oprd.path`` (absolute),
+    on any mismatch). Tags: ``oprd.role``, ``oprd.manifest_sha256``, ``oprd.path`` (repo-relative),
     ``oprd.weights`` (``copied`` or ``reference``) plus ``tags``. ``weights="copy"`` uploads the whole
     directory, ``"reference"`` only ``config.json``/``generation_config.json``/``manifest.json`` (the weights
     stay at ``oprd.path``, identified by the sha256), ``"auto"`` copies up to ``copy_max_mb``.
@@ -168,7 +183,7 @@ def log_logged_model(
     all_tags = {
         "oprd.role": role,
         SHA_TAG: sha,
-        "oprd.path": str(d),
+        "oprd.path": repo_relative(d),
         "oprd.weights": "copied" if copy else "reference",
         **{k: str(v) for k, v in (tags or {}).items()},
     }
@@ -190,6 +205,95 @@ def log_logged_model(
         raise
     c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return model.model_id
+
+
+def find_logged_model(client: MlflowClient, experiment_id: str, role: str, sha256: str) -> str | None:
+    """The id of a READY LoggedModel of ``experiment_id`` with this role and manifest sha256, or None."""
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{SHA_TAG}` = '{sha256}' AND tags.`oprd.role` = '{role}'",
+        max_results=10,
+    )
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return ready[0].model_id if ready else None
+
+
+def ensure_source_models(
+    models: Mapping[str, str | Path],
+    *,
+    experiment_id: str,
+    embedded: bool,
+    bootstrap_record: str | Path | None = None,
+    copy_max_mb: float = 0.0,
+    client: MlflowClient | None = None,
+) -> dict[str, str]:
+    """LoggedModel ids of the pipeline's input models (``{"teacher": dir, "student_base": dir}``).
+
+    A model already logged with the same role and manifest sha256 is reused. Missing ones are logged with the
+    run that produced them as their source run: the embedded pair gets a ``bootstrap <commit>`` run (with the
+    bootstrap record's numbers as metrics: steps, val accuracies, wall time), external checkpoints a
+    ``register external models <commit>`` run (tags name each directory and its sha256). Either run lists the
+    models as its outputs, so the LoggedModel page's "source run" is that run, never a consumer like rollout.
+    """
+    c = _client(client)
+    shas = {role: verify_manifest(Path(d)) for role, d in models.items()}
+    ids = {role: find_logged_model(c, experiment_id, role, sha) for role, sha in shas.items()}
+    missing = [role for role, mid in ids.items() if mid is None]
+    if not missing:
+        return {role: str(mid) for role, mid in ids.items()}
+    stage = "bootstrap" if embedded else "register_external"
+    name = f"{'bootstrap' if embedded else 'register external models'} {short_commit()}"
+    tags = {"oprd.stage": stage, "mlflow.note.content": (
+        "Produced the embedded teacher and student base (`pipelines/bootstrap.py`)." if embedded
+        else "Records externally trained checkpoints as LoggedModels (their source run)."
+    )}  # fmt: skip
+    for role in missing:
+        tags[f"oprd.{role}.path"] = repo_relative(models[role])
+        tags[f"oprd.{role}.sha256"] = shas[role]
+    run = c.create_run(experiment_id, run_name=name, tags=tags)
+    status = "FAILED"
+    try:
+        if bootstrap_record is not None and Path(bootstrap_record).is_file():
+            rec = json.loads(Path(bootstrap_record).read_text())
+            now = int(time.time() * 1000)
+            values = {"steps_run": rec.get("steps_run"), "wall_time_s": rec.get("wall_time_s")}
+            for role in ("teacher", "student_base"):
+                for k in ("step", "val_acc"):
+                    values[f"{role}/{k}"] = (rec.get(role) or {}).get(k)
+            metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if isinstance(v, (int, float))]
+            c.log_batch(run.info.run_id, metrics=metrics)
+            c.log_artifact(run.info.run_id, str(bootstrap_record))
+        for role in missing:
+            ids[role] = log_logged_model(
+                role, models[role], role=role, run_id=run.info.run_id, copy_max_mb=copy_max_mb,
+                reuse=False, client=c,
+            )  # fmt: skip
+        log_model_outputs(run.info.run_id, [ids[r] for r in missing], client=c)  # type: ignore[misc]
+        status = "FINISHED"
+    finally:
+        c.set_terminated(run.info.run_id, status)
+    return {role: str(mid) for role, mid in ids.items()}
+
+
+def log_model_metrics(
+    run_id: str,
+    model_id: str,
+    metrics: Mapping[str, float],
+    *,
+    dataset_name: str | None = None,
+    dataset_digest: str | None = None,
+    client: MlflowClient | None = None,
+) -> None:
+    """Log ``metrics`` against LoggedModel ``model_id`` (and the dataset they were measured on) in ``run_id``:
+    the LoggedModel page lists them and the experiment's Models view compares models on the same keys."""
+    now = int(time.time() * 1000)
+    digest = dataset_digest[:DATASET_DIGEST_CHARS] if dataset_digest else None
+    rows = [
+        Metric(k, float(v), now, 0, model_id=model_id, dataset_name=dataset_name, dataset_digest=digest)
+        for k, v in metrics.items()
+    ]
+    if rows:
+        _client(client).log_batch(run_id, metrics=rows)
 
 
 def log_model_inputs(run_id: str, model_ids: Sequence[str], *, client: MlflowClient | None = None) -> None:
@@ -284,6 +388,41 @@ def register_student(
     return int(mv.version)
 
 
+def set_version_record(
+    name: str,
+    version: int,
+    *,
+    description: str,
+    tags: Mapping[str, str],
+    model_id: str | None = None,
+    client: MlflowClient | None = None,
+) -> bool:
+    """Write the gate's record onto registered version ``name/version``: the markdown ``description`` (the
+    model-version page renders it, links included) and ``tags``; with ``model_id`` also make sure the
+    LoggedModel lists the version (``mlflow.modelVersions``, what its page shows under "Model versions").
+
+    Returns False (and changes nothing) when MLflow does not have the version yet (the registry's mirror is
+    behind; ``oprd-ci status`` reports pending writes).
+    """
+    c = _client(client)
+    try:
+        c.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    c.update_model_version(name, str(version), description=description)
+    for k, v in tags.items():
+        c.set_model_version_tag(name, str(version), k, str(v))
+    if model_id:
+        model = c.get_logged_model(model_id)
+        entry = {"name": name, "version": int(version)}  # as mlflow.register_model writes it
+        listed = json.loads(model.tags.get("mlflow.modelVersions") or "[]")
+        if not any(str(e.get("name")) == name and str(e.get("version")) == str(version) for e in listed):
+            c.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([*listed, entry])})
+    return True
+
+
 # ------------------------------------------------------------------------------------------ the picture
 def log_lineage(
     run_id: str,
@@ -291,12 +430,17 @@ def log_lineage(
     edges: Sequence[LineageEdge],
     *,
     title: str = "",
+    footer: str = "",
     artifact_path: str = "lineage",
     client: MlflowClient | None = None,
 ) -> str:
-    """Render the lineage PNG (``pipelines.lineage.render_lineage``) and log it as a run artifact;
-    returns the artifact path inside the run (``lineage/lineage.png``)."""
+    """Log the lineage view as run artifacts: ``lineage.html`` (readable, linked cards:
+    :func:`pipelines.lineage.render_lineage_html`) and ``lineage.png`` (a thumbnail). Returns the HTML's
+    artifact path inside the run (``lineage/lineage.html``)."""
+    c = _client(client)
     with tempfile.TemporaryDirectory(prefix="oprd-lineage-") as tmp:
-        png = render_lineage(Path(tmp) / "lineage.png", nodes, edges, title=title)
-        _client(client).log_artifact(run_id, str(png), artifact_path)
-    return f"{artifact_path}/lineage.png"
+        page = Path(tmp) / "lineage.html"
+        page.write_text(render_lineage_html(nodes, edges, title=title, footer=footer))
+        render_lineage(Path(tmp) / "lineage.png", nodes, edges, title=title)
+        c.log_artifacts(run_id, tmp, artifact_path)
+    return f"{artifact_path}/lineage.html"

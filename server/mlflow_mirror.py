@@ -71,8 +71,11 @@ class MlflowMirror:
                     f"MLflow {model} v{version} has source {existing.source!r}, registry has {p['source']!r}"
                 )
             return
+        # model_id links the version and its LoggedModel both ways in the UI (the version page shows the model,
+        # the LoggedModel page lists the version); older outbox payloads carry it only as a tag.
+        model_id = p.get("model_id") or (p.get("tags") or {}).get("oprd.logged_model_id")
         mv = self.client.create_model_version(
-            model, p["source"], run_id=p.get("run_id"), tags=p.get("tags") or None
+            model, p["source"], run_id=p.get("run_id"), tags=p.get("tags") or None, model_id=model_id
         )
         if int(mv.version) != version:
             raise MirrorDivergence(f"MLflow assigned {model} v{mv.version}, registry expected v{version}")

@@ -121,6 +121,7 @@ def record_version(
                 "version": mv.version,
                 "source": source,
                 "run_id": body.mlflow_run_id,
+                "model_id": body.logged_model_id,
                 "tags": tags,
             },
         )

@@ -34,6 +34,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from trainer.bench_names import DTYPES, METHODS, OPTIMIZERS
 from trainer.config import DistillConfig, LayerMode, OPDConfig, PositionMode, RepConfig
 from trainer.hidden import capture_hidden_states, layer_indices, num_decoder_layers
 from trainer.models import LayerPlan
@@ -57,9 +58,6 @@ __all__ = [
     "with_ratios",
 ]
 
-METHODS: tuple[str, ...] = ("oprd", "opd_sampled", "opd_topk", "full_kl", "full_kl_chunked", "floor")
-OPTIMIZERS: tuple[str, ...] = ("adamw-fused", "adamw-foreach", "adamw")
-DTYPES: tuple[str, ...] = ("fp32", "bf16")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 """Special ids of the synthetic models; random content tokens are drawn from ``[3, V)``."""
 

@@ -187,6 +187,7 @@ class Trainer:
                 self.logger.log_metrics(metrics, state.step)
             if (ck.every and state.step % ck.every == 0) or state.step == d.steps:
                 self.ckpt.save(state.step, self.student, self.optimizer, self.scheduler, state)
+            bar.set_postfix(_bar_fields(state.history), refresh=False)  # loss, cosine, latest val accuracy
             bar.update(1)
         bar.close()
         export = self.export_final(state) if state.step >= d.steps else None
@@ -402,6 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _bar_fields(history: list[dict]) -> dict[str, str]:
+    """Progress-bar postfix: this step's loss and mean cosine, and the latest validation accuracy so far."""
+    last = history[-1] if history else {}
+    val = next((h["val/accuracy"] for h in reversed(history) if "val/accuracy" in h), None)
+    fields = {"loss": last.get("loss/total"), "cos": last.get("rep/cosine/mean"), "val": val}
+    return {k: f"{v:.4g}" for k, v in fields.items() if v is not None}
 
 
 if __name__ == "__main__":

@@ -26,3 +26,24 @@ def test_results_summarizes_the_committed_pipeline_metrics():
 def test_results_without_a_run_is_a_clear_error(tmp_path):
     out = runner.invoke(app, ["results", "--metrics-dir", str(tmp_path)])
     assert out.exit_code == 2 and "run `dvc repro` first" in out.output
+
+
+def test_lineage_chain_has_short_hashes_and_mlflow_links():
+    from oprd_ci.registry_cli import lineage_chain
+
+    out = {
+        "model": "stud",
+        "version": {"version": 3, "manifest_sha256": "ab" * 32, "status": "READY"},
+        "evidence": {"lineage": {"teacher": "teacher@" + "cd" * 32, "student_base": "ef" * 32,
+                                 "dataset_digests": {"train_prompts": "12" * 32}}},
+        "mlflow": {"runs": {"distill": {"run_id": "r" * 32, "status": "FINISHED", "experiment_id": "7"}},
+                   "logged_models": {"teacher": {"model_id": "m-t"}}},
+    }  # fmt: skip
+    rows = {what: (ident, url) for what, ident, url in lineage_chain(out, "http://ui:5000")}
+    assert rows["stud v3"] == ("sha256 abababababab [READY]", "http://ui:5000/#/models/stud/versions/3")
+    assert rows["teacher"] == ("teacher@cdcdcdcdcdcd", "http://ui:5000/#/experiments/7/models/m-t")
+    assert (
+        rows["student base"][0] == "sha256 efefefefefef"
+        and rows["dataset train_prompts"][0] == "sha256 121212121212"
+    )
+    assert rows["distill run"] == ("rrrrrrrr FINISHED", "http://ui:5000/#/experiments/7/runs/" + "r" * 32)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,24 @@ TINY = {
     "distill": {"steps": 4, "prompts_per_step": 4, "n_responses": 2, "eval_every": 2, "memory_every": 2},
     "evaluate": {"k": 2, "batch_size": 64},
     "optim": {"num_threads": 1},
+    "gate": {"policy": "policies/tiny.yaml"},
 }  # fmt: skip
+# The tiny models are too weak for the default floor: a permissive policy makes the first version PROMOTE, so the
+# champion alias exists for the lineage browser test (the gate's logic is tested in tests/server).
+TINY_POLICY = """suites:
+  embedded: {floor: 0.0, non_inferiority_margin: 1.0, max_teacher_gap: 1.0, min_problems: 10}
+"""
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix, tree
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -42,7 +61,9 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "MLFLOW_TRACKING_URI": ""}  # fmt: skip
     env.pop("MLFLOW_TRACKING_URI")
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
+    )  # shared 2-core CI
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out
 
@@ -54,6 +75,7 @@ def project(tmp_path_factory) -> Path:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
+    (root / "policies/tiny.yaml").write_text(TINY_POLICY)
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text(
@@ -68,11 +90,16 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two full (tiny) repros; seen past 900 s on a shared 2-core machine at load 22
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     first = _run(["dvc", "repro"], project)
-    for stage in ("bootstrap", "rollout", "distill", "evaluate", "gate"):
+    for stage in ("precheck", "bootstrap", "rollout", "distill", "evaluate", "gate"):
         assert f"Running stage '{stage}'" in first.stdout
-    gate = json.loads((project / "metrics/gate.json").read_text())
+    gate = json.loads((project / "artifacts/gate/decision.json").read_text())
+    for name in ("gate", "distill", "rollout", "eval"):  # metrics files hold numbers only
+        doc = json.loads((project / f"metrics/{name}.json").read_text())
+        assert not [k for k, v in _leaves(doc) if not isinstance(v, (int, float))], name
+    assert json.loads((project / "metrics/gate.json").read_text())["version"] == gate["decision"]["version"]
     eval_tree = json.loads((project / "metrics/eval.json").read_text())
     assert set(eval_tree["embedded"]) == {"teacher", "student_base", "student"}
     # The gate judged *this* student on *this* evaluation, and its verdict follows from its criteria table.
@@ -89,6 +116,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert json.loads((project / "metrics/distill.json").read_text())["steps"] == 4
     second = _run(["dvc", "repro"], project)
     assert "Running stage 'gate'" in second.stdout  # always_changed
+    assert "Running stage 'precheck'" in second.stdout  # always_changed, same output: nothing else re-runs
     for stage in ("bootstrap", "rollout", "distill", "evaluate"):
         assert f"Running stage '{stage}'" not in second.stdout
     shown = _run(["dvc", "metrics", "show", "--json"], project)
@@ -106,6 +134,158 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert distill.data.tags["oprd.upstream.rollout"] == by_stage["rollout"][0].info.run_id
     assert "loss/total" in distill.data.metrics and distill.data.tags["oprd.method"] == "oprd"
     assert by_stage["gate"][0].data.tags["oprd.gate.verdict"] == gate["decision"]["verdict"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class _Anchors(HTMLParser):
+    """``(href, text)`` of every ``<a>`` in a DOM dump."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self._href, self._text = dict(attrs).get("href"), []
+
+    def handle_data(self, data):
+        if self._href is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "a" and self._href is not None:
+            self.links.append((self._href, " ".join("".join(self._text).split())))
+            self._href = None
+
+
+class _Browser:
+    """Headless Chromium rendering MLflow's single-page app: each visit dumps the DOM after the JS ran."""
+
+    def __init__(self, base: str, profile: Path) -> None:
+        self.base, self.profile, self.visits = base, profile, 0
+
+    def _cmd(self, *extra: str) -> list[str]:
+        self.visits += 1
+        return [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={self.profile}-{self.visits}", "--virtual-time-budget=20000", *extra,
+        ]  # fmt: skip
+
+    def visit(self, href: str, expect: str) -> tuple[str, list[tuple[str, str]]]:
+        """The rendered DOM text of ``href`` (a link as found on a page) and its links; retried until
+        ``expect`` shows up (the app fetches its data asynchronously; a loaded machine is slow)."""
+        url = self.base + "/" + href.lstrip("./")
+        for _ in range(3):
+            dom = subprocess.run(
+                self._cmd("--dump-dom", url), capture_output=True, text=True, timeout=180
+            ).stdout
+            if expect in dom:
+                break
+        parser = _Anchors()
+        parser.feed(dom)
+        assert expect in dom, f"{url}: {expect!r} not rendered"
+        return dom, parser.links
+
+    def screenshot(self, href: str, out: Path) -> None:
+        subprocess.run(self._cmd("--window-size=1400,1700", "--hide-scrollbars", f"--screenshot={out}",
+                                 self.base + "/" + href), capture_output=True, timeout=180)  # fmt: skip
+
+
+def _follow(links: list[tuple[str, str]], text_prefix: str) -> str:
+    found = [h for h, t in links if t.startswith(text_prefix) and h.startswith("#/")]
+    assert found, f"no link starting {text_prefix!r} among {[t for _, t in links if t][:60]}"
+    return found[0]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI: scripts/services.sh installs it)")
+def test_lineage_is_reachable_by_links_from_the_champion_version_page(project, tmp_path):
+    """From the registered model's champion version page, the teacher, the student base, the training data, the
+    distill run, the evaluation and the gate decision are each reached by following links (no ids copied)."""
+    from pipelines.tracking_server import LeanMlflowServer
+
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "mlflow.db").symlink_to(project / "mlflow.db")  # the pipeline's own store
+    with LeanMlflowServer(tmp_path / "srv") as srv:
+        b = _Browser(srv.uri, tmp_path / "chromium")
+        dom, links = b.visit("#/models/oprd-student", 'title="champion"')
+        row = next(r for r in dom.split('role="row"') if 'title="champion"' in r)
+        version_href = re.search(r'href="(#/models/oprd-student/versions/\d+)"', row).group(1)
+
+        dom, links = b.visit(version_href, "PROMOTE")
+        assert "criterion" in dom and "n/a" in dom  # the gate's criteria table; no-champion criteria are n/a
+        version_page = links
+
+        dom, _ = b.visit(_follow(version_page, "teacher"), "embedded/avg_at_k")
+        assert (
+            ">teacher<" in dom and "bootstrap " in dom
+        )  # its page: name, source run = bootstrap, eval metrics
+        dom, _ = b.visit(_follow(version_page, "student base"), "embedded/avg_at_k")
+        assert ">student_base<" in dom and "bootstrap " in dom
+
+        distill_href = _follow(version_page, "distill oprd")  # the version's source run (MLflow's own link)
+        dom, distill_links = b.visit(distill_href, "train_prompts")  # the training data: a dataset input
+        assert "training" in dom and "oprd.method" in dom
+        models_used = {h for h, _ in distill_links if "/models/m-" in h}
+        assert _follow(version_page, "teacher") in models_used  # model inputs of the distill run
+        assert _follow(version_page, "student base") in models_used
+        data_href = next(h for h, t in version_page if t.startswith("train_prompts"))
+        assert data_href == distill_href
+
+        dom, _ = b.visit(_follow(version_page, "evaluate run"), "eval_embedded")
+        assert "evaluate " in dom
+        dom, _ = b.visit(_follow(version_page, "gate PROMOTE"), "oprd.gate.verdict")
+        assert "gate PROMOTE v" in dom and "lineage" in dom
+        b.screenshot(version_href, tmp_path / "version.png")
+    assert (tmp_path / "version.png").stat().st_size > 10_000
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".dvc" not in p.parts and ".git" not in p.parts and p.name != "params.yaml"
+        and p.suffix not in (".db", ".log", ".pyc") and "mlartifacts" not in p.parts and "tmp" not in p.parts
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bad_prompts_file_fails_first_and_deletes_nothing(project):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    before = _tree_digest(project / "artifacts") | _tree_digest(project / "metrics")
+    try:
+        (project / "empty.jsonl").write_text("")
+        params = yaml.safe_load(original)
+        params["task"]["prompts_file"] = "empty.jsonl"
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        # bootstrap depends only on the keys that generate the pair: pointing the prompts elsewhere leaves it alone
+        status = subprocess.run(
+            ["dvc", "status", "bootstrap", "--json"], cwd=project, capture_output=True, text=True
+        )
+        assert json.loads(status.stdout or "{}") == {}, status.stdout
+        out = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=600)
+        assert out.returncode != 0
+        assert "precheck failed (no stage ran, nothing was deleted)" in out.stderr + out.stdout
+        assert "empty.jsonl: no prompts" in out.stderr + out.stdout
+        for stage in ("bootstrap", "rollout", "distill", "evaluate", "gate"):
+            assert f"Running stage '{stage}'" not in out.stdout
+        after = _tree_digest(project / "artifacts") | _tree_digest(project / "metrics")
+        before.pop("artifacts/precheck.ok", None)  # the failed precheck's own output (DVC removes it first)
+        assert {k: v for k, v in after.items() if k in before} == before
+        assert set(before) <= set(after)
+    finally:
+        params_path.write_text(original)
+        (project / "empty.jsonl").unlink(missing_ok=True)
+    _run(["dvc", "repro", "precheck"], project)
 
 
 @pytest.mark.slow

@@ -26,6 +26,9 @@ from pipelines.lineage import (
     RunRefError,
     read_run_ref,
     render_lineage,
+    render_lineage_html,
+    run_url,
+    verdict_kind,
     write_run_ref,
 )
 from pipelines.tracking import (
@@ -39,12 +42,15 @@ from pipelines.tracking import (
 from pipelines.tracking_metrics import MetricsNotLogged, MlflowMetricLogger
 from pipelines.tracking_models import (
     RegistryManagedError,
+    ensure_source_models,
     log_dataset,
     log_lineage,
     log_logged_model,
     log_model_inputs,
+    log_model_metrics,
     register_student,
     registry_fields,
+    set_version_record,
 )
 from pipelines.tracking_server import LeanMlflowServer, free_port
 from trainer.config import Params, TrackingConfig, load_params
@@ -157,14 +163,16 @@ def test_stage_run_logs_params_tags_cost_and_upstream(store: str, project: Path,
         mlflow.log_metric("inside", 1.0)  # the fluent API lands in the stage run
         time.sleep(0.05)
     r = MlflowClient(store).get_run(run.run_id)
-    assert r.info.status == "FINISHED" and r.info.run_name == "distill"
+    assert (
+        r.info.status == "FINISHED" and r.info.run_name == "distill combined unknown"
+    )  # stage method commit
     p, t, m = r.data.params, r.data.tags, r.data.metrics
     assert p["distill.method"] == "combined" and p["distill.rep.layers"] == "[2, 4]"
     assert p["tracking.experiment"] == "exp-stage"
     teacher_sha = json.loads((project / "artifacts/models/teacher/manifest.json").read_text())["sha256"]
     assert t["oprd.stage"] == "distill" and t["oprd.dvc.stage"] == "distill"
     assert t["oprd.teacher.sha256"] == teacher_sha
-    assert t["oprd.teacher.path"] == "artifacts/models/teacher"  # repo-relative
+    assert t["oprd.teacher.path"] == "artifacts/models/teacher"  # repo-relative: the same on every machine
     assert "oprd.student_base.sha256" in t
     assert t["oprd.method"] == "combined" and t["oprd.loss.rep.layers"] == "[2, 4]"
     assert t["oprd.loss.rep.coef"] == "1.0" and t["oprd.loss.rep.normalize"] == "false"
@@ -337,9 +345,54 @@ def test_render_and_log_lineage(store: str, project: Path, tmp_path: Path) -> No
         render_lineage(
             tmp_path / "x.png", nodes[:2], [LineageEdge("teacher", "base"), LineageEdge("base", "teacher")]
         )
+    linked = [
+        *nodes[:4],
+        LineageNode("gate", "gate: PROMOTE", verdict_kind("PROMOTE"), url=run_url("", "1", "r9")),
+    ]
+    page = render_lineage_html(linked, edges, title="oprd-student v1 <b>", footer="f")
+    assert 'href="#/experiments/1/runs/r9"' in page and "&lt;b&gt;" in page  # linked, escaped
+    assert 'class="card promote"' in page and "#bbf7d0" in page  # PROMOTE is green
+    assert page.index("node-teacher") < page.index("node-student") < page.index("node-gate")  # columns
+    assert "distilled_from &rarr; distilled student" in page
     with StageRun("gate", params_for(store, "exp-pic"), root=project) as run:
-        rel = log_lineage(run.run_id, nodes, edges, client=run.client)
-    assert rel in [f.path for f in MlflowClient(store).list_artifacts(run.run_id, "lineage")]
+        rel = log_lineage(run.run_id, linked, edges, client=run.client)
+    assert rel == "lineage/lineage.html"
+    listed = {f.path for f in MlflowClient(store).list_artifacts(run.run_id, "lineage")}
+    assert listed == {"lineage/lineage.html", "lineage/lineage.png"}
+
+
+def test_source_models_eval_metrics_and_version_record(store: str, project: Path) -> None:
+    c = MlflowClient(store)
+    models = {
+        "teacher": project / "artifacts/models/teacher",
+        "student_base": project / "artifacts/models/student-base",
+    }
+    (project / "artifacts/bootstrap.json").write_text(
+        json.dumps({"steps_run": 40, "teacher": {"val_acc": 0.9}})
+    )
+    with StageRun("rollout", params_for(store, "exp-src"), root=project) as run:
+        ids = ensure_source_models(
+            models, experiment_id=run.experiment_id, embedded=True,
+            bootstrap_record=project / "artifacts/bootstrap.json", client=c,
+        )  # fmt: skip
+        again = ensure_source_models(models, experiment_id=run.experiment_id, embedded=True, client=c)
+    assert again == ids  # logged once, reused by every later stage
+    src = c.get_run(c.get_logged_model(ids["teacher"]).source_run_id)
+    assert src.info.run_id != run.run_id and src.data.tags["oprd.stage"] == "bootstrap"
+    assert src.info.run_name.startswith("bootstrap ") and src.data.metrics["teacher/val_acc"] == 0.9
+    assert c.get_logged_model(ids["student_base"]).source_run_id == src.info.run_id
+    log_model_metrics(run.run_id, ids["teacher"], {"embedded/avg_at_k": 0.9}, dataset_name="eval_embedded",
+                      dataset_digest="ab" * 32, client=c)  # fmt: skip
+    (metric,) = c.get_logged_model(ids["teacher"]).metrics
+    assert (metric.key, metric.value, metric.dataset_name) == ("embedded/avg_at_k", 0.9, "eval_embedded")
+    assert set_version_record("nope", 1, description="x", tags={}, client=c) is False
+    version = register_student("stud-rec", model_id=ids["teacher"], client=c)
+    assert set_version_record("stud-rec", version, description="**PROMOTE** [distill](#/x)",
+                              tags={"oprd.gate.verdict": "PROMOTE"}, model_id=ids["teacher"], client=c)  # fmt: skip
+    mv = c.get_model_version("stud-rec", str(version))
+    assert mv.description.startswith("**PROMOTE**") and mv.tags["oprd.gate.verdict"] == "PROMOTE"
+    listed = json.loads(c.get_logged_model(ids["teacher"]).tags["mlflow.modelVersions"])
+    assert listed.count({"name": "stud-rec", "version": version}) == 1  # not duplicated
 
 
 # ------------------------------------------------------------------------------------------ metric logger

@@ -126,3 +126,32 @@ def test_parse_target():
     assert parse_target("student/3") == ("student", {"version": 3})
     with pytest.raises(typer.BadParameter):
         parse_target("student/latest")
+
+
+def test_cli_status_flags_mlflow_disagreement_and_names_known_models(
+    cli, tmp_path, make_artifact, monkeypatch
+):
+    """`status` exits 4 with a readable line when MLflow's alias drifted; unknown names get a did-you-mean."""
+    from mlflow import MlflowClient
+
+    env = server_env(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("OPRD_REGISTRY_URL", raising=False)
+    f = tmp_path / "ev.json"
+    f.write_text(json.dumps(evidence("student", make_artifact("v1"), 0.5, n=60, seed=1)))
+    assert _run(cli, ["gate", "--evidence", str(f), "--policy", POLICY_FILE]).exit_code == 0
+    from server.app import create_app
+
+    create_app(run_reconciler=False).state.reconciler.run_once()  # MLflow has caught up with the registry
+    assert _run(cli, ["status", "student"]).exit_code == 0  # MLflow agrees
+    MlflowClient(env["OPRD_MLFLOW_TRACKING_URI"]).delete_registered_model_alias("student", "champion")
+    r = _run(cli, ["status", "student"])
+    assert r.exit_code == EXIT_CONFLICT
+    assert "MLflow's aliases disagree with the registry" in r.output
+    assert "student@champion: registry says v1, MLflow says no such alias" in r.output
+    r = _run(cli, ["status", "studnet"])
+    assert r.exit_code == EXIT_NOT_FOUND and "HTTP" not in r.output
+    assert "did you mean 'student'?" in r.output and "known models: student" in r.output
+    r = _run(cli, ["lineage", "student/9"])
+    assert r.exit_code == EXIT_NOT_FOUND and "known versions of student: v1" in r.output
