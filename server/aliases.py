@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from server.auth import Principal
 from server.errors import Conflict, Forbidden, NotFound
-from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem, Policy, RegisteredModel, utcnow
+from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel, enqueue, utcnow
 from server.registry import ensure_ready, get_model, get_version, next_audit_seq
 
 MOVE_ACTIONS = ("promote", "rollback", "auto_rollback")
@@ -77,11 +77,7 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
             override=move.override,
         )
     )
-    s.add(
-        OutboxItem(
-            kind="set_alias", model_name=model.name, payload={"alias": alias, "version": move.to_version}
-        )
-    )
+    enqueue(s, "set_alias", model.name, {"alias": alias, "version": move.to_version})
     return row
 
 

@@ -52,6 +52,14 @@ class MlflowMirror:
             raise
         return {alias: int(v) for alias, v in rm.aliases.items()}
 
+    def _version_or_none(self, model: str, version: int):  # type: ignore[no-untyped-def]
+        try:
+            return self.client.get_model_version(model, str(version))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return None
+
     def _create_version(self, model: str, p: dict[str, Any]) -> None:
         try:
             self.client.create_registered_model(model, tags={"oprd.managed_by": "oprd-ci registry"})
@@ -59,12 +67,13 @@ class MlflowMirror:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         version = int(p["version"])
-        try:
-            existing = self.client.get_model_version(model, str(version))
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            existing = None
+        existing = self._version_or_none(model, version)
+        if existing is None and version > 1 and self._version_or_none(model, version - 1) is None:
+            # MLflow numbers versions itself: creating this one now would give it the number of the missing
+            # (parked) one. Refuse, so the reconciler parks this row too instead of diverging.
+            raise MirrorDivergence(
+                f"MLflow {model} has no v{version - 1} (parked?); v{version} cannot be created"
+            )
         if existing is not None:
             if existing.source != p["source"]:
                 raise MirrorDivergence(
@@ -72,7 +81,12 @@ class MlflowMirror:
                 )
             return
         mv = self.client.create_model_version(
-            model, p["source"], run_id=p.get("run_id"), tags=p.get("tags") or None
+            model,
+            p["source"],
+            run_id=p.get("run_id"),
+            tags=p.get("tags") or None,
+            # MLflow accepts a models:/m-<id> source only together with its logged-model id
+            model_id=p.get("logged_model_id") if str(p["source"]).startswith("models:/") else None,
         )
         if int(mv.version) != version:
             raise MirrorDivergence(f"MLflow assigned {model} v{mv.version}, registry expected v{version}")
