@@ -186,7 +186,16 @@ def still_valid(s: Session, model: RegisteredModel, version: int, alias: str, pl
         return False
     if plan.is_champion != (current_champ == version):
         return False
-    return plan.is_champion or champion_evidence(s, model, alias)[1] == plan.champion_evidence_id
+    if plan.is_champion or row is None:
+        return True
+    newest = s.scalar(
+        select(Evidence.id)
+        .join(ModelVersion, Evidence.model_version_id == ModelVersion.id)
+        .where(ModelVersion.model_id == model.id, ModelVersion.version == row.version)
+        .order_by(Evidence.id.desc())
+        .limit(1)
+    )
+    return newest == plan.champion_evidence_id
 
 
 def submit_evidence(

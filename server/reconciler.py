@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from mlflow.exceptions import MlflowException
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 _BATCH = 500
 _PG_LOCK_KEY = 0x0F0D_C1  # one applier at a time across processes sharing a PostgreSQL database
 _LOCK_RETRY_S = 0.02
-_POLL_S = 0.01
+_POLL_S = 0.03
+_SETTLED_KEEP = 100_000
 # MLflow error codes that are the server's answer about this write (retrying cannot change it).
 _REFUSALS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
 SYSTEM_ACTOR = "system:reconciler"
@@ -79,6 +81,7 @@ class Reconciler:
         self._stop = threading.Event()
         self._applied = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._settled: OrderedDict[int, str] = OrderedDict()  # outbox id -> applied|parked, newest last
         self.last_error: str | None = None
         self.stats = OutboxStats()
         self.refresh_stats()
@@ -101,24 +104,36 @@ class Reconciler:
         """Wait up to ``timeout_s`` for these outbox rows (and only these) to leave the pending state.
 
         Returns ``"applied"``, ``"parked"`` (MLflow refused one of them) or ``"pending"`` (not done in time,
-        or mirroring is off). Polls the database, so it works whichever process applies the rows.
+        or mirroring is off). Rows this process settles wake the waiter at once (no database reads); rows
+        another process settles (several workers on PostgreSQL) are seen by polling the database every
+        ``_POLL_S`` (and once at the deadline, on SQLite too).
         """
         if self.mirror is None or not outbox_ids:
             return "pending" if outbox_ids else "applied"
         self.kick()
         deadline = time.monotonic() + timeout_s
+        poll_db = not self.db.is_sqlite
         while True:
-            with self.db.read() as s:
-                rows = s.execute(
-                    select(OutboxItem.applied_at, OutboxItem.parked_at).where(OutboxItem.id.in_(outbox_ids))
-                ).all()
-            if all(a is not None or p is not None for a, p in rows):
-                return "parked" if any(p is not None for _, p in rows) else "applied"
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return "pending"
-            with self._applied:  # woken at once when this process applies rows; else poll
-                self._applied.wait(min(left, _POLL_S))
+            with self._applied:
+                states = [self._settled.get(i) for i in outbox_ids]
+                if all(states):
+                    return "parked" if "parked" in states else "applied"
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._applied.wait(min(left, _POLL_S) if poll_db else left)
+            if left <= 0 or poll_db:
+                state = self._settled_in_db(outbox_ids)
+                if left <= 0 or state != "pending":
+                    return state
+
+    def _settled_in_db(self, outbox_ids: list[int]) -> str:
+        with self.db.read() as s:
+            rows = s.execute(
+                select(OutboxItem.applied_at, OutboxItem.parked_at).where(OutboxItem.id.in_(outbox_ids))
+            ).all()
+        if all(a is not None or p is not None for a, p in rows):
+            return "parked" if any(p is not None for _, p in rows) else "applied"
+        return "pending"
 
     def _loop(self) -> None:
         passes = 0
@@ -261,6 +276,10 @@ class Reconciler:
         if done or parked or failed:
             self.db.transact(tx)
         with self._applied:
+            self._settled.update((i, "applied") for i in done)
+            self._settled.update((row.id, "parked") for row, _ in parked)
+            while len(self._settled) > _SETTLED_KEEP:
+                self._settled.popitem(last=False)
             self._applied.notify_all()
 
     def _repair_drift(self, result: ReconcileResult) -> None:

@@ -20,7 +20,7 @@ from server.idempotency import run_mutation
 from server.mlflow_guard import MlflowGuard, MlflowUnavailable
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
-from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem
+from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem, RegisteredModel
 from server.registry import ensure_ready, get_model, get_version, verify_registered
 from server.schemas import AliasOut, AuditOut, LineageOut, PromoteIn, RollbackIn, StatusOut
 from server.views import alias_out, audit_out, decision_out, version_out
@@ -56,7 +56,7 @@ def promote(
             reason=body.reason,
             override=body.override,
         )
-        return alias_out(get_model(s, name), row)
+        return alias_out(s.get(RegisteredModel, row.model_id), row)  # identity map: no query
 
     return run_mutation(request, who, name, work)
 
@@ -82,7 +82,7 @@ def rollback(
         )
         if row.version != target:  # history changed between the check and the move: let the client re-read
             raise Conflict(f"expected_revision: rollback target of {name}@{alias} changed concurrently")
-        return alias_out(get_model(s, name), row)
+        return alias_out(s.get(RegisteredModel, row.model_id), row)  # identity map: no query
 
     return run_mutation(request, who, name, work)
 

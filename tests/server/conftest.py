@@ -178,9 +178,10 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """``uvicorn --factory server.app:app_from_env`` in a subprocess on loopback, configured by OPRD_* env."""
+    """``uvicorn --factory server.app:app_from_env`` in a subprocess on loopback, configured by OPRD_* env.
+    With ``workers`` > 1 (PostgreSQL) the caller migrates the database first, as ``oprd-ci serve`` does."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1) -> None:
         import subprocess
         import sys
 
@@ -203,6 +204,8 @@ class LiveServer:
                 "warning",
                 "--limit-concurrency",
                 "256",
+                "--workers",
+                str(workers),
             ],
             env=full_env,
             stdout=self.log,

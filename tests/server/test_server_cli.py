@@ -126,3 +126,23 @@ def test_parse_target():
     assert parse_target("student/3") == ("student", {"version": 3})
     with pytest.raises(typer.BadParameter):
         parse_target("student/latest")
+
+
+def test_serve_refuses_several_workers_on_sqlite(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPRD_DATABASE_URL", f"sqlite:///{tmp_path}/r.db")
+    r = _run(cli, ["serve", "--workers", "2"])
+    assert r.exit_code == EXIT_USAGE and "PostgreSQL" in r.output
+
+
+def test_status_shows_parked_and_pending_mlflow_writes(cli, tmp_path, make_artifact, monkeypatch):
+    """In-process CLI with MLflow mirroring off: the gate's writes stay pending, and status says so."""
+    for k, v in server_env(tmp_path, OPRD_MLFLOW_ENABLED="false").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("OPRD_REGISTRY_URL", raising=False)
+    f = tmp_path / "ev.json"
+    f.write_text(json.dumps(evidence("student", make_artifact("v1"), 0.5)))
+    r = _run(cli, ["gate", "--evidence", str(f), "--policy", POLICY_FILE, "--out", str(tmp_path / "g.json")])
+    assert r.exit_code == 0, r.output
+    assert "MLflow pending" in r.output
+    r = _run(cli, ["status", "student"])
+    assert r.exit_code == 0 and "2 pending writes, 0 parked" in r.output, r.output
