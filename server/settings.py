@@ -41,7 +41,7 @@ class ServerSettings(BaseSettings):
     """Local directories under which registered artifacts must live (JSON list or comma-separated)."""
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     """Background reconciler period: pending outbox rows are retried at least this often."""
-    sync_wait_s: float = Field(default=0.15, ge=0)
+    sync_wait_s: float = Field(default=0.1, ge=0)
     """After a mutation commits, wait up to this long for *its own* MLflow writes before answering; past it the
     answer carries ``OPRD-MLflow: pending`` and the reconciler applies them later."""
     mlflow_request_timeout_s: float = Field(default=2.0, gt=0)
