@@ -327,3 +327,38 @@ def test_a_mutation_that_does_not_wait_for_mlflow_says_so(settings_factory, make
         app.state.reconciler.run_once()
         r = c.post("/v1/gate", json=ev, headers=auth(CI), params={"promote": "false"})
         assert r.status_code == 200 and "OPRD-MLflow" not in r.headers
+
+
+def test_a_decision_planned_before_the_transaction_is_redone_when_the_policy_changed(env, make_artifact):
+    """The gate decides outside the write transaction; the transaction re-checks the policy version (and the
+    champion) and decides again under the lock when they moved, so no decision cites a superseded policy."""
+    from server.auth import Principal
+    from server.gating import plan_decision, submit_evidence
+    from server.orm import ModelVersion, Policy, RegisteredModel
+    from server.schemas import EvidenceBody
+
+    c, _ = env
+    assert (
+        c.post("/v1/gate", json=evidence(NAME, make_artifact("v1"), 0.5), headers=auth(CI)).status_code == 200
+    )
+    ev = evidence(NAME, make_artifact("v2"), 0.5)
+    assert c.post("/v1/gate", json=ev, headers=auth(CI), params={"promote": "false"}).status_code == 200
+    body = EvidenceBody(suites=ev["suites"], cost=ev["cost"], lineage=ev["lineage"])
+    db = c.app.state.db
+    with db.read() as s:
+        model = s.scalar(sa.select(RegisteredModel).where(RegisteredModel.name == NAME))
+        plan = plan_decision(s, model, 2, body, "champion")
+    assert plan.verdict == "PROMOTE"
+    strict = {**POLICY, "suites": {"embedded": {**POLICY["suites"]["embedded"], "floor": 0.99}}}
+    r = c.put(f"/v1/models/{NAME}/policy", json={"spec": strict, "reason": "stricter"}, headers=auth(ADMIN))
+    assert r.status_code == 200
+
+    def tx(s):  # type: ignore[no-untyped-def]
+        m = s.scalar(sa.select(RegisteredModel).where(RegisteredModel.name == NAME).with_for_update())
+        mv = s.scalar(sa.select(ModelVersion).where(ModelVersion.model_id == m.id, ModelVersion.version == 2))
+        d = submit_evidence(
+            s, Principal("t", "ci"), m, mv, body, alias="champion", auto_rollback=False, plan=plan
+        )
+        return d.verdict, s.get(Policy, d.policy_id).version
+
+    assert db.transact(tx) == ("REJECT", 2)
