@@ -260,10 +260,9 @@ def serve(
             EXIT_USAGE, "--workers > 1 needs PostgreSQL (OPRD_DATABASE_URL); SQLite serves from one process"
         )
     if workers > 1:
-        from server.app import create_app
+        from server.app import prepare_for_workers
 
-        # migrate and ensure tokens once, before the workers race to do it
-        create_app(run_reconciler=False).state.db.dispose()
+        prepare_for_workers()  # schemas and tokens once, before the workers race to create them
     uvicorn.run("server.app:app_from_env", factory=True, host=host, port=port, workers=workers)
 
 

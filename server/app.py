@@ -126,6 +126,20 @@ def _token_protected_docs(app: FastAPI) -> None:
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
+def prepare_for_workers(settings: ServerSettings | None = None) -> None:
+    """Run once before starting several worker processes: migrate the registry database, ensure the tokens, and
+    open the MLflow stores (a local MLflow database migrates on first use), so the workers do not race to
+    create the same schemas."""
+    settings = settings or ServerSettings()
+    app = create_app(settings, run_reconciler=False)
+    try:
+        if settings.mlflow_enabled:
+            MlflowMirror(settings.mlflow_tracking_uri).aliases("oprd-warm-up")
+    finally:
+        app.state.mlflow_guard.shutdown()
+        app.state.db.dispose()
+
+
 def app_from_env() -> FastAPI:
     """uvicorn factory: ``uvicorn --factory server.app:app_from_env``."""
     return create_app()

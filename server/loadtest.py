@@ -281,17 +281,20 @@ def main() -> None:  # pragma: no cover - exercised by hand for the README numbe
     args = ap.parse_args()
     if args.workers > 1 and args.database_url.startswith("sqlite"):
         ap.error("--workers > 1 needs PostgreSQL")
-    from server.db import Database
-    from server.migrate import upgrade
-    from server.settings import ServerSettings
-
-    # Migrate once here: several workers starting on an empty database would race to create the schema.
-    db = Database(ServerSettings(database_url=args.database_url, mlflow_enabled=False))
-    upgrade(db.engine)
-    db.dispose()
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.workers > 1:  # as `oprd-ci serve --workers` does: schemas once, before the workers race
+            from server.app import prepare_for_workers
+            from server.settings import ServerSettings
+
+            prepare_for_workers(
+                ServerSettings(
+                    database_url=args.database_url,
+                    mlflow_tracking_uri=f"sqlite:///{root}/mlflow.db",
+                    tokens="admin:admin:load-admin,ci:ci:load-ci",
+                )
+            )
         env = {
             **os.environ,
             "OPRD_DATABASE_URL": args.database_url,

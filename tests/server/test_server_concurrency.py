@@ -13,15 +13,20 @@ CLIENTS, OPS = 32, 50
 
 
 def _run_load(tmp_path, database_url=None, workers=1):
-    if workers > 1:
-        from server.db import Database
-        from server.migrate import upgrade
+    env = server_env(tmp_path, database_url)
+    if workers > 1:  # as `oprd-ci serve --workers` does
+        from server.app import prepare_for_workers
         from server.settings import ServerSettings
 
-        db = Database(ServerSettings(database_url=database_url, mlflow_enabled=False))
-        upgrade(db.engine)
-        db.dispose()
-    srv = LiveServer(server_env(tmp_path, database_url), tmp_path / "server.log", workers=workers)
+        prepare_for_workers(
+            ServerSettings(
+                database_url=env["OPRD_DATABASE_URL"],
+                mlflow_tracking_uri=env["OPRD_MLFLOW_TRACKING_URI"],
+                admin_token=env["OPRD_ADMIN_TOKEN"],
+                tokens=env["OPRD_TOKENS"],
+            )
+        )
+    srv = LiveServer(env, tmp_path / "server.log", workers=workers)
     try:
         bodies = loadtest.prepare(srv.url, ADMIN, CI, "load", tmp_path / "artifacts", n_versions=5)
         report = loadtest.run(
