@@ -7,6 +7,7 @@ an upsert. A version number MLflow assigns that differs from ours is a divergenc
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from mlflow import MlflowClient
@@ -21,12 +22,18 @@ class MlflowMirror:
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
         self._client: MlflowClient | None = None
+        self._client_lock = threading.Lock()
 
     @property
     def client(self) -> MlflowClient:
-        # Created lazily: a sqlite tracking store runs its migrations on first use (seconds).
+        # Created lazily: a sqlite tracking store runs its migrations on first use (seconds). Under a lock: the
+        # reconciler and the request-path readers must not create (and migrate) it twice at once.
         if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            with self._client_lock:
+                if self._client is None:
+                    self._client = MlflowClient(
+                        tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+                    )
         return self._client
 
     def apply(self, kind: str, model: str, payload: dict[str, Any]) -> None:
