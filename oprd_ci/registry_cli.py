@@ -127,6 +127,11 @@ class RegistryCall:
             }.get(r.status_code, EXIT_SERVER if r.status_code >= 500 else EXIT_USAGE)
             # The status code picks the exit code; the message is the server's reason, not "HTTP 404".
             _fail(code, message)
+        mirrored = r.headers.get("OPRD-MLflow")
+        if mirrored:  # committed; MLflow gets it from the reconciler (pending) or refused it (parked)
+            err.print(
+                f"[yellow]MLflow {mirrored}: the registry database has the change; see `oprd-ci status`[/]"
+            )
         return r.json()
 
     def _not_found_hint(self, path: str) -> str:
@@ -212,9 +217,11 @@ def _render_status(s: dict) -> None:
     console.print(t)
     if s["champion_decision"]:
         _render_decision(s["champion_decision"])
-    if s["pending_mlflow_writes"] or s["last_mlflow_error"]:
+    parked = s.get("parked_mlflow_writes", 0)
+    if s["pending_mlflow_writes"] or parked or s["last_mlflow_error"]:
         console.print(
-            f"[yellow]MLflow: {s['pending_mlflow_writes']} pending writes; last error: {s['last_mlflow_error']}[/]"
+            f"[yellow]MLflow: {s['pending_mlflow_writes']} pending writes, {parked} parked (refused by MLflow; "
+            f"see history); last error: {s['last_mlflow_error']}[/]"
         )
 
 
@@ -334,11 +341,24 @@ def _render_lineage(out: dict, base: str = "http://127.0.0.1:5000") -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Bind address (keep it loopback or private).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Worker processes (PostgreSQL only; SQLite has one writer).")
+    ] = 1,
 ) -> None:
     """Run the registry service (settings from OPRD_* environment variables)."""
     import uvicorn
 
-    uvicorn.run("server.app:app_from_env", factory=True, host=host, port=port, workers=1)
+    from server.settings import ServerSettings
+
+    if workers > 1 and ServerSettings().database_url.startswith("sqlite"):
+        _fail(
+            EXIT_USAGE, "--workers > 1 needs PostgreSQL (OPRD_DATABASE_URL); SQLite serves from one process"
+        )
+    if workers > 1:
+        from server.app import prepare_for_workers
+
+        prepare_for_workers()  # schemas and tokens once, before the workers race to create them
+    uvicorn.run("server.app:app_from_env", factory=True, host=host, port=port, workers=workers)
 
 
 def promote(

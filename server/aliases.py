@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from server.auth import Principal
 from server.errors import Conflict, Forbidden, NotFound
-from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem, Policy, RegisteredModel, utcnow
+from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel, enqueue, utcnow
 from server.registry import ensure_ready, get_model, get_version, next_audit_seq
 
 MOVE_ACTIONS = ("promote", "rollback", "auto_rollback")
@@ -51,15 +52,18 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
         s.add(row)
         s.flush()
     else:
+        now = utcnow()
         res = s.execute(
             update(Alias)
             .where(Alias.id == row.id, Alias.revision == current)
-            .values(version=move.to_version, revision=current + 1, updated_at=utcnow())
-            .execution_options(synchronize_session="fetch")
+            .values(version=move.to_version, revision=current + 1, updated_at=now)
+            .execution_options(synchronize_session=False)
         )
         if res.rowcount != 1:  # belt and braces: the lock should make this impossible
             raise Conflict(f"expected_revision: {model.name}@{alias} changed concurrently")
-        s.refresh(row)
+        # the row now holds exactly these values: record them without another SELECT (or a second UPDATE)
+        for key, value in (("version", move.to_version), ("revision", current + 1), ("updated_at", now)):
+            set_committed_value(row, key, value)
     s.add(
         AuditEvent(
             model_id=model.id,
@@ -77,11 +81,7 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
             override=move.override,
         )
     )
-    s.add(
-        OutboxItem(
-            kind="set_alias", model_name=model.name, payload={"alias": alias, "version": move.to_version}
-        )
-    )
+    enqueue(s, "set_alias", model.name, {"alias": alias, "version": move.to_version})
     return row
 
 
@@ -168,13 +168,9 @@ def rollback_target(s: Session, model: RegisteredModel, alias: str, to_version: 
     row = get_alias(s, model, alias)
     if row is None:
         raise NotFound(f"alias: {model.name}@{alias} does not exist")
-    events = s.execute(
-        select(AuditEvent.seq, AuditEvent.action, AuditEvent.to_version)
-        .where(
-            AuditEvent.model_id == model.id, AuditEvent.alias == alias, AuditEvent.action.in_(MOVE_ACTIONS)
-        )
-        .order_by(AuditEvent.seq.desc())
-    ).all()
+    moves = select(AuditEvent.seq, AuditEvent.to_version).where(
+        AuditEvent.model_id == model.id, AuditEvent.alias == alias
+    )
     ready = set(
         s.scalars(
             select(ModelVersion.version).where(
@@ -183,21 +179,28 @@ def rollback_target(s: Session, model: RegisteredModel, alias: str, to_version: 
         )
     )
     if to_version is not None:
-        if to_version not in {e.to_version for e in events}:
+        was_there = s.scalar(
+            moves.where(AuditEvent.action.in_(MOVE_ACTIONS), AuditEvent.to_version == to_version).limit(1)
+        )
+        if was_there is None:
             raise Conflict(f"to_version: v{to_version} was never {model.name}@{alias}")
         if to_version not in ready:
             raise Conflict(f"to_version: v{to_version} is retired")
         return to_version
-    anchor = next((e.seq for e in events if e.action == "promote" and e.to_version == row.version), None)
-    for e in events:
-        if (
-            anchor is not None
-            and e.seq < anchor
-            and e.action == "promote"
-            and e.to_version != row.version
-            and e.to_version in ready
-        ):
-            return e.to_version
+    # Newest promotions first, streamed: the anchor and the target are nearly always among the last few, and
+    # the history grows with every move (reading all of it made rollbacks slower over time).
+    promotions = s.execute(
+        moves.where(AuditEvent.action == "promote")
+        .order_by(AuditEvent.seq.desc())
+        .execution_options(yield_per=32)
+    )
+    anchored = False
+    for _seq, version in promotions:
+        if not anchored:
+            anchored = version == row.version
+        elif version != row.version and version in ready:
+            promotions.close()
+            return version
     raise Conflict(f"to_version: {model.name}@{alias} has no earlier promoted READY version to roll back to")
 
 

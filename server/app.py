@@ -12,14 +12,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
-from server.auth import authorize, ensure_token, parse_token_list
+from server.auth import CurrentPrincipal, TokenCache, authorize, ensure_token, parse_token_list
 from server.body_guard import BodyGuard
 from server.db import Database
 from server.errors import RegistryError
 from server.migrate import upgrade
+from server.mlflow_guard import MlflowGuard
 from server.mlflow_mirror import MlflowMirror
 from server.reconciler import Reconciler
 from server.routes import admin, aliases, versions
@@ -57,6 +59,14 @@ def create_app(
     _bootstrap_tokens(db, settings)
     mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
     reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
+    guard = MlflowGuard(
+        settings.mlflow_request_timeout_s, settings.mlflow_breaker_failures, settings.mlflow_breaker_open_s
+    )
+    public_docs = (
+        settings.public_docs
+        if settings.public_docs is not None
+        else not (settings.tokens or settings.admin_token)
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -66,6 +76,7 @@ def create_app(
             yield
         finally:
             reconciler.stop()
+            guard.shutdown()
             db.dispose()
 
     app = FastAPI(
@@ -74,6 +85,10 @@ def create_app(
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
         responses={401: {"description": "missing or invalid token"}, 403: {"description": "role too low"}},
+        # With tokens configured the API description is not public either (OPRD_PUBLIC_DOCS overrides).
+        openapi_url="/openapi.json" if public_docs else None,
+        docs_url="/docs" if public_docs else None,
+        redoc_url="/redoc" if public_docs else None,
     )
     app.state.settings, app.state.db, app.state.reconciler, app.state.local_actor = (
         settings,
@@ -81,8 +96,11 @@ def create_app(
         reconciler,
         local_actor,
     )
+    app.state.mlflow_guard, app.state.token_cache = guard, TokenCache(settings.token_cache_s)
     for router in (versions.router, aliases.router, admin.router):
         app.include_router(router)
+    if not public_docs:
+        _token_protected_docs(app)
 
     @app.exception_handler(RegistryError)
     async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
@@ -90,6 +108,36 @@ def create_app(
 
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     return app
+
+
+def _token_protected_docs(app: FastAPI) -> None:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` behind the read role (rules in ``server.auth.ACCESS_RULES``)."""
+
+    @app.get("/openapi.json", name="openapi", include_in_schema=False)
+    def openapi(_: CurrentPrincipal) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", name="docs", include_in_schema=False)
+    def docs(_: CurrentPrincipal) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", name="redoc", include_in_schema=False)
+    def redoc(_: CurrentPrincipal) -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+
+def prepare_for_workers(settings: ServerSettings | None = None) -> None:
+    """Run once before starting several worker processes: migrate the registry database, ensure the tokens, and
+    open the MLflow stores (a local MLflow database migrates on first use), so the workers do not race to
+    create the same schemas."""
+    settings = settings or ServerSettings()
+    app = create_app(settings, run_reconciler=False)
+    try:
+        if settings.mlflow_enabled:
+            MlflowMirror(settings.mlflow_tracking_uri).aliases("oprd-warm-up")
+    finally:
+        app.state.mlflow_guard.shutdown()
+        app.state.db.dispose()
 
 
 def app_from_env() -> FastAPI:

@@ -51,11 +51,13 @@ def resolve_artifact_path(raw: str, roots: list[Path]) -> Path:
         )
     if any(part == ".." for part in Path(raw).parts):
         raise ArtifactError("artifact_path: '..' components are not allowed")
+    # Messages quote the caller's own string, never the resolved path: that would reveal the server's working
+    # directory or where a symlink points (issue 9).
     path = Path(raw).resolve()
     if not any(path == root or path.is_relative_to(root) for root in roots):
-        raise ArtifactError(f"artifact_path: {path} is outside the allowed artifact roots")
+        raise ArtifactError(f"artifact_path: {raw!r} is outside the allowed artifact roots")
     if not path.is_dir():
-        raise ArtifactError(f"artifact_path: {path} is not a directory")
+        raise ArtifactError(f"artifact_path: {raw!r} is not a directory")
     return path
 
 
@@ -70,8 +72,10 @@ def verify_artifact(path: Path, expected_files: dict[str, str] | None = None) ->
     try:
         manifest = json.loads(manifest_path.read_text())
     except FileNotFoundError as exc:
-        raise ArtifactError(f"artifact: {manifest_path} is missing") from exc
-    except (OSError, ValueError) as exc:
+        raise ArtifactError("artifact: manifest.json is missing") from exc
+    except OSError as exc:  # the OSError text would name the absolute path
+        raise ArtifactError(f"artifact: manifest.json cannot be read ({type(exc).__name__})") from exc
+    except ValueError as exc:
         raise ArtifactError(f"artifact: manifest.json is not valid JSON ({exc})") from exc
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (

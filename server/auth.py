@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -43,6 +46,10 @@ ACCESS_RULES: dict[str, str] = {
     "set_policy": "admin",
     "reconcile": "admin",
     "create_token": "admin",
+    # only registered when OPRD_PUBLIC_DOCS is off (the default with tokens configured)
+    "openapi": "read",
+    "docs": "read",
+    "redoc": "read",
 }
 
 
@@ -91,8 +98,12 @@ def _unauthorized(msg: str) -> HTTPException:
     )
 
 
-def authorize(request: Request) -> Principal:
-    """Router-level dependency: authenticate the caller and check the route's rule from ``ACCESS_RULES``."""
+async def authorize(request: Request) -> Principal:
+    """Router-level dependency: authenticate the caller and check the route's rule from ``ACCESS_RULES``.
+
+    Async so that public routes (``/health``) and cached tokens need no worker thread; only a token-cache miss
+    reads the database, on the thread pool.
+    """
     route = request.scope.get("route")
     rule = ACCESS_RULES.get(getattr(route, "name", ""))
     if rule is None:
@@ -107,7 +118,8 @@ def authorize(request: Request) -> Principal:
         # In-process CLI mode: the local user acts as admin on their own database.
         principal = Principal(name=f"local:{state.local_actor}", role="admin")
     else:
-        principal = _authenticate(header, state.db.read)
+        cached = _cached(header, state.token_cache)
+        principal = cached or await run_in_threadpool(_authenticate, header, state.db.read, state.token_cache)
     if not principal.at_least(rule):
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, detail=f"authorization: role {principal.role!r} lacks {rule!r}"
@@ -115,17 +127,61 @@ def authorize(request: Request) -> Principal:
     return principal
 
 
-def _authenticate(header: str | None, session_factory) -> Principal:  # type: ignore[no-untyped-def]
+def _cached(header: str | None, cache: TokenCache) -> Principal | None:
+    """The principal of a well-formed header whose token is cached as valid, else None (decide the slow way)."""
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return cache.peek(hash_token(token.strip()))
+
+
+class TokenCache:
+    """sha256 -> Principal (or None for unknown/revoked) for ``ttl_s`` seconds: one DB read per token per TTL
+    instead of one per request. Tokens created or rotated through this process are dropped from it at once;
+    other processes see a change within ``ttl_s``."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self._mutex = threading.Lock()
+
+    def lookup(self, digest: str, session_factory) -> Principal | None:  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        with self._mutex:
+            hit = self._entries.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with session_factory() as session:
+            row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == digest))
+        principal = None if row is None or row.revoked else Principal(name=row.name, role=row.role)
+        if self.ttl_s > 0:
+            with self._mutex:
+                if len(self._entries) > 10_000:  # unknown tokens must not grow it without bound
+                    self._entries.clear()
+                self._entries[digest] = (now + self.ttl_s, principal)
+        return principal
+
+    def peek(self, digest: str) -> Principal | None:
+        """A cached, unexpired, valid principal; None on a miss (or a cached refusal: re-checked the slow way)."""
+        with self._mutex:
+            hit = self._entries.get(digest)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+    def clear(self) -> None:
+        with self._mutex:
+            self._entries.clear()
+
+
+def _authenticate(header: str | None, session_factory, cache: TokenCache) -> Principal:  # type: ignore[no-untyped-def]
     if not header:
         raise _unauthorized("missing bearer token")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("malformed Authorization header (expected 'Bearer <token>')")
-    with session_factory() as session:
-        row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == hash_token(token.strip())))
-    if row is None or row.revoked:
+    principal = cache.lookup(hash_token(token.strip()), session_factory)
+    if principal is None:
         raise _unauthorized("unknown or revoked token")
-    return Principal(name=row.name, role=row.role)
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(authorize)]

@@ -3,6 +3,9 @@
 - larger than ``max_body_bytes`` (declared or streamed) -> 413
 - a body on POST/PUT/PATCH that is not ``application/json`` -> 415
 - JSON with duplicate keys -> 422 (``json`` would silently keep the last one; an attacker could hide a field)
+- what Python's ``json`` accepts but JSON does not -> 422 naming the field: ``NaN``/``Infinity`` (they would be
+  stored, then fail to encode in the response after the commit) and nesting deeper than ``MAX_DEPTH``
+  (a ``RecursionError`` in the parser or later in pydantic)
 The raw body is kept in ``scope["oprd.body"]`` for the idempotency fingerprint.
 """
 
@@ -14,6 +17,38 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+MAX_DEPTH = 32
+"""Deepest nesting of arrays/objects any request needs (the evidence file is about 6 levels deep)."""
+
+
+class _NonFinite:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _non_finite(text: str) -> _NonFinite:
+    return _NonFinite(text)
+
+
+def _find_problem(value: Any, path: str, depth: int) -> str | None:
+    """The first non-JSON part of a parsed body as ``"<path>: <why>"``, or None. Iterative in spirit: the
+    depth is checked before recursing, so this never recurses deeper than ``MAX_DEPTH``."""
+    if isinstance(value, _NonFinite):
+        return f"{path or 'body'}: {value.text} is not a JSON number"
+    if isinstance(value, dict | list):
+        if depth >= MAX_DEPTH:
+            return f"{path or 'body'}: nested deeper than {MAX_DEPTH} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            sub = (
+                f"{path}.{k}"
+                if isinstance(value, dict) and path
+                else (str(k) if isinstance(value, dict) else f"{path}[{k}]")
+            )
+            found = _find_problem(v, sub, depth + 1)
+            if found:
+                return found
+    return None
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -60,9 +95,16 @@ class BodyGuard:
                 await _error(send, 415, "content-type: must be application/json")
                 return
             try:
-                json.loads(body, object_pairs_hook=_reject_duplicates)
+                parsed = json.loads(body, object_pairs_hook=_reject_duplicates, parse_constant=_non_finite)
+            except RecursionError:
+                await _error(send, 422, f"body: nested deeper than {MAX_DEPTH} levels")
+                return
             except ValueError as exc:
                 await _error(send, 422, f"body: {exc}")
+                return
+            problem = _find_problem(parsed, "", 0)
+            if problem is not None:
+                await _error(send, 422, problem)
                 return
         scope["oprd.body"] = body
         sent = False

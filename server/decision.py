@@ -16,6 +16,8 @@ import numpy as np
 from server.policy import Budget, PolicySpec, SuiteRule
 from server.schemas import Cost, Criterion, EvidenceBody, ProblemResult, Verdict
 
+_CHUNK_DRAWS = 1 << 20
+
 
 @dataclass(frozen=True)
 class ChampionEvidence:
@@ -60,8 +62,14 @@ def bootstrap_mean_ci(
     """Percentile bootstrap of the mean of ``diffs`` ``[n]``: returns the one-sided (lower, upper) bounds at
     ``confidence`` (lower = (1-confidence) quantile, upper = confidence quantile)."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diffs.shape[0], size=(n_resamples, diffs.shape[0]))  # [R, n]
-    means = diffs[idx].mean(axis=1)  # [R]
+    n = diffs.shape[0]
+    # Resample in chunks of rows so memory stays ~_CHUNK_DRAWS x 16 bytes whatever R x n is.
+    rows = max(1, _CHUNK_DRAWS // max(n, 1))
+    means = np.empty(n_resamples)  # [R]
+    for start in range(0, n_resamples, rows):
+        stop = min(n_resamples, start + rows)
+        idx = rng.integers(0, n, size=(stop - start, n))  # [rows, n]
+        means[start:stop] = diffs[idx].mean(axis=1)
     return float(np.quantile(means, 1.0 - confidence)), float(np.quantile(means, confidence))
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request
 
 from server.db import Database
+from server.mlflow_guard import MlflowGuard
 from server.names import NAME_PATTERN
 from server.reconciler import Reconciler
 from server.settings import ServerSettings
@@ -28,9 +29,14 @@ def get_reconciler(request: Request) -> Reconciler:
     return request.app.state.reconciler
 
 
+def get_guard(request: Request) -> MlflowGuard:
+    return request.app.state.mlflow_guard
+
+
 DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
+GuardDep = Annotated[MlflowGuard, Depends(get_guard)]
 AliasQuery = Annotated[str, Query(pattern=NAME_PATTERN, max_length=128, description="Alias the gate moves")]
 ReasonQuery = Annotated[
     str | None,

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.aliases import Move, current_policy, get_alias, move_alias, rollback_target
+from server.artifacts import ArtifactError, verify_artifact
 from server.auth import Principal
+from server.db import Database
 from server.decision import ChampionEvidence, decide
 from server.errors import Conflict
 from server.orm import AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
 from server.policy import PolicySpec
-from server.registry import ensure_ready, get_model, next_audit_seq
-from server.schemas import EvidenceBody
+from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
+from server.schemas import Criterion, EvidenceBody, Verdict
 
 log = logging.getLogger(__name__)
 SYSTEM = Principal(name="system:auto-rollback", role="admin")
@@ -47,6 +51,58 @@ def set_policy(s: Session, who: Principal, name: str, spec: PolicySpec, reason: 
     return policy
 
 
+def prepare_decision(
+    db: Database,
+    name: str,
+    manifest_sha256: str | None,
+    version: int | None,
+    body: EvidenceBody,
+    *,
+    alias: str,
+    verified_path: Path | None = None,
+    verify_version: bool,
+    auto_rollback: bool,
+) -> Planned | None:
+    """Everything slow, before the write transaction: find the version (by number or manifest), re-hash its
+    registered files when they are not the ones just verified at ``verified_path`` (a clean copy elsewhere
+    must not vouch for tampered stored bytes: 409), decide, and verify the bytes of an auto-rollback target.
+    None when the model does not exist yet (the transaction decides; it has no policy, so it refuses)."""
+    with db.read() as s:
+        model = s.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+        if model is None:
+            return None
+        q = select(ModelVersion).where(ModelVersion.model_id == model.id)
+        mv = s.scalar(
+            q.where(ModelVersion.version == version)
+            if version is not None
+            else q.where(ModelVersion.manifest_sha256 == manifest_sha256)
+        )
+        plan = plan_decision(s, model, mv.version if mv else None, body, alias)
+        target_mv = None
+        if plan.is_champion and plan.verdict == "REJECT" and auto_rollback:
+            try:
+                target = rollback_target(s, model, alias, None)
+                target_mv = s.scalar(q.where(ModelVersion.version == target))
+            except Conflict:
+                pass
+    if (
+        verify_version
+        and mv is not None
+        and (verified_path is None or Path(mv.artifact_path) != verified_path)
+    ):
+        verify_registered(mv)
+    if target_mv is None:
+        return plan
+    try:
+        verify_artifact(Path(target_mv.artifact_path), target_mv.files)
+    except ArtifactError as exc:
+        log.warning(
+            "auto-rollback target v%s of %s fails its integrity check: %s", target_mv.version, name, exc
+        )
+        return plan
+    return replace(plan, rollback_target=target_mv.version)
+
+
 def latest_evidence(s: Session, mv_id: int) -> EvidenceBody | None:
     ev = s.scalar(
         select(Evidence).where(Evidence.model_version_id == mv_id).order_by(Evidence.id.desc()).limit(1)
@@ -54,21 +110,92 @@ def latest_evidence(s: Session, mv_id: int) -> EvidenceBody | None:
     return EvidenceBody.model_validate(ev.payload) if ev is not None else None
 
 
-def champion_evidence(s: Session, model: RegisteredModel, alias: str) -> ChampionEvidence | None:
-    """The champion's version with its latest stored evidence (empty suites if it has none: fail closed)."""
+@dataclass(frozen=True)
+class Planned:
+    """A decision computed from a snapshot, plus what it depended on (re-checked under the model lock)."""
+
+    policy_id: int
+    champion_version: int | None
+    """The alias's version in the snapshot (None: no alias yet)."""
+    champion_evidence_id: int | None
+    is_champion: bool
+    verdict: Verdict
+    criteria: list[Criterion]
+    rollback_target: int | None = None
+    """For a REJECT of the champion with auto-rollback on: the version to go back to, bytes already verified."""
+
+
+def champion_evidence(
+    s: Session, model: RegisteredModel, alias: str
+) -> tuple[ChampionEvidence | None, int | None]:
+    """The champion's version with its latest stored evidence (empty suites if it has none: fail closed), and
+    that evidence's id."""
     row = get_alias(s, model, alias)
     if row is None:
-        return None
+        return None, None
     mv = s.scalar(
         select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == row.version)
     )
     assert mv is not None
-    ev = latest_evidence(s, mv.id)
-    if ev is None:
-        return ChampionEvidence(version=row.version, suites={}, cost=None)
-    return ChampionEvidence(
-        version=row.version, suites={k: v.candidate for k, v in ev.suites.items()}, cost=ev.cost
+    ev_row = s.scalar(
+        select(Evidence).where(Evidence.model_version_id == mv.id).order_by(Evidence.id.desc()).limit(1)
     )
+    if ev_row is None:
+        return ChampionEvidence(version=row.version, suites={}, cost=None), None
+    ev = EvidenceBody.model_validate(ev_row.payload)
+    return (
+        ChampionEvidence(
+            version=row.version, suites={k: v.candidate for k, v in ev.suites.items()}, cost=ev.cost
+        ),
+        ev_row.id,
+    )
+
+
+def plan_decision(
+    s: Session, model: RegisteredModel, version: int | None, body: EvidenceBody, alias: str
+) -> Planned:
+    """Decide about ``version`` (None: a version not registered yet) from the state visible in ``s``.
+
+    Pure reads plus the CPU-heavy bootstrap: the gate runs this before its write transaction so the decision
+    never holds the write lock; the transaction re-checks the inputs with ``still_valid``.
+    """
+    policy = current_policy(s, model)
+    if policy is None:
+        raise Conflict(f"policy: {model.name} has no policy; an admin must set one (oprd-ci policy set)")
+    spec = PolicySpec.model_validate(policy.spec)
+    champ_row = get_alias(s, model, alias)
+    is_champion = champ_row is not None and version is not None and champ_row.version == version
+    champ, champ_ev_id = (None, None) if is_champion else champion_evidence(s, model, alias)
+    verdict, criteria = decide(spec, body, champ)
+    return Planned(
+        policy_id=policy.id,
+        champion_version=champ_row.version if champ_row else None,
+        champion_evidence_id=champ_ev_id,
+        is_champion=is_champion,
+        verdict=verdict,
+        criteria=criteria,
+    )
+
+
+def still_valid(s: Session, model: RegisteredModel, version: int, alias: str, plan: Planned) -> bool:
+    """Under the model lock: were the plan's inputs (policy, champion, champion evidence) left unchanged?"""
+    policy = current_policy(s, model)
+    row = get_alias(s, model, alias)
+    current_champ = row.version if row else None
+    if policy is None or policy.id != plan.policy_id or current_champ != plan.champion_version:
+        return False
+    if plan.is_champion != (current_champ == version):
+        return False
+    if plan.is_champion or row is None:
+        return True
+    newest = s.scalar(
+        select(Evidence.id)
+        .join(ModelVersion, Evidence.model_version_id == ModelVersion.id)
+        .where(ModelVersion.model_id == model.id, ModelVersion.version == row.version)
+        .order_by(Evidence.id.desc())
+        .limit(1)
+    )
+    return newest == plan.champion_evidence_id
 
 
 def submit_evidence(
@@ -80,54 +207,64 @@ def submit_evidence(
     *,
     alias: str,
     auto_rollback: bool,
+    plan: Planned | None = None,
 ) -> Decision:
-    """Record evidence about ``mv`` and decide. Caller holds the model lock.
+    """Record evidence about ``mv`` and its decision. Caller holds the model lock.
 
+    ``plan`` (computed before the transaction) is used when ``still_valid``; otherwise the decision is made
+    here (a concurrent policy change or champion move: rare, and then correct rather than fast).
     Evidence about the current champion is judged without a champion to compare to; if it fails and both
-    the policy and the deployment enable auto-rollback, the alias is rolled back in the same transaction.
+    the policy and the deployment enable auto-rollback, the alias is rolled back in the same transaction, to
+    the target whose bytes the plan verified (no verified target: no automatic move, a warning instead).
     """
-    policy = current_policy(s, model)
-    if policy is None:
-        raise Conflict(f"policy: {model.name} has no policy; an admin must set one (oprd-ci policy set)")
+    if plan is None or not still_valid(s, model, mv.version, alias, plan):
+        plan = plan_decision(s, model, mv.version, body, alias)
+    policy = s.get(Policy, plan.policy_id)
+    assert policy is not None
     spec = PolicySpec.model_validate(policy.spec)
     ev = Evidence(model_version_id=mv.id, payload=body.model_dump(mode="json"), submitted_by=who.name)
     s.add(ev)
     s.flush()
-    champ_row = get_alias(s, model, alias)
-    is_champion = champ_row is not None and champ_row.version == mv.version
-    champ = None if is_champion else champion_evidence(s, model, alias)
-    verdict, criteria = decide(spec, body, champ)
     decision = Decision(
         model_version_id=mv.id,
         evidence_id=ev.id,
         policy_id=policy.id,
-        verdict=verdict,
-        criteria=[c.model_dump(mode="json") for c in criteria],
-        champion_version=champ.version if champ else None,
+        verdict=plan.verdict,
+        criteria=[c.model_dump(mode="json") for c in plan.criteria],
+        champion_version=None if plan.is_champion else plan.champion_version,
     )
     s.add(decision)
     s.flush()
-    if is_champion and verdict == "REJECT" and spec.auto_rollback and auto_rollback:
+    if plan.is_champion and plan.verdict == "REJECT" and spec.auto_rollback and auto_rollback:
+        champ_row = get_alias(s, model, alias)
         assert champ_row is not None
         try:
             target = rollback_target(s, model, alias, None)
         except Conflict as exc:
             log.warning("auto-rollback of %s@%s impossible: %s", model.name, alias, exc.detail)
-        else:
-            move_alias(
-                s,
-                SYSTEM,
-                model,
+            return decision
+        if target != plan.rollback_target:
+            log.warning(
+                "auto-rollback of %s@%s skipped: target v%s was not integrity-checked",
+                model.name,
                 alias,
-                Move(
-                    action="auto_rollback",
-                    to_version=target,
-                    expected_revision=champ_row.revision,
-                    reason=f"decision {decision.id}: new evidence against v{mv.version} violates policy v{policy.version}",
-                    decision_id=decision.id,
-                    policy_version=policy.version,
-                ),
+                target,
             )
+            return decision
+        move_alias(
+            s,
+            SYSTEM,
+            model,
+            alias,
+            Move(
+                action="auto_rollback",
+                to_version=target,
+                expected_revision=champ_row.revision,
+                reason=f"decision {decision.id}: new evidence against v{mv.version} violates policy v{policy.version}",
+                decision_id=decision.id,
+                policy_version=policy.version,
+            ),
+        )
     return decision
 
 

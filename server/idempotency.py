@@ -2,7 +2,8 @@
 
 The stored outcome (status + JSON body) of a successful request is written in the same transaction as its
 effects, so a retry with the same key and the same request replays it (``Idempotent-Replayed: true``) and
-changes nothing; the same key with a different request is refused with 422. Concurrent requests with one
+changes nothing; the same key with a different request (method, path, query string or body) is refused with
+422. Concurrent requests with one
 key serialise on the model lock (PostgreSQL) or the write lock (SQLite), so the second one sees the first's
 record instead of doing the work twice. Failed requests store nothing: they changed nothing.
 """
@@ -12,24 +13,27 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from urllib.parse import urlencode
 
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.auth import Principal
 from server.errors import Invalid
-from server.orm import IdempotencyRecord, OutboxItem, RegisteredModel
+from server.orm import IdempotencyRecord, RegisteredModel, enqueued
 
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def request_fingerprint(request: Request) -> str:
+    """sha256 over method, path, the query parameters (order-insensitive) and the raw body."""
     body: bytes = request.scope.get("oprd.body", b"")
-    return hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + body).hexdigest()
+    query = urlencode(sorted(request.query_params.multi_items()))
+    return hashlib.sha256(f"{request.method} {request.url.path}?{query}\n".encode() + body).hexdigest()
 
 
 def run_mutation(
@@ -40,14 +44,16 @@ def run_mutation(
     status_code: int = 200,
 ) -> JSONResponse:
     """Run ``work(session)`` in a retried write transaction with idempotency-key handling; after commit, wait
-    briefly for the reconciler to mirror the new outbox rows to MLflow (best effort, never changes the body)."""
+    up to ``sync_wait_s`` for the reconciler to mirror *this request's* outbox rows to MLflow (never other
+    requests' rows). If they are not applied by then the answer says so with ``OPRD-MLflow: pending``; the body
+    is the same either way (it describes the database, which is the source of truth)."""
     state = request.app.state
     key = request.headers.get("idempotency-key")
     if key is not None and not _KEY.match(key):
         raise Invalid("Idempotency-Key: 1-128 characters from [A-Za-z0-9._:-]")
     fingerprint = request_fingerprint(request)
 
-    def tx(s: Session) -> tuple[int, dict, bool, int]:
+    def tx(s: Session) -> tuple[int, dict, bool, list[int]]:
         if model_name is not None:
             # Lock first, then look for the key: a concurrent duplicate waits here and then replays.
             s.scalar(select(RegisteredModel.id).where(RegisteredModel.name == model_name).with_for_update())
@@ -56,7 +62,7 @@ def run_mutation(
             if rec is not None:
                 if rec.request_sha256 != fingerprint:
                     raise Invalid("Idempotency-Key: already used with a different request")
-                return rec.status_code, rec.response, True, 0
+                return rec.status_code, rec.response, True, []
         body = jsonable_encoder(work(s))
         if key is not None:
             s.add(
@@ -69,10 +75,12 @@ def run_mutation(
                 )
             )
         s.flush()
-        return status_code, body, False, s.scalar(select(func.max(OutboxItem.id))) or 0
+        return status_code, body, False, [item.id for item in enqueued(s)]
 
-    code, body, replayed, outbox_id = state.db.transact(tx)
-    if outbox_id and state.reconciler.mirror is not None:
-        state.reconciler.wait_applied(outbox_id, state.settings.sync_wait_s)
+    code, body, replayed, outbox_ids = state.db.transact(tx)
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    if outbox_ids:
+        mirrored = state.reconciler.wait_mirrored(outbox_ids, state.settings.sync_wait_s)
+        if mirrored != "applied":
+            headers["OPRD-MLflow"] = mirrored  # "pending" (applied later) or "parked" (MLflow refused it)
     return JSONResponse(body, status_code=code, headers=headers)

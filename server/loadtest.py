@@ -49,6 +49,8 @@ class Op:
     latency_s: float
     expected: int | None = None
     revision: int | None = None
+    mlflow_pending: bool = False
+    """The answer came before its MLflow writes were applied (``OPRD-MLflow`` header)."""
 
 
 @dataclass
@@ -167,7 +169,13 @@ def _client_loop(
                 json=body,
                 headers={"Idempotency-Key": f"{seed}-{i}"},
             )
-            op = Op(kind, r.status_code, time.perf_counter() - t0, expected=rev)
+            op = Op(
+                kind,
+                r.status_code,
+                time.perf_counter() - t0,
+                expected=rev,
+                mlflow_pending=r.headers.get("OPRD-MLflow") is not None,
+            )
             ops.append(op)
             if r.status_code == 200:
                 op.revision, cur = r.json()["revision"], r.json()["version"]
@@ -269,9 +277,24 @@ def main() -> None:  # pragma: no cover - exercised by hand for the README numbe
     ap.add_argument("--ops", type=int, default=50)
     ap.add_argument("--gate-every", type=int, default=10)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (PostgreSQL only)")
     args = ap.parse_args()
+    if args.workers > 1 and args.database_url.startswith("sqlite"):
+        ap.error("--workers > 1 needs PostgreSQL")
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.workers > 1:  # as `oprd-ci serve --workers` does: schemas once, before the workers race
+            from server.app import prepare_for_workers
+            from server.settings import ServerSettings
+
+            prepare_for_workers(
+                ServerSettings(
+                    database_url=args.database_url,
+                    mlflow_tracking_uri=f"sqlite:///{root}/mlflow.db",
+                    tokens="admin:admin:load-admin,ci:ci:load-ci",
+                )
+            )
         env = {
             **os.environ,
             "OPRD_DATABASE_URL": args.database_url,
@@ -290,6 +313,8 @@ def main() -> None:  # pragma: no cover - exercised by hand for the README numbe
                 str(args.port),
                 "--log-level",
                 "warning",
+                "--workers",
+                str(args.workers),
             ],
             env=env,
         )
@@ -316,9 +341,18 @@ def main() -> None:  # pragma: no cover - exercised by hand for the README numbe
         finally:
             proc.terminate()
             proc.wait()
-    print(format_table([(args.database_url.split(":")[0], rep)]))
+    import platform
+
+    print(format_table([(f"{args.database_url.split(':')[0].split('+')[0]} x{args.workers}", rep)]))
+    n5xx = sum(o.status >= 500 for o in rep.ops)
+    pending = sum(o.mlflow_pending for o in rep.ops)
     print(
-        f"violations: {rep.violations or 'none'}; final revision {rep.final_revision}; audit moves {rep.audit_moves}"
+        f"violations: {rep.violations or 'none'}; 5xx: {n5xx}; final revision {rep.final_revision}; "
+        f"audit moves {rep.audit_moves}; answers marked 'MLflow pending': {pending}"
+    )
+    print(
+        f"clients {args.clients} x ops {args.ops}, workers {args.workers}; load average at start "
+        f"{load_start[0]:.2f} / end {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs; Python {platform.python_version()}"
     )
 
 

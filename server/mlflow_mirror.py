@@ -7,6 +7,7 @@ an upsert. A version number MLflow assigns that differs from ours is a divergenc
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from mlflow import MlflowClient
@@ -21,12 +22,18 @@ class MlflowMirror:
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
         self._client: MlflowClient | None = None
+        self._client_lock = threading.Lock()
 
     @property
     def client(self) -> MlflowClient:
-        # Created lazily: a sqlite tracking store runs its migrations on first use (seconds).
+        # Created lazily: a sqlite tracking store runs its migrations on first use (seconds). Under a lock: the
+        # reconciler and the request-path readers must not create (and migrate) it twice at once.
         if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            with self._client_lock:
+                if self._client is None:
+                    self._client = MlflowClient(
+                        tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+                    )
         return self._client
 
     def apply(self, kind: str, model: str, payload: dict[str, Any]) -> None:
@@ -52,6 +59,14 @@ class MlflowMirror:
             raise
         return {alias: int(v) for alias, v in rm.aliases.items()}
 
+    def _version_or_none(self, model: str, version: int):  # type: ignore[no-untyped-def]
+        try:
+            return self.client.get_model_version(model, str(version))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return None
+
     def _create_version(self, model: str, p: dict[str, Any]) -> None:
         try:
             self.client.create_registered_model(model, tags={"oprd.managed_by": "oprd-ci registry"})
@@ -59,12 +74,13 @@ class MlflowMirror:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         version = int(p["version"])
-        try:
-            existing = self.client.get_model_version(model, str(version))
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            existing = None
+        existing = self._version_or_none(model, version)
+        if existing is None and version > 1 and self._version_or_none(model, version - 1) is None:
+            # MLflow numbers versions itself: creating this one now would give it the number of the missing
+            # (parked) one. Refuse, so the reconciler parks this row too instead of diverging.
+            raise MirrorDivergence(
+                f"MLflow {model} has no v{version - 1} (parked?); v{version} cannot be created"
+            )
         if existing is not None:
             if existing.source != p["source"]:
                 raise MirrorDivergence(
@@ -73,7 +89,9 @@ class MlflowMirror:
             return
         # model_id links the version and its LoggedModel both ways in the UI (the version page shows the model,
         # the LoggedModel page lists the version); older outbox payloads carry it only as a tag.
-        model_id = p.get("model_id") or (p.get("tags") or {}).get("oprd.logged_model_id")
+        model_id = (
+            p.get("logged_model_id") or p.get("model_id") or (p.get("tags") or {}).get("oprd.logged_model_id")
+        )
         mv = self.client.create_model_version(
             model, p["source"], run_id=p.get("run_id"), tags=p.get("tags") or None, model_id=model_id
         )

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
 def utcnow() -> datetime:
@@ -60,8 +60,8 @@ class ModelVersion(Base):
     files: Mapped[dict[str, Any]]
     """``{relpath: sha256}`` as verified at registration."""
     mlflow_source: Mapped[str] = mapped_column(Text)
-    run_id: Mapped[str | None] = mapped_column(String(64))
-    logged_model_id: Mapped[str | None] = mapped_column(String(64))
+    run_id: Mapped[str | None] = mapped_column(String(256))
+    logged_model_id: Mapped[str | None] = mapped_column(String(256))
     teacher: Mapped[str | None] = mapped_column(String(256), index=True)
     """Teacher identity (name or artifact sha256) from the lineage, used to retire every student of a teacher."""
     status: Mapped[str] = mapped_column(String(16), default="READY")
@@ -136,7 +136,12 @@ class AuditEvent(Base):
 
 
 class OutboxItem(Base):
-    """A pending MLflow write. Applied in ``id`` order by the reconciler; every kind is idempotent."""
+    """A pending MLflow write. Applied in ``id`` order by the reconciler; every kind is idempotent.
+
+    States: pending (``applied_at`` and ``parked_at`` NULL), applied, or parked: MLflow refused the write
+    itself (not an outage), so retrying cannot help; it stays visible in ``/health``, ``status`` and the audit,
+    and the rows after it are still applied.
+    """
 
     __tablename__ = "outbox"
     __table_args__ = (Index("ix_outbox_pending", "applied_at"),)
@@ -149,6 +154,23 @@ class OutboxItem(Base):
     applied_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    parked_at: Mapped[datetime | None]
+
+
+_ENQUEUED = "oprd.outbox"
+
+
+def enqueue(s: Session, kind: str, model_name: str, payload: dict[str, Any]) -> OutboxItem:
+    """Add an outbox row and remember it on the session, so the request can wait for its own rows only."""
+    item = OutboxItem(kind=kind, model_name=model_name, payload=payload)
+    s.add(item)
+    s.info.setdefault(_ENQUEUED, []).append(item)
+    return item
+
+
+def enqueued(s: Session) -> list[OutboxItem]:
+    """The outbox rows this session added (ids are set once flushed)."""
+    return list(s.info.get(_ENQUEUED, []))
 
 
 class IdempotencyRecord(Base):

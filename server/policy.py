@@ -20,7 +20,7 @@ Ratio = Annotated[float, Field(gt=0.0, le=1000.0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SuiteRule(_Strict):
@@ -46,7 +46,8 @@ class Budget(_Strict):
 
 class Bootstrap(_Strict):
     seed: int = 0
-    n_resamples: int = Field(default=2000, ge=100, le=100_000)
+    n_resamples: int = Field(default=2000, ge=100, le=10_000)
+    """At most 10,000: with ``schemas.MAX_PROBLEMS`` problems that is 1e8 draws per criterion (about a second)."""
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
     """One-sided confidence of the non-inferiority bound."""
 

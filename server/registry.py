@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from sqlalchemy import select
@@ -11,15 +10,10 @@ from sqlalchemy.orm import Session
 from server.artifacts import ArtifactError, VerifiedArtifact, resolve_artifact_path, verify_artifact
 from server.auth import Principal
 from server.errors import Conflict, Invalid, NotFound
-from server.orm import Alias, AuditEvent, ModelVersion, OutboxItem, RegisteredModel
+from server.orm import Alias, AuditEvent, ModelVersion, RegisteredModel, enqueue
 from server.schemas import RegisterVersionIn
 from server.settings import ServerSettings
-
-# Only MLflow-internal URI schemes may be passed as a version source; anything else (http://, file://, s3://
-# of an unknown bucket) could make MLflow or a consumer fetch from an attacker-chosen location (SSRF).
-_ALLOWED_SOURCE = re.compile(
-    r"^(models:/m-[A-Za-z0-9]+|runs:/[0-9a-f]{32}/[A-Za-z0-9._/-]+|mlflow-artifacts:/[A-Za-z0-9._/-]+)$"
-)
+from server.sources import validate_source
 
 
 def get_model(s: Session, name: str, *, lock: bool = False) -> RegisteredModel:
@@ -71,10 +65,8 @@ def prepare_registration(settings: ServerSettings, body: RegisterVersionIn) -> t
         verified = verify_artifact(path)
     except ArtifactError as exc:
         raise Invalid(str(exc)) from exc
-    if body.mlflow_source is not None and not _ALLOWED_SOURCE.match(body.mlflow_source):
-        raise Invalid(
-            "mlflow_source: only models:/m-<id>, runs:/<run_id>/<path> or mlflow-artifacts:/ URIs are accepted"
-        )
+    if body.mlflow_source is not None:
+        validate_source(body.mlflow_source, body.mlflow_run_id, body.logged_model_id)
     if body.mlflow_source is None and settings.mlflow_tracking_uri.startswith(("http://", "https://")):
         # An MLflow server refuses local-path sources (CVE-2023-1177 fix); a row it refuses would block the outbox.
         raise Invalid(
@@ -95,6 +87,7 @@ def record_version(
         )
     )
     if existing is not None:
+        _check_same_links(existing, body)
         return existing
     mv = ModelVersion(
         model_id=model.id,
@@ -113,21 +106,35 @@ def record_version(
     tags = {"oprd.manifest_sha256": verified.sha256}
     if body.logged_model_id:
         tags["oprd.logged_model_id"] = body.logged_model_id
-    s.add(
-        OutboxItem(
-            kind="create_version",
-            model_name=name,
-            payload={
-                "version": mv.version,
-                "source": source,
-                "run_id": body.mlflow_run_id,
-                "model_id": body.logged_model_id,
-                "tags": tags,
-            },
-        )
+    enqueue(
+        s,
+        "create_version",
+        name,
+        {
+            "version": mv.version,
+            "source": source,
+            "run_id": body.mlflow_run_id,
+            "logged_model_id": body.logged_model_id,
+            "tags": tags,
+        },
     )
     s.flush()
     return mv
+
+
+def _check_same_links(mv: ModelVersion, body: RegisterVersionIn) -> None:
+    """Registration is idempotent by content, but a request that names *other* MLflow links for the same
+    content is refused rather than silently answered with the old ones (omitted links claim nothing)."""
+    for field, given, stored in (
+        ("mlflow_source", body.mlflow_source, mv.mlflow_source),
+        ("mlflow_run_id", body.mlflow_run_id, mv.run_id),
+        ("logged_model_id", body.logged_model_id, mv.logged_model_id),
+    ):
+        if given is not None and given != stored:
+            raise Conflict(
+                f"{field}: this manifest is already v{mv.version} with {field} {stored!r}; "
+                f"register different content or use the recorded {field}"
+            )
 
 
 def retire(
@@ -153,16 +160,11 @@ def retire(
                 reason=reason,
             )
         )
-        s.add(
-            OutboxItem(
-                kind="set_version_tag",
-                model_name=model.name,
-                payload={
-                    "version": mv.version,
-                    "key": "oprd.status",
-                    "value": "RETIRED",
-                },
-            )
+        enqueue(
+            s,
+            "set_version_tag",
+            model.name,
+            {"version": mv.version, "key": "oprd.status", "value": "RETIRED"},
         )
     retired = {mv.version for mv in versions}
     aliases = s.scalars(select(Alias).where(Alias.model_id == model.id)).all()

@@ -11,17 +11,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.names import Name, Reason, SuiteName, VersionNumber
+from server.names import PRINTABLE_PATTERN, MlflowId, Name, Reason, SuiteName, VersionNumber
 from server.policy import PolicySpec
 
 Verdict = Literal["PROMOTE", "REJECT", "INCONCLUSIVE"]
 Role = Literal["read", "ci", "admin"]
-ShortStr = Annotated[str, Field(max_length=256, pattern=r"^[^\x00]*$")]
-ArtifactPath = Annotated[str, Field(min_length=1, max_length=4096)]
+ShortStr = Annotated[str, Field(max_length=256, pattern=PRINTABLE_PATTERN)]
+SourceUri = Annotated[str, Field(min_length=1, max_length=500, pattern=PRINTABLE_PATTERN)]
+"""500 = the length of MLflow's own ``model_versions.source`` column."""
+ArtifactPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=PRINTABLE_PATTERN)]
+MAX_PROBLEMS = 10_000
+"""Problems per suite and role. Bounds the decision's work and memory (the bootstrap is resamples x problems)."""
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite floats are not JSON; they must never reach the database or a response (issue 9, defect 4).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Out(BaseModel):
@@ -32,7 +37,7 @@ class _Out(BaseModel):
 class ProblemResult(_In):
     """One problem of one suite for one role: ``n_correct`` of ``k`` samples were graded correct."""
 
-    problem_id: Annotated[str, Field(min_length=1, max_length=256)]
+    problem_id: Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE_PATTERN)]
     k: Annotated[int, Field(strict=True, ge=1, le=100_000)]
     n_correct: Annotated[int, Field(strict=True, ge=0, le=100_000)]
     mean_length: Annotated[float, Field(ge=0.0, le=1e7)]
@@ -45,7 +50,7 @@ class ProblemResult(_In):
         return self
 
 
-Problems = Annotated[list[ProblemResult], Field(min_length=1, max_length=100_000)]
+Problems = Annotated[list[ProblemResult], Field(min_length=1, max_length=MAX_PROBLEMS)]
 
 
 class SuiteEvidence(_In):
@@ -73,9 +78,9 @@ class Cost(_In):
 class Lineage(_In):
     """References into MLflow and the teacher identity; stored verbatim and joined by ``lineage``."""
 
-    mlflow_run_ids: dict[Name, ShortStr] = Field(default_factory=dict, max_length=64)
+    mlflow_run_ids: dict[Name, MlflowId] = Field(default_factory=dict, max_length=64)
     """Stage name -> MLflow run id (e.g. ``distill``, ``evaluate``)."""
-    logged_model_ids: dict[Name, ShortStr] = Field(default_factory=dict, max_length=64)
+    logged_model_ids: dict[Name, MlflowId] = Field(default_factory=dict, max_length=64)
     teacher: ShortStr | None = None
     """Teacher identity (name@sha256 or artifact sha256); ``retire --teacher`` matches it exactly."""
     student_base: ShortStr | None = None
@@ -95,9 +100,9 @@ class EvidenceIn(EvidenceBody):
 
     model: Name
     artifact_path: ArtifactPath
-    mlflow_run_id: ShortStr | None = None
-    logged_model_id: ShortStr | None = None
-    mlflow_source: ShortStr | None = None
+    mlflow_run_id: MlflowId | None = None
+    logged_model_id: MlflowId | None = None
+    mlflow_source: SourceUri | None = None
     """Model-version source for MLflow (e.g. ``models:/m-...``); default: the absolute artifact directory."""
 
 
@@ -105,9 +110,9 @@ class EvidenceIn(EvidenceBody):
 class RegisterVersionIn(_In):
     artifact_path: ArtifactPath
     """Local directory with ``manifest.json``, under one of the allowed artifact roots."""
-    mlflow_run_id: ShortStr | None = None
-    logged_model_id: ShortStr | None = None
-    mlflow_source: ShortStr | None = None
+    mlflow_run_id: MlflowId | None = None
+    logged_model_id: MlflowId | None = None
+    mlflow_source: SourceUri | None = None
     teacher: ShortStr | None = None
 
 
@@ -223,6 +228,8 @@ class StatusOut(BaseModel):
     champion_since: datetime | None
     versions: int
     pending_mlflow_writes: int
+    parked_mlflow_writes: int
+    """Writes MLflow refused for this model (``mlflow_parked`` in its history); MLflow lacks them for good."""
     mlflow_aliases: dict[str, int] | None
     """Aliases as MLflow reports them right now (``None`` when MLflow could not be read)."""
     last_mlflow_error: str | None
@@ -257,6 +264,8 @@ class TokenOut(BaseModel):
 class ReconcileOut(BaseModel):
     applied: int
     pending: int
+    parked: int
+    """Rows MLflow refused (see the ``mlflow_parked`` audit events); they are not retried."""
     errors: list[str]
     drift_fixed: list[str]
 
@@ -265,3 +274,7 @@ class HealthOut(BaseModel):
     status: Literal["ok"]
     database: str
     pending_mlflow_writes: int
+    parked_mlflow_writes: int
+    last_mlflow_error: str | None
+    counts_age_s: float
+    """Age of the counts (taken by the reconciler at the end of its last pass)."""

@@ -41,8 +41,19 @@ class ServerSettings(BaseSettings):
     """Local directories under which registered artifacts must live (JSON list or comma-separated)."""
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     """Background reconciler period: pending outbox rows are retried at least this often."""
-    sync_wait_s: float = Field(default=2.0, ge=0)
-    """After a mutation commits, wait up to this long for MLflow to be updated before answering."""
+    sync_wait_s: float = Field(default=0.1, ge=0)
+    """After a mutation commits, wait up to this long for *its own* MLflow writes before answering; past it the
+    answer carries ``OPRD-MLflow: pending`` and the reconciler applies them later."""
+    mlflow_request_timeout_s: float = Field(default=2.0, gt=0)
+    """Bound on one MLflow read made inside a request (``status``, ``lineage``); past it the read reports an error."""
+    mlflow_breaker_failures: int = Field(default=3, ge=1)
+    """Consecutive failed MLflow reads in requests that open the circuit breaker."""
+    mlflow_breaker_open_s: float = Field(default=10.0, gt=0)
+    """While the breaker is open, request-path MLflow reads fail at once with the last error."""
+    token_cache_s: float = Field(default=5.0, ge=0)
+    """Token lookups are cached this long (a rotated or revoked token keeps working at most this long)."""
+    public_docs: bool | None = None
+    """Serve ``/openapi.json``, ``/docs`` and ``/redoc`` without a token. Default: only when no token is configured."""
     sqlite_busy_timeout_ms: int = Field(default=30_000, gt=0)
     db_pool_size: int = Field(default=20, gt=0)
 

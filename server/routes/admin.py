@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -51,10 +53,18 @@ def _policy_out(model: RegisteredModel, p: Policy) -> PolicyOut:
 
 
 @router.get("/health", name="health", response_model=HealthOut)
-def health(db: DbDep, reconciler: ReconcilerDep) -> HealthOut:
-    """Liveness plus the number of MLflow writes not yet applied."""
+async def health(request: Request) -> HealthOut:
+    """Liveness plus the outbox counts as of the reconciler's last pass. Async and free of I/O: it answers on the
+    event loop even when every worker thread is busy, and never touches MLflow."""
+    state = request.app.state
+    stats = state.reconciler.stats
     return HealthOut(
-        status="ok", database=db.engine.dialect.name, pending_mlflow_writes=reconciler.pending_count()
+        status="ok",
+        database=state.db.engine.dialect.name,
+        pending_mlflow_writes=stats.pending,
+        parked_mlflow_writes=stats.parked,
+        last_mlflow_error=state.mlflow_guard.last_error or stats.last_error,
+        counts_age_s=round(max(0.0, time.time() - stats.at), 3),
     )
 
 
@@ -129,12 +139,15 @@ def retire_teacher(body: RetireTeacherIn, request: Request, who: CurrentPrincipa
 def reconcile(reconciler: ReconcilerDep, _: CurrentPrincipal) -> ReconcileOut:
     """Apply pending MLflow writes now and repair alias drift (idempotent)."""
     r = reconciler.run_once(check_drift=True)
-    return ReconcileOut(applied=r.applied, pending=r.pending, errors=r.errors, drift_fixed=r.drift_fixed)
+    return ReconcileOut(
+        applied=r.applied, pending=r.pending, parked=r.parked, errors=r.errors, drift_fixed=r.drift_fixed
+    )
 
 
 @router.post("/v1/tokens", name="create_token", response_model=TokenOut, status_code=201)
-def create_token(body: TokenCreateIn, db: DbDep, _: CurrentPrincipal) -> TokenOut:
+def create_token(body: TokenCreateIn, request: Request, db: DbDep, _: CurrentPrincipal) -> TokenOut:
     """Create (or rotate) a named token; the secret is returned once and stored hashed."""
     secret = new_token()
     db.transact(lambda s: ensure_token(s, name=body.name, role=body.role, secret=secret))
+    request.app.state.token_cache.clear()  # a rotated token stops working here at once
     return TokenOut(name=body.name, role=body.role, token=secret)

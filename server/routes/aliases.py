@@ -13,13 +13,14 @@ from sqlalchemy.orm import Session
 from server import aliases as ops
 from server.auth import CurrentPrincipal
 from server.db import Database
-from server.deps import AliasName, DbDep, ModelName, ReconcilerDep
+from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep
 from server.errors import Conflict
 from server.gating import latest_evidence
 from server.idempotency import run_mutation
+from server.mlflow_guard import MlflowGuard, MlflowUnavailable
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
-from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem
+from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem, RegisteredModel
 from server.registry import ensure_ready, get_model, get_version, verify_registered
 from server.schemas import AliasOut, AuditOut, LineageOut, PromoteIn, RollbackIn, StatusOut
 from server.views import alias_out, audit_out, decision_out, version_out
@@ -55,7 +56,7 @@ def promote(
             reason=body.reason,
             override=body.override,
         )
-        return alias_out(get_model(s, name), row)
+        return alias_out(s.get(RegisteredModel, row.model_id), row)  # identity map: no query
 
     return run_mutation(request, who, name, work)
 
@@ -81,7 +82,7 @@ def rollback(
         )
         if row.version != target:  # history changed between the check and the move: let the client re-read
             raise Conflict(f"expected_revision: rollback target of {name}@{alias} changed concurrently")
-        return alias_out(get_model(s, name), row)
+        return alias_out(s.get(RegisteredModel, row.model_id), row)  # identity map: no query
 
     return run_mutation(request, who, name, work)
 
@@ -91,6 +92,7 @@ def model_status(
     name: ModelName,
     db: DbDep,
     reconciler: ReconcilerDep,
+    guard: GuardDep,
     _: CurrentPrincipal,
     mlflow: bool = Query(default=True, description="Also read the aliases from MLflow (slower)."),
 ) -> StatusOut:
@@ -123,13 +125,23 @@ def model_status(
             s.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.model_id == model.id))
             or 0
         )
-        pending = (
-            s.scalar(
-                select(func.count())
-                .select_from(OutboxItem)
-                .where(OutboxItem.model_name == name, OutboxItem.applied_at.is_(None))
+        unapplied = s.execute(
+            select(OutboxItem.parked_at.is_not(None), func.count(), func.max(OutboxItem.id))
+            .where(OutboxItem.model_name == name, OutboxItem.applied_at.is_(None))
+            .group_by(OutboxItem.parked_at.is_not(None))
+        ).all()
+        counts = {bool(parked): (n, newest) for parked, n, newest in unapplied}
+        pending, parked = counts.get(False, (0, None))[0], counts.get(True, (0, None))[0]
+        # this model's oldest MLflow error on record: the root cause (a parked row's refusal, or a pending row's outage)
+        model_error = s.scalar(
+            select(OutboxItem.last_error)
+            .where(
+                OutboxItem.model_name == name,
+                OutboxItem.applied_at.is_(None),
+                OutboxItem.last_error.is_not(None),
             )
-            or 0
+            .order_by(OutboxItem.id)
+            .limit(1)
         )
         out = StatusOut(
             model=name,
@@ -139,14 +151,17 @@ def model_status(
             champion_since=champ.updated_at if champ else None,
             versions=n_versions,
             pending_mlflow_writes=pending,
+            parked_mlflow_writes=parked,
             mlflow_aliases=None,
-            last_mlflow_error=reconciler.last_error,
+            last_mlflow_error=guard.last_error or model_error or (reconciler.last_error if pending else None),
         )
     if mlflow and reconciler.mirror is not None:
         try:
-            out.mlflow_aliases = reconciler.mirror.aliases(name)
+            out.mlflow_aliases = guard.call(reconciler.mirror.aliases, name)
         except Exception as exc:  # MLflow down: report it, the DB state above is still authoritative
-            out.last_mlflow_error = f"{type(exc).__name__}: {exc}"[:500]
+            out.last_mlflow_error = (str(exc) if isinstance(exc, MlflowUnavailable) else f"MLflow: {exc}")[
+                :500
+            ]
     return out
 
 
@@ -171,6 +186,7 @@ def model_lineage(
     name: ModelName,
     db: DbDep,
     reconciler: ReconcilerDep,
+    guard: GuardDep,
     _: CurrentPrincipal,
     alias: str | None = Query(default=None, pattern=NAME_PATTERN, max_length=128),
     version: int | None = Query(default=None, ge=1, le=2**31 - 1),
@@ -208,19 +224,25 @@ def model_lineage(
     if ev is not None:
         run_ids.update(ev.lineage.mlflow_run_ids)
         model_ids.update(ev.lineage.logged_model_ids)
-    out.mlflow = _mlflow_lineage(reconciler.mirror, name, mv.version, run_ids, model_ids)
+    out.mlflow = _mlflow_lineage(reconciler.mirror, guard, name, mv.version, run_ids, model_ids)
     return out
 
 
 def _mlflow_lineage(
-    mirror: MlflowMirror | None, name: str, version: int, runs: dict[str, str], models: dict[str, str]
+    mirror: MlflowMirror | None,
+    guard: MlflowGuard,
+    name: str,
+    version: int,
+    runs: dict[str, str],
+    models: dict[str, str],
 ) -> dict[str, Any]:
+    """Each MLflow read goes through ``guard`` (bounded; fails at once while MLflow is known to be down)."""
     if mirror is None:
         return {"error": "MLflow mirroring is disabled"}
     out: dict[str, Any] = {"runs": {}, "logged_models": {}}
     c = mirror.client
     try:
-        mv = c.get_model_version(name, str(version))
+        mv = guard.call(c.get_model_version, name, str(version))
         out["model_version"] = {
             "source": mv.source,
             "run_id": mv.run_id,
@@ -231,7 +253,7 @@ def _mlflow_lineage(
         out["model_version"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     for stage, rid in runs.items():
         try:
-            r = c.get_run(rid)
+            r = guard.call(c.get_run, rid)
             out["runs"][stage] = {
                 "run_id": rid,
                 "status": r.info.status,
@@ -246,7 +268,7 @@ def _mlflow_lineage(
             out["runs"][stage] = {"run_id": rid, "error": f"{type(exc).__name__}: {exc}"[:300]}
     for stage, mid in models.items():
         try:
-            lm = c.get_logged_model(mid)
+            lm = guard.call(c.get_logged_model, mid)
             out["logged_models"][stage] = {
                 "model_id": mid,
                 "name": lm.name,

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from server.auth import CurrentPrincipal
 from server.deps import AliasQuery, DbDep, ModelName, ReasonQuery, SettingsDep, VersionPath
 from server.errors import NotFound
-from server.gating import promote_on_verdict
+from server.gating import prepare_decision, promote_on_verdict
 from server.gating import submit_evidence as _submit
 from server.idempotency import run_mutation
 from server.orm import Alias, Decision, ModelVersion, RegisteredModel
@@ -68,15 +68,21 @@ def submit_evidence(
     body: EvidenceBody,
     request: Request,
     settings: SettingsDep,
+    db: DbDep,
     who: CurrentPrincipal,
     alias: AliasQuery = "champion",
 ) -> JSONResponse:
     """Submit evidence about a version and get the policy decision (may auto-roll back the champion)."""
 
+    auto = settings.auto_rollback
+    plan = prepare_decision(
+        db, name, None, version, body, alias=alias, verify_version=False, auto_rollback=auto
+    )
+
     def work(s: Session) -> DecisionOut:
         model = get_model(s, name, lock=True)
         mv = get_version(s, model, version)
-        d = _submit(s, who, model, mv, body, alias=alias, auto_rollback=settings.auto_rollback)
+        d = _submit(s, who, model, mv, body, alias=alias, auto_rollback=auto, plan=plan)
         return decision_out(s, model, d)
 
     return run_mutation(request, who, name, work)
@@ -87,6 +93,7 @@ def gate(
     body: EvidenceIn,
     request: Request,
     settings: SettingsDep,
+    db: DbDep,
     who: CurrentPrincipal,
     promote: bool = True,
     alias: AliasQuery = "champion",
@@ -103,11 +110,24 @@ def gate(
     )
     verified, source = prepare_registration(settings, reg)
     evidence = EvidenceBody(suites=body.suites, cost=body.cost, lineage=body.lineage)
+    auto = settings.auto_rollback
+    # Outside the transaction: integrity of the stored bytes the alias may move to, and the decision itself.
+    plan = prepare_decision(
+        db,
+        body.model,
+        verified.sha256,
+        None,
+        evidence,
+        alias=alias,
+        verified_path=verified.path,
+        verify_version=promote,
+        auto_rollback=auto,
+    )
 
     def work(s: Session) -> GateOut:
         mv = record_version(s, who, body.model, reg, verified, source)
         model = get_model(s, body.model, lock=True)
-        d = _submit(s, who, model, mv, evidence, alias=alias, auto_rollback=settings.auto_rollback)
+        d = _submit(s, who, model, mv, evidence, alias=alias, auto_rollback=auto, plan=plan)
         moved = promote and promote_on_verdict(s, who, model, mv, d, alias, reason=reason)
         row = (
             s.scalar(select(Alias).where(Alias.model_id == model.id, Alias.alias == alias)) if moved else None

@@ -178,9 +178,10 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """``uvicorn --factory server.app:app_from_env`` in a subprocess on loopback, configured by OPRD_* env."""
+    """``uvicorn --factory server.app:app_from_env`` in a subprocess on loopback, configured by OPRD_* env.
+    With ``workers`` > 1 (PostgreSQL) the caller migrates the database first, as ``oprd-ci serve`` does."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1) -> None:
         import subprocess
         import sys
 
@@ -203,6 +204,8 @@ class LiveServer:
                 "warning",
                 "--limit-concurrency",
                 "256",
+                "--workers",
+                str(workers),
             ],
             env=full_env,
             stdout=self.log,
@@ -256,3 +259,53 @@ def stack():
 
     with contextlib.ExitStack() as s:
         yield s
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A lean ``mlflow server`` (sqlite store, local artifacts) on loopback; yields its URL."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = (tmp_path / "mlflow.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/ml.db",
+            "--artifacts-destination",
+            str(tmp_path / "mlart"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -101,7 +101,8 @@ def test_cli_exit_codes_against_live_server(cli, tmp_path, make_artifact):
         )
         assert r.exit_code == 0, r.output
         r = _run(cli, ["gate", "--evidence", str(f), "--token", CI, "--json", *base])
-        assert r.exit_code == 0 and json.loads(r.output)["decision"]["verdict"] == "PROMOTE"
+        # JSON on stdout; notes such as "MLflow pending" go to stderr
+        assert r.exit_code == 0 and json.loads(r.stdout)["decision"]["verdict"] == "PROMOTE"
         assert _run(cli, ["status", "student", *base]).exit_code == EXIT_AUTH  # no token
         assert _run(cli, ["status", "student", "--token", "wrong", *base]).exit_code == EXIT_AUTH
         r = _run(
@@ -155,3 +156,23 @@ def test_cli_status_flags_mlflow_disagreement_and_names_known_models(
     assert "did you mean 'student'?" in r.output and "known models: student" in r.output
     r = _run(cli, ["lineage", "student/9"])
     assert r.exit_code == EXIT_NOT_FOUND and "known versions of student: v1" in r.output
+
+
+def test_serve_refuses_several_workers_on_sqlite(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPRD_DATABASE_URL", f"sqlite:///{tmp_path}/r.db")
+    r = _run(cli, ["serve", "--workers", "2"])
+    assert r.exit_code == EXIT_USAGE and "PostgreSQL" in r.output
+
+
+def test_status_shows_parked_and_pending_mlflow_writes(cli, tmp_path, make_artifact, monkeypatch):
+    """In-process CLI with MLflow mirroring off: the gate's writes stay pending, and status says so."""
+    for k, v in server_env(tmp_path, OPRD_MLFLOW_ENABLED="false").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("OPRD_REGISTRY_URL", raising=False)
+    f = tmp_path / "ev.json"
+    f.write_text(json.dumps(evidence("student", make_artifact("v1"), 0.5)))
+    r = _run(cli, ["gate", "--evidence", str(f), "--policy", POLICY_FILE, "--out", str(tmp_path / "g.json")])
+    assert r.exit_code == 0, r.output
+    assert "MLflow pending" in r.output
+    r = _run(cli, ["status", "student"])
+    assert r.exit_code == 0 and "2 pending writes, 0 parked" in r.output, r.output

@@ -3,63 +3,13 @@ path source (which MLflow's server refuses) is rejected up front instead of pois
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
-import httpx
 import mlflow
-import pytest
-from conftest import ADMIN, CI, POLICY, READ, auth, evidence, free_port
+from conftest import ADMIN, CI, POLICY, READ, auth, evidence
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
 from pipelines.mlflow_globals import process_uris
 from server.app import create_app
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (tmp_path / "mlflow.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/ml.db",
-            "--artifacts-destination",
-            str(tmp_path / "mlart"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("mlflow server did not start")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_gate_mirrors_to_mlflow_server_over_http(mlflow_server, settings_factory, make_artifact, stack):

@@ -23,6 +23,7 @@ _app = create_app(
         artifact_roots=[_tmp],
         admin_token=ADMIN,
         max_body_bytes=256 * 1024,
+        public_docs=True,  # the schema is read without a token below
     )
 )
 with TestClient(_app) as _c:  # a model with a policy, two versions and a champion, so paths can resolve
