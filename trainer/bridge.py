@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from trainer.config import PositionMode
 from trainer.hidden import capture_hidden_states
+from trainer.models import CompatibilityError
 from trainer.rollout import RolloutBatch
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "BankMeta",
     "BridgeBank",
     "FitResult",
+    "check_bank",
     "collect_pair_rows",
     "fit_projectors",
     "load_bank",
@@ -200,6 +202,49 @@ class BridgeBank(nn.Module):
                 f"{[pair_key(s, t) for s, t in zip(student_layers, teacher_layers, strict=True)]}; rerun the "
                 "bridge stage (dvc repro bridge) with the same distill.rep.layers"
             )
+
+
+def check_bank(
+    bank: BridgeBank,
+    student_layers: Sequence[int],
+    teacher_layers: Sequence[int],
+    d_student: int,
+    d_teacher: int,
+    *,
+    min_val_cosine: float,
+    sources: dict[str, str] | None = None,
+) -> None:
+    """Pre-flight for ``oprd_bridge``: the bank fits this pair and this plan, and it predicts well enough.
+
+    Raises :class:`~trainer.models.CompatibilityError` when the layer pairs or hidden sizes differ, when a digest
+    in ``sources`` (e.g. the teacher's manifest sha256) differs from the one the bank was fitted on, or when the
+    mean validation cosine is below ``min_val_cosine``.
+    """
+    meta = bank.meta
+    try:
+        bank.check_plan(student_layers, teacher_layers)
+    except ValueError as exc:
+        raise CompatibilityError(str(exc)) from None
+    if (meta.d_student, meta.d_teacher) != (d_student, d_teacher):
+        raise CompatibilityError(
+            f"the bridge bank maps hidden sizes {meta.d_student} -> {meta.d_teacher}, the models have {d_student} -> "
+            f"{d_teacher}; rerun the bridge stage for this teacher/student pair"
+        )
+    for name, digest in (sources or {}).items():
+        fitted = meta.sources.get(name)
+        if fitted is not None and digest is not None and fitted != digest:
+            raise CompatibilityError(
+                f"the bridge bank was fitted on another {name} (sha256 {fitted[:12]}, now {digest[:12]}); rerun the "
+                "bridge stage (dvc repro bridge)"
+            )
+    if not meta.val_cosine_mean >= min_val_cosine:
+        per_layer = ", ".join(f"{k}={c:.3f}" for k, c in zip(bank.keys, meta.val_cosine, strict=True))
+        raise CompatibilityError(
+            f"the bridge's student projectors predict the teacher codes poorly: mean validation cosine "
+            f"{meta.val_cosine_mean:.3f} < distill.bridge.min_val_cosine={min_val_cosine} ({per_layer}). Fit on more "
+            "pairs (distill.bridge.num_prompts), a lower rank (distill.bridge.rank), more epochs, or the mlp "
+            "projector; or use an output-space method (opd_sampled)."
+        )
 
 
 def save_bank(bank: BridgeBank, directory: str | Path) -> Path:
