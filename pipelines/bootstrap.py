@@ -8,12 +8,6 @@
                                                same run: shared lineage with the teacher)
     artifacts/bootstrap.json                   val accuracies, steps, wall time, manifest sha256s
 
-``--wide`` (the ``bootstrap_wide`` stage) instead writes only ``artifacts/models/teacher-wide/`` and
-``artifacts/bootstrap-wide.json``: a wider and deeper teacher (``models.tiny_wide``) of the same task, tokenizer
-and recipe, trained from scratch (seed ``task.seed + 1``). It shares no lineage with the student base and differs
-from it in hidden size and depth: the OPRD-Bridge demonstration (oprd-method.md §5). The committed teacher and
-student base are untouched by it.
-
 The teacher is a tiny Qwen2 trained from scratch on CPU with teacher-forced cross-entropy on response + EOS,
 on problems drawn fresh from the generator (never a val or eval prompt), with warm-up + cosine lr decay. Greedy
 val accuracy every ``task.eval_every`` steps picks the teacher and can stop the run early. For one seed and one
@@ -53,15 +47,7 @@ from pipelines.task import make_splits as make_task_splits
 from trainer.config import ConfigError, Params, load_params
 from trainer.export import write_manifest
 
-__all__ = [
-    "BootstrapResult",
-    "check_external_sources",
-    "main",
-    "run_bootstrap",
-    "run_bootstrap_wide",
-    "train_teacher",
-    "wide_params",
-]
+__all__ = ["BootstrapResult", "check_external_sources", "main", "run_bootstrap", "train_teacher"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,23 +211,16 @@ def _sft_step(
 
 
 def train_teacher(
-    params: Params,
-    tokenizer: PreTrainedTokenizerFast,
-    splits: Splits,
-    *,
-    progress: bool = True,
-    init_seed: int | None = None,
+    params: Params, tokenizer: PreTrainedTokenizerFast, splits: Splits, *, progress: bool = True
 ) -> TeacherRun:
     """Train the teacher from scratch; snapshot the student base at ``task.student_base_step`` on the way.
 
     Val accuracy (greedy, ``splits.val``) is measured every ``task.eval_every`` steps, at the student step and
     at the last step. The teacher is the best-val snapshot (ties go to the later step). The run stops early when
-    val accuracy reaches ``task.teacher_target_acc`` at or after the student step. ``init_seed`` (default
-    ``task.seed``) seeds the initialization and the SFT problem stream.
+    val accuracy reaches ``task.teacher_target_acc`` at or after the student step.
     """
     t = params.task
-    seed = t.seed if init_seed is None else init_seed
-    torch.manual_seed(seed)
+    torch.manual_seed(t.seed)
     model = build_model(params, tokenizer)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.teacher_lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -250,8 +229,8 @@ def train_teacher(
     )
     # SFT problems: a stream disjoint from val/eval; its own seed so the splits do not shift it.
     held_out = {p.prompt for p in splits.val} | {p.prompt for p in splits.eval}
-    stream = iter_problems(seed * 7919 + 1, exclude=held_out)
-    pad_rng = random.Random(seed * 7919 + 2)
+    stream = iter_problems(t.seed * 7919 + 1, exclude=held_out)
+    pad_rng = random.Random(t.seed * 7919 + 2)
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     student: tuple[float, dict[str, torch.Tensor]] | None = None
@@ -368,54 +347,6 @@ def run_bootstrap(params: Params, out: str | Path, *, progress: bool = True) -> 
         torch.use_deterministic_algorithms(prev_det)
 
 
-def wide_params(params: Params) -> Params:
-    """``params`` with ``models.tiny_wide`` as the architecture and ``task.seed + 1`` as the training seed (the
-    splits keep ``task.seed``: the wide teacher sees the same val/eval problems held out)."""
-    models = params.models.model_copy(update={"tiny": params.models.tiny_wide})
-    return params.model_copy(update={"models": models})
-
-
-def run_bootstrap_wide(params: Params, out: str | Path, *, progress: bool = True) -> BootstrapResult | None:
-    """Build only the wider, deeper teacher into ``out/models/teacher-wide`` (``None`` when not embedded)."""
-    if not params.models.embedded:
-        return None
-    t = params.task
-    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        out = Path(out)
-        start = time.perf_counter()
-        splits = make_task_splits(t.seed, t.num_train, t.num_val, t.num_eval)
-        tokenizer = build_tokenizer()
-        wide = wide_params(params)
-        run = train_teacher(wide, tokenizer, splits, progress=progress, init_seed=t.seed + 1)
-        directory = out / "models" / "teacher-wide"
-        sha = save_model_dir(wide, tokenizer, run.teacher_state, directory)
-        result = BootstrapResult(
-            seed=t.seed + 1,
-            num_threads=torch.get_num_threads(),
-            steps_run=run.steps_run,
-            wall_time_s=round(time.perf_counter() - start, 2),
-            teacher={
-                "dir": str(directory),
-                "step": run.teacher_step,
-                "val_acc": run.teacher_val_acc,
-                "manifest_sha256": sha,
-                "architecture": params.models.tiny_wide.model_dump(),
-            },
-            student_base={},
-            val_curve=run.val_curve,
-            splits={"train": len(splits.train), "val": len(splits.val), "eval": len(splits.eval)},
-        )
-        (out / "bootstrap-wide.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        return result
-    finally:
-        torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
-
-
 def _build_embedded(params: Params, out: Path, *, progress: bool) -> BootstrapResult:
     t = params.task
     start = time.perf_counter()
@@ -466,9 +397,6 @@ def main(argv: list[str] | None = None) -> int:
         help="dotted override, e.g. -S task.teacher_steps=200 (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument(
-        "--wide", action="store_true", help="build only the wider, deeper teacher (models.tiny_wide)"
-    )
     args = parser.parse_args(argv)
     # Configure this stage's logger only: root-level basicConfig would also turn on every library's INFO logs
     # (httpx, mlflow) for the rest of the process when main() is called in-process.
@@ -479,17 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
     try:
         params = load_params(args.params, args.overrides)
-        build = run_bootstrap_wide if args.wide else run_bootstrap
-        result = build(params, args.out, progress=not args.no_progress)
+        result = run_bootstrap(params, args.out, progress=not args.no_progress)
     except ConfigError as exc:
         print(f"bootstrap: {exc}", file=sys.stderr)
         return 2
-    if result is not None and args.wide:
-        logger.info(
-            "wide teacher step %d val_acc %.3f | %d steps in %.0f s",
-            result.teacher["step"], result.teacher["val_acc"], result.steps_run, result.wall_time_s,
-        )  # fmt: skip
-    elif result is not None:
+    if result is not None:
         logger.info(
             "teacher step %d val_acc %.3f | student-base step %d val_acc %.3f | %d steps in %.0f s",
             result.teacher["step"],

@@ -203,7 +203,14 @@ def launch(params_path: str, overrides: list[str]) -> int:
     par = params.parallel
     world = par.nproc_per_node * par.nnodes
     prompts = prompts_file(params)
-    with StageRun("distill", params, upstream=[UPSTREAM], num_devices=world,
+    upstream, extra = [UPSTREAM], {}
+    if params.distill.method == "oprd_bridge":  # the bank is an input: link its run and record its digest
+        bridge = Path(params.distill.bridge.bank)
+        upstream.append(bridge / "bridge.mlflow.json")
+        summary = json.loads((bridge / "bridge.json").read_text())
+        extra = {"oprd.bridge.bank.sha256": summary["bank_sha256"], "oprd.bridge.rank": str(summary["rank"]),
+                 "oprd.bridge.train_projector": str(params.distill.bridge.train_projector).lower()}  # fmt: skip
+    with StageRun("distill", params, upstream=upstream, num_devices=world, extra_tags=extra,
                   datasets={"train_prompts": file_sha256(prompts)}) as run:  # fmt: skip
         if world == 1:
             rc = worker(params_path, overrides, logger=run.metric_logger(flush_every=10))

@@ -88,7 +88,7 @@ def test_train_projector_updates_it_jointly(tiny_pair, wide_teacher, fitted, tmp
     params = bridge_params(tiny_pair, wide_teacher, tmp_path, **{
         "distill.bridge.bank": str(tmp / "bank"), "distill.steps": 2, "distill.bridge.train_projector": True,
     })  # fmt: skip
-    trainer, result = _fit(params, tmp_path / "out")
+    trainer, _ = _fit(params, tmp_path / "out")
     saved = load_bank(tmp / "bank")
     changed = [
         not torch.equal(v, trainer.bank.projectors.state_dict()[k])
