@@ -53,7 +53,17 @@ SUMMARY = "bridge.json"
 PAIRS = "pairs.parquet"
 UPSTREAM = Path("artifacts/rollout/rollout.mlflow.json")
 
-__all__ = ["BuiltBank", "bank_digest", "build_bank", "main", "run"]
+__all__ = [
+    "BuiltBank",
+    "PairRows",
+    "bank_digest",
+    "build_bank",
+    "collect_pairs",
+    "fit_rows",
+    "main",
+    "rank_sweep",
+    "run",
+]
 
 
 @dataclass
@@ -71,9 +81,23 @@ def _manifest_sha(path: str) -> str | None:
         return None
 
 
-def build_bank(params: Params) -> BuiltBank:
-    """Stage 0 + Stage 1 for ``params`` (no MLflow, no files): load the pair, check compatibility (same
-    tokenizer; hidden sizes may differ), sample the on-policy pairs and fit the bank."""
+@dataclass
+class PairRows:
+    """Stage 0 output: per layer pair student / teacher rows, the validation split and the pairs table."""
+
+    student_rows: list[torch.Tensor]
+    teacher_rows: list[torch.Tensor]
+    val: torch.Tensor
+    pairs: pd.DataFrame
+    student_layers: list[int]
+    teacher_layers: list[int]
+    d_student: int
+    d_teacher: int
+
+
+def collect_pairs(params: Params) -> PairRows:
+    """Stage 0 for ``params``: load the pair, check compatibility (same tokenizer; hidden sizes may differ),
+    let the student base answer ``distill.bridge.num_prompts`` prompts and capture both models' rows."""
     m, d = params.models, params.distill
     b = d.bridge
     tok = load_tokenizer(m.tokenizer or m.student.path, m)
@@ -91,13 +115,6 @@ def build_bank(params: Params) -> BuiltBank:
     batch = sample_rollouts(student, encode_prompts(tok, prompts), seeded, engine)
     hs, ht, seq = collect_pair_rows(student, teacher, batch, plan.student, plan.teacher,
                                     positions=d.rep.positions, k=d.rep.k)  # fmt: skip
-    val = split_by_sequence(seq, b.val_fraction, b.seed)
-    meta = BankMeta(
-        student_layers=plan.student, teacher_layers=plan.teacher, rank=b.rank, projector=b.projector,
-        d_student=student.config.hidden_size, d_teacher=teacher.config.hidden_size,
-    )  # fmt: skip
-    fit = fit_projectors(hs, ht, val, meta, max_pca_rows=b.max_pca_rows, epochs=b.epochs, lr=b.lr,
-                         batch_rows=b.batch_rows, seed=b.seed)  # fmt: skip
     lengths = batch.response_lengths.tolist()
     pairs = pd.DataFrame(
         {
@@ -106,7 +123,43 @@ def build_bank(params: Params) -> BuiltBank:
             "response_length": lengths,
         }
     )
-    return BuiltBank(fit, pairs, rows_train=int((~val).sum()), rows_val=int(val.sum()))
+    return PairRows(hs, ht, split_by_sequence(seq, b.val_fraction, b.seed), pairs, plan.student, plan.teacher,
+                    student.config.hidden_size, teacher.config.hidden_size)  # fmt: skip
+
+
+def fit_rows(params: Params, rows: PairRows, rank: int | None = None) -> FitResult:
+    """Stage 1 on collected rows, at ``distill.bridge.rank`` or the given ``rank``."""
+    b = params.distill.bridge
+    meta = BankMeta(
+        student_layers=rows.student_layers, teacher_layers=rows.teacher_layers, rank=rank or b.rank,
+        projector=b.projector, d_student=rows.d_student, d_teacher=rows.d_teacher,
+    )  # fmt: skip
+    return fit_projectors(rows.student_rows, rows.teacher_rows, rows.val, meta, max_pca_rows=b.max_pca_rows,
+                          epochs=b.epochs, lr=b.lr, batch_rows=b.batch_rows, seed=b.seed)  # fmt: skip
+
+
+def build_bank(params: Params) -> BuiltBank:
+    """Stage 0 + Stage 1 for ``params`` (no MLflow, no files)."""
+    rows = collect_pairs(params)
+    val = rows.val
+    return BuiltBank(
+        fit_rows(params, rows), rows.pairs, rows_train=int((~val).sum()), rows_val=int(val.sum())
+    )
+
+
+def rank_sweep(params: Params, ranks: list[int]) -> list[dict]:
+    """Fig. 12 on this pair: one Stage 0, then a fit per rank; rows of rank, validation cosine before / after
+    fitting (mean and per layer pair) and the explained variance of the top-r teacher directions."""
+    rows = collect_pairs(params)
+    out = []
+    for r in ranks:
+        meta = fit_rows(params, rows, r).bank.meta
+        out.append({
+            "rank": r, "val_cosine_init_mean": sum(meta.val_cosine_init) / len(meta.val_cosine_init),
+            "val_cosine_mean": meta.val_cosine_mean, "val_cosine": meta.val_cosine,
+            "explained_variance": meta.explained_variance, "best_epoch": meta.best_epoch,
+        })  # fmt: skip
+    return out
 
 
 def bank_digest(directory: Path) -> str:
@@ -211,10 +264,33 @@ def run(params_path: str, overrides: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     def body(args) -> int:
+        if args.sweep:  # a measurement, not the stage: no files, no MLflow run
+            params = load_params(args.params, args.overrides)
+            if params.optim.num_threads:
+                torch.set_num_threads(params.optim.num_threads)
+            rows = rank_sweep(params, [int(r) for r in args.sweep.split(",")])
+            print(
+                "| rank | val cosine before fit | val cosine after fit (mean) | per layer pair | explained variance |"
+            )
+            print("|---|---|---|---|---|")
+            for r in rows:
+                per = ", ".join(f"{c:.3f}" for c in r["val_cosine"])
+                ev = ", ".join(f"{v:.2f}" for v in r["explained_variance"])
+                print(
+                    f"| {r['rank']} | {r['val_cosine_init_mean']:.3f} | {r['val_cosine_mean']:.3f} | {per} | {ev} |"
+                )
+            return 0
         print(json.dumps(run(args.params, args.overrides), indent=1))
         return 0
 
-    return stage_cli("DVC stage: OPRD-Bridge bank", body, argv, errors=(TrackingUnreachable,))
+    def sweep_flag(ap) -> None:
+        ap.add_argument(
+            "--sweep", default=None, metavar="R1,R2,...", help="rank sweep (Fig. 12): print a table"
+        )
+
+    return stage_cli(
+        "DVC stage: OPRD-Bridge bank", body, argv, errors=(TrackingUnreachable,), extra_args=sweep_flag
+    )
 
 
 if __name__ == "__main__":

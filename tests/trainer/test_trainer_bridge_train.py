@@ -203,3 +203,40 @@ def test_two_process_fsdp2_bridge_matches_single_process(tiny_pair, wide_teacher
     c2 = column(tmp_path / "two", "rep/cosine/mean")
     assert l2[-1] < l2[0] and c2[-1] > c2[0]
     assert (tmp_path / "two" / "out" / "student" / "model.safetensors").is_file()
+
+
+def test_objective_loss_is_the_normalized_code_mse_by_hand(tiny_pair, wide_teacher, fitted, tmp_path):
+    """coef * mean over layers of token-mean (2 - 2 cos(P_S h_S, (h_T - mu) P_T^T)) / r, from the trainer's pieces."""
+    from trainer.hidden import capture_hidden_states
+    from trainer.objectives import Denominators
+
+    tmp, _ = fitted
+    params = bridge_params(tiny_pair, wide_teacher, tmp_path, **{"distill.bridge.bank": str(tmp / "bank")})
+    trainer = Trainer(params, tmp_path / "out")
+    try:
+        prompts = [trainer.prompt_ids[i] for i in range(4)]
+        batch = trainer.engine.generate(
+            trainer.student, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8
+        )
+        targets = trainer.objective.prepare(trainer.student, trainer.teacher, batch)
+        den = trainer.objective.denominators(batch, targets)
+        loss, metrics = trainer.objective.loss(
+            trainer.student, batch, targets, Denominators(den.selected, den.response)
+        )
+        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
+        with torch.no_grad():
+            hs = capture_hidden_states(trainer.student, *args, [1, 2], "all")
+            ht = capture_hidden_states(trainer.teacher, *args, [1, 3], "all")
+            bank = load_bank(tmp / "bank")
+            m = hs.mask.float()
+            per_layer = []
+            for i, key in enumerate(bank.keys):
+                zs = bank.projectors[key](hs.states[:, i])
+                zt = (ht.states[:, i] - bank.teacher_means[i]) @ bank.teacher_bases[i].T
+                err = (2 - 2 * torch.nn.functional.cosine_similarity(zs, zt, dim=-1)) / bank.meta.rank
+                per_layer.append((err * m).sum() / m.sum())
+            expected = 10.0 * torch.stack(per_layer).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert metrics["loss/total"] == pytest.approx(expected.item(), rel=1e-5)
+    finally:
+        trainer.close()
