@@ -69,15 +69,22 @@ def sample_rollouts(
 def measure_alignment(
     student: nn.Module, teacher: nn.Module, batch: RolloutBatch, plan: LayerPlan
 ) -> AlignmentReport:
-    """Per-layer cosine, norm ratio and MSE/D between student and teacher on every valid response token."""
+    """Per-layer cosine, norm ratio and MSE/D between student and teacher on every valid response token.
+
+    With different hidden sizes (the OPRD-Bridge setting) states cannot be compared coordinate-wise: cosine and
+    MSE are NaN and only the norm ratio is reported; the bridge stage measures the alignment through its bank.
+    """
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
     s = capture_hidden_states(student, *args, plan.student, "all")
     t = capture_hidden_states(teacher, *args, plan.teacher, "all")
     m = s.mask.unsqueeze(1).float()  # [B, 1, R]
     hs, ht = s.states.float(), t.states.float()  # [B, Λ, R, D]
     n = m.sum().clamp(min=1.0)
-    cos = (torch.nn.functional.cosine_similarity(hs, ht, dim=-1, eps=1e-12) * m).sum(dim=(0, 2)) / n
     ratio = ((hs.norm(dim=-1) / ht.norm(dim=-1).clamp(min=1e-12)) * m).sum(dim=(0, 2)) / n
+    if hs.shape[-1] != ht.shape[-1]:
+        nan = [float("nan")] * len(plan.student)
+        return AlignmentReport(plan.student, nan, ratio.tolist(), nan)
+    cos = (torch.nn.functional.cosine_similarity(hs, ht, dim=-1, eps=1e-12) * m).sum(dim=(0, 2)) / n
     mse = ((hs - ht).pow(2).mean(dim=-1) * m).sum(dim=(0, 2)) / n
     return AlignmentReport(plan.student, cos.tolist(), ratio.tolist(), mse.tolist())
 
@@ -97,7 +104,8 @@ def check_alignment(report: AlignmentReport, params: Params) -> str | None:
     msg = (
         f"student and teacher hidden states are unrelated on the student's own rollouts: mean cosine "
         f"{report.mean_cosine:.3f} < rollout.min_cosine={threshold} ({per_layer}). Vanilla OPRD (raw MSE) would "
-        "destroy the student. Use distill.method: opd_sampled or opd_topk, or distill.rep.normalize: true, or a "
+        "destroy the student. Use distill.method: oprd_bridge (a fitted low-rank bridge), opd_sampled or opd_topk, "
+        "or distill.rep.normalize: true, or a "
         "student of the teacher's lineage; set rollout.allow_unaligned: true to run anyway."
     )
     if params.rollout.allow_unaligned:

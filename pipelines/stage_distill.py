@@ -204,7 +204,14 @@ def launch(params_path: str, overrides: list[str]) -> int:
     world = par.nproc_per_node * par.nnodes
     prompts = prompts_file(params)
     prompts_sha = file_sha256(prompts)
-    with StageRun("distill", params, upstream=[UPSTREAM], num_devices=world,
+    upstream, extra = [UPSTREAM], {}
+    if params.distill.method == "oprd_bridge":  # the bank is an input: link its run and record its digest
+        bridge = Path(params.distill.bridge.bank)
+        upstream.append(bridge / "bridge.mlflow.json")
+        summary = json.loads((bridge / "bridge.json").read_text())
+        extra = {"oprd.bridge.bank.sha256": summary["bank_sha256"], "oprd.bridge.rank": str(summary["rank"]),
+                 "oprd.bridge.train_projector": str(params.distill.bridge.train_projector).lower()}  # fmt: skip
+    with StageRun("distill", params, upstream=upstream, num_devices=world, extra_tags=extra,
                   datasets={"train_prompts": prompts_sha}) as run:  # fmt: skip
         # What this run consumed, on its page: the training prompts and the teacher and student base.
         log_dataset(run.run_id, prompts, "train_prompts", "training", prompts_sha, client=run.client)

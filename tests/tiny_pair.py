@@ -108,3 +108,13 @@ def assert_resumed(rows: list[dict], resumed_at: int, total: int) -> None:
                 resumed_at,
                 r["step"] - resumed_at,
             ), f"step {r['step']} was not computed by a process that resumed at step {resumed_at}: {r}"
+
+
+@pytest.fixture(scope="session")
+def wide_teacher(tiny_pair) -> Path:
+    """A teacher of the same tokenizer, wider (hidden 48 vs 32) and deeper (3 vs 2 blocks) than ``tiny_pair``'s
+    student, independently initialized: the OPRD-Bridge setting (vanilla OPRD refuses it)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(7)
+    teacher = Qwen2ForCausalLM(tiny_config(hidden=48, layers=3))
+    return save_model(teacher, build_tokenizer(), tiny_pair["teacher"].parent / "teacher-wide")

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trainer.methods import Method, method_spec
 
 __all__ = [
+    "BridgeConfig",
     "CheckpointConfig",
     "ConfigError",
     "DistillConfig",
@@ -100,6 +101,16 @@ class ModelsConfig(_Section):
     embedded: bool = True
     """True: the bootstrap stage builds the tiny task, tokenizer, teacher and student base itself."""
     tiny: TinyModelSpec = TinyModelSpec()
+    tiny_wide: TinyModelSpec = TinyModelSpec(
+        hidden_size=160,
+        intermediate_size=640,
+        num_hidden_layers=6,
+        num_attention_heads=5,
+        num_key_value_heads=5,
+    )
+    """The embedded *wider and deeper* teacher (``bootstrap_wide`` stage, ``artifacts/models/teacher-wide``): the
+    same task and tokenizer trained from scratch at another width and depth, so the student base and it differ in
+    hidden size (128 vs 160) and depth (4 vs 6), the OPRD-Bridge setting (oprd-method.md §5)."""
 
 
 # ----------------------------------------------------------------------------------------------------- task
@@ -194,6 +205,38 @@ class OPDConfig(_Section):
         return data
 
 
+class BridgeConfig(_Section):
+    """OPRD-Bridge (oprd-method.md §5.2-5.4): a teacher PCA basis and a student projector per mapped layer pair,
+    fitted once by the ``bridge`` stage (the *bank*), then a normalized MSE between the two r-dim codes.
+
+    The distill loss uses ``distill.rep`` for layers, positions, aggregation and ``coef``; it is always on
+    L2-normalized codes (``rep.normalize`` does not apply)."""
+
+    bank: str = "artifacts/bridge"
+    """Directory of the fitted bank (written by the ``bridge`` stage, read by ``distill``)."""
+    rank: PosInt = 8
+    """r, the code dimension (paper: 8 cross-architecture, the peak of Fig. 12)."""
+    projector: Literal["linear", "mlp"] = "linear"
+    """P_S: ``linear`` = ``Linear(d_S, r, bias=False)``; ``mlp`` = ``d_S -> max(r, 4r) -> GELU -> r``."""
+    num_prompts: PosInt = 256
+    """Stage 0: training prompts the student answers once each (T = ``rollout.temperature``) for the fit."""
+    max_pca_rows: PosInt = 16384
+    """At most this many teacher response rows (sampled without replacement) per layer for the PCA."""
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    """Share of the pairs (whole responses, not rows) held out to select the projector checkpoint."""
+    epochs: PosInt = 20
+    lr: Annotated[float, Field(gt=0.0)] = 1.0e-3
+    batch_rows: PosInt = 256
+    """Rows (response tokens) per projector AdamW step."""
+    seed: int = 42
+    min_val_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.5
+    """Refuse a bank whose mean validation cosine cos(P_S h_S, z_T) is below this (pre-flight). Measured on the
+    embedded pair: an unfitted projector gives |cos| <= 0.17 (mean over layers; <= 0.34 on one layer), every fitted
+    bank >= 0.82 at ranks 1..64 (paper Fig. 12: <= 0.075 before, >= 0.72 after); 0.5 separates the two."""
+    train_projector: bool = False
+    """False (default, the paper): P_S is frozen during distillation. True: trained jointly with the student."""
+
+
 class DistillConfig(_Section):
     method: Method = "oprd"
     steps: PosInt = 300
@@ -202,6 +245,7 @@ class DistillConfig(_Section):
     seed: int = 0
     rep: RepConfig = RepConfig()
     opd: OPDConfig = OPDConfig()
+    bridge: BridgeConfig = BridgeConfig()
     eval_every: int = Field(default=25, ge=0)
     """Greedy validation accuracy every N steps (0 = off); used to choose the exported checkpoint."""
     select_best: bool = True

@@ -8,7 +8,12 @@ method          hidden states  teacher logits  old log-prob  top-k  full vocab
 ``opd_topk``    no             yes             yes           yes    no
 ``full_kl``     no             yes             no            no     yes
 ``combined``    yes            yes             yes           no     no
+``oprd_bridge`` via bank       no              no            no     no
 ==============  =============  ==============  ============  =====  ==========
+
+``oprd_bridge`` compares r-dim codes of the hidden states through a fitted bank (``bridge``: the bridge stage
+must run first). Its ``hidden_states`` is False: the states are not compared *directly*, so hidden sizes may differ
+and the direct alignment pre-flight does not apply (the bank has its own, :func:`trainer.bridge.check_bank`).
 
 Standard library only: configuration validation and light-weight consumers import it without torch.
 """
@@ -20,7 +25,7 @@ from typing import Literal, get_args
 
 __all__ = ["METHODS", "Method", "MethodSpec", "method_spec"]
 
-Method = Literal["oprd", "opd_sampled", "opd_topk", "full_kl", "combined"]
+Method = Literal["oprd", "opd_sampled", "opd_topk", "full_kl", "combined", "oprd_bridge"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class MethodSpec:
     """The OPD term is over the student's top-k ids (``distill.opd.top_k``) instead of the sampled token."""
     full_vocab: bool
     """The loss is the full-vocabulary reverse KL (teacher logits or final states + LM head)."""
+    bridge: bool = False
+    """The hidden states are compared through the OPRD-Bridge bank (r-dim codes); the ``bridge`` stage fits it."""
 
     @property
     def sampled_token(self) -> bool:
@@ -58,6 +65,8 @@ METHODS: dict[str, MethodSpec] = {
                    full_vocab=True),
         MethodSpec("combined", hidden_states=True, teacher_logits=True, old_logprobs=True, top_k=False,
                    full_vocab=False),
+        MethodSpec("oprd_bridge", hidden_states=False, teacher_logits=False, old_logprobs=False, top_k=False,
+                   full_vocab=False, bridge=True),
     )
 }  # fmt: skip
 assert set(METHODS) == set(get_args(Method)), "every configurable method has a row"

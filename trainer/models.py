@@ -170,6 +170,10 @@ def check_compatibility(
 ) -> LayerPlan:
     """Pre-flight: tokenizer identity, vocabulary size, depth (proportional map) and hidden size.
 
+    ``uses_hidden_states``: the method compares hidden states *directly* (``oprd``, ``combined``), so the hidden
+    sizes must match; ``oprd_bridge`` compares them through its bank and passes False (its bank is checked by
+    :func:`trainer.bridge.check_bank`). Tokenizers must match for every method, the bridge included.
+
     OPRD-Vanilla and the OPD baselines feed the student's token ids to the teacher unchanged, so both must read
     ids the same way. Raises :class:`CompatibilityError` naming the mismatch and the fix.
     """
@@ -195,7 +199,8 @@ def check_compatibility(
     if uses_hidden_states and s_cfg.hidden_size != t_cfg.hidden_size:
         raise CompatibilityError(
             f"hidden sizes differ (student {s_cfg.hidden_size}, teacher {t_cfg.hidden_size}): vanilla OPRD compares "
-            "hidden states directly. Use an output-space method (distill.method: opd_sampled or opd_topk), or a "
-            "teacher with the student's hidden size (OPRD-Bridge projectors are not implemented yet)."
+            "hidden states directly. Use distill.method: oprd_bridge (a fitted low-rank bridge between the two "
+            "hidden spaces), an output-space method (opd_sampled or opd_topk), or a teacher with the student's "
+            "hidden size."
         )
     return LayerPlan(student=s_layers, teacher=t_layers, notes=notes)

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from trainer.bridge import check_bank, load_bank
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import ConfigError, Params, load_params
 from trainer.data import Prompt, PromptSampler, drop_overlong, encode_prompts, load_prompts
@@ -58,6 +59,7 @@ from trainer.methods import method_spec
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
 from trainer.microbatch import accumulate_update, micro_batches
 from trainer.models import check_compatibility, copy_tokenizer_files, load_model, load_tokenizer
+from trainer.objective_bridge import BridgeObjective
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rollout import HFGenerateEngine
@@ -120,6 +122,12 @@ class Trainer:
             self.student, self.teacher, self.tokenizer, teacher_tok, d.rep,
             uses_hidden_states=method_spec(d.method).hidden_states,
         )  # fmt: skip
+        # OPRD-Bridge: the bank comes from the bridge stage's artifact (the same file on every rank).
+        self.bank = (
+            load_checked_bank(params, self.plan, self.student, self.teacher, self.env)
+            if method_spec(d.method).bridge
+            else None
+        )
         if prompts is None:
             if not params.task.prompts_file:
                 raise ConfigError(
@@ -133,11 +141,17 @@ class Trainer:
         shard_model(self.student, self.env, bf16=params.optim.bf16)
         shard_model(self.teacher, self.env, bf16=params.optim.bf16)
         self.fsdp_mixed_precision = uses_fsdp_mixed_precision(self.env, params.optim.bf16)
-        self.optimizer = build_optimizer(self.student, params.optim)
+        # What the optimizer and the checkpoints hold: the student, plus the bridge projectors when trained jointly.
+        self.trained: nn.Module = self.student
+        if self.bank is not None and d.bridge.train_projector:
+            self.trained = nn.ModuleDict({"student": self.student, "bridge": self.bank.projectors})
+        self.optimizer = build_optimizer(self.trained, params.optim)
         self.scheduler = build_scheduler(self.optimizer, d.steps, params.optim)
         # Chunked full-vocab KL reads the LM-head weight outside forward, which FSDP2 keeps sharded.
-        self.objective = Objective(
-            d, self.plan, monitor_cosine=d.monitor_cosine, chunked_kl=not self.env.distributed
+        self.objective = (
+            BridgeObjective(d, self.plan, self.bank)
+            if self.bank is not None
+            else Objective(d, self.plan, monitor_cosine=d.monitor_cosine, chunked_kl=not self.env.distributed)
         )
         gen = self.student.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
@@ -156,7 +170,7 @@ class Trainer:
         process early after that many steps, as a preemption would (tests use it)."""
         d, ck = self.p.distill, self.p.checkpoint
         state = (
-            self.ckpt.load_latest(self.student, self.optimizer, self.scheduler) if ck.resume else None
+            self.ckpt.load_latest(self.trained, self.optimizer, self.scheduler) if ck.resume else None
         ) or TrainState()
         start = state.step
         if start and self.env.is_main:
@@ -186,7 +200,7 @@ class Trainer:
             if self.env.is_main:
                 self.logger.log_metrics(metrics, state.step)
             if (ck.every and state.step % ck.every == 0) or state.step == d.steps:
-                self.ckpt.save(state.step, self.student, self.optimizer, self.scheduler, state)
+                self.ckpt.save(state.step, self.trained, self.optimizer, self.scheduler, state)
             bar.set_postfix(_bar_fields(state.history), refresh=False)  # loss, cosine, latest val accuracy
             bar.update(1)
         bar.close()
@@ -258,7 +272,7 @@ class Trainer:
     def _checked_step(self, loss: torch.Tensor) -> None:
         """Clip, agree across ranks that loss and grad norm are finite, then step; else raise before stepping."""
         clip = self.p.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), clip if clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         bad = torch.tensor(
             [0.0 if (torch.isfinite(loss) and torch.isfinite(norm)) else 1.0], device=self.env.device
@@ -364,6 +378,40 @@ def fit_prompts(prompt_ids: list[list[int]], model: nn.Module, params: Params) -
             file=sys.stderr,
         )
     return [prompt_ids[i] for i in keep]
+
+
+def load_checked_bank(params: Params, plan, student: nn.Module, teacher: nn.Module, env: DistEnv):
+    """The OPRD-Bridge bank of ``distill.bridge.bank``, checked against this pair and plan (pre-flight), on
+    ``env.device``; projectors frozen unless ``distill.bridge.train_projector``.
+
+    A trained projector is a replicated, non-FSDP module: under ``torchrun`` its gradients would not be
+    synchronized (the reference's bug, oprd-method.md §9 item 9), so that combination is refused.
+    """
+    b = params.distill.bridge
+    if b.train_projector and env.distributed:
+        raise ConfigError(
+            "distill.bridge.train_projector: true is single-process only (the projectors are not FSDP-sharded, so "
+            "their gradients would differ per rank); keep it false (the paper's setting) under torchrun"
+        )
+    bank = load_bank(b.bank)
+    m = params.models
+    check_bank(
+        bank, plan.student, plan.teacher, student.config.hidden_size, teacher.config.hidden_size,
+        min_val_cosine=b.min_val_cosine,
+        sources={"teacher": _manifest_sha(m.teacher.path), "student": _manifest_sha(m.student.path)},
+    )  # fmt: skip
+    bank.requires_grad_(False)
+    if b.train_projector:
+        bank.projectors.requires_grad_(True)
+    return bank.to(env.device)
+
+
+def _manifest_sha(path: str) -> str | None:
+    f = Path(path) / "manifest.json"
+    try:
+        return str(json.loads(f.read_text())["sha256"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _seed_everything(seed: int) -> None:

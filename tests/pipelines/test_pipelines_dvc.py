@@ -297,6 +297,29 @@ def test_dvc_experiment_with_another_method(project):
     assert "opd_sampled" in table
 
 
+@pytest.mark.slow
+def test_dvc_experiment_oprd_bridge_with_a_wider_deeper_teacher_ends_at_a_gate(project):
+    """The issue's end-to-end criterion in miniature: the wide teacher is built by `pipelines.bootstrap_wide`
+    (48 wide, 3 blocks vs the student base's 32 / 2), then `dvc exp run -S distill.method=oprd_bridge`."""
+    wide = ["-S", "models.tiny_wide.hidden_size=48", "-S", "models.tiny_wide.intermediate_size=96",
+            "-S", "models.tiny_wide.num_hidden_layers=3", "-S", "models.tiny_wide.num_attention_heads=2",
+            "-S", "models.tiny_wide.num_key_value_heads=2"]  # fmt: skip
+    _run(["python", "-m", "pipelines.bootstrap_wide", "--out", "artifacts", "--no-progress", *wide], project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "wide teacher", "--allow-empty"], project)
+    sets = ["distill.method=oprd_bridge", "models.teacher.path=artifacts/models/teacher-wide",
+            "distill.bridge.num_prompts=64", "distill.bridge.rank=4"]  # fmt: skip
+    _run(["dvc", "exp", "run", "--temp", "-n", "bridge", *(a for x in sets for a in ("-S", x))], project)
+    table = _run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
+    assert "oprd_bridge" in table
+    row = next(line for line in table.splitlines() if line.startswith("bridge,"))
+    header = table.splitlines()[0].split(",")
+    values = dict(zip(header, row.split(","), strict=False))
+    assert {"PROMOTE", "REJECT", "INCONCLUSIVE"} & set(values.values()), values  # it reached a gate decision
+    cosine = [v for k, v in values.items() if k.endswith("bridge/val_cosine_mean")]
+    assert cosine and float(cosine[0]) >= 0.5, values
+
+
 def _student_sha(project: Path) -> str:
     return json.loads((project / "artifacts/models/student/manifest.json").read_text())["sha256"]
 

@@ -50,3 +50,21 @@ def test_independent_init_refuses_vanilla_oprd_but_allows_opd(tiny_pair, tmp_pat
 
 def _tokenizer(pair):
     return load_tokenizer(pair["student"])
+
+
+def test_wide_teacher_reports_norms_only_and_leaves_the_bridge_to_its_stage(
+    tiny_pair, wide_teacher, tmp_path
+):
+    params = tiny_params(tiny_pair, tmp_path, **{"models.teacher.path": str(wide_teacher)})
+    m = params.models
+    tok = load_tokenizer(m.student.path)
+    student = load_model(m.student, m, role="student", trainable=False)
+    teacher = load_model(m.teacher, m, role="teacher", trainable=False)
+    plan = check_compatibility(student, teacher, tok, tok, params.distill.rep, uses_hidden_states=False)
+    prompts = encode_prompts(tok, load_prompts(params.task.prompts_file)[:8])
+    batch = sample_rollouts(student, prompts, params, HFGenerateEngine(pad_token_id=0, eos_token_id=2))
+    report = measure_alignment(student, teacher, batch, plan)
+    assert all(c != c for c in report.cosine)  # NaN: 32- and 48-dim states have no coordinate-wise cosine
+    assert all(0 < r < float("inf") for r in report.norm_ratio)
+    bridge = tiny_params(tiny_pair, tmp_path, **{"distill.method": "oprd_bridge"})
+    assert check_alignment(report, bridge) is None
