@@ -35,7 +35,7 @@ from trainer.config import Params, load_params
 from trainer.data import encode_prompts, load_prompts
 from trainer.distributed import all_reduce_sum, torchrun_command
 from trainer.metrics import JsonlLogger, LoggerGroup, MetricLogger
-from trainer.rollout import HFGenerateEngine
+from trainer.rollout import RolloutEngine, provenance_tags
 from trainer.train import NonFiniteLossError, Trainer
 
 WORK_DIR = Path("artifacts/distill")
@@ -81,7 +81,7 @@ class GreedyValidator:
         self.answers = [p.answer for p in problems]
         self.prompt_ids = encode_prompts(trainer.tokenizer, [p.prompt for p in problems])
         self.tokenizer = trainer.tokenizer
-        self.engine: HFGenerateEngine = trainer.engine
+        self.engine: RolloutEngine = trainer.engine
         self.env = trainer.env
         self.max_new_tokens = max_new_tokens
 
@@ -203,7 +203,17 @@ def launch(params_path: str, overrides: list[str]) -> int:
     par = params.parallel
     world = par.nproc_per_node * par.nnodes
     prompts = prompts_file(params)
-    with StageRun("distill", params, upstream=[UPSTREAM], num_devices=world,
+    if params.rollout.engine == "vllm":  # one clear line here rather than a traceback per rank
+        from transformers import AutoConfig
+
+        from trainer.rollout_vllm import require_vllm
+
+        require_vllm(
+            AutoConfig.from_pretrained(params.models.student.path),
+            "cuda" if torch.cuda.is_available() else "cpu",
+        )
+    sampling = provenance_tags(params.rollout, n=params.distill.n_responses, seed=params.distill.seed)
+    with StageRun("distill", params, upstream=[UPSTREAM], num_devices=world, extra_tags=sampling,
                   datasets={"train_prompts": file_sha256(prompts)}) as run:  # fmt: skip
         if world == 1:
             rc = worker(params_path, overrides, logger=run.metric_logger(flush_every=10))

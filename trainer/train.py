@@ -47,7 +47,7 @@ from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogge
 from trainer.models import check_compatibility, load_model, load_tokenizer
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.rollout import HFGenerateEngine
+from trainer.rollout import build_engine
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "main"]
 
@@ -97,6 +97,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(m.tokenizer or m.student.path, m)
         teacher_tok = load_tokenizer(m.teacher.path, m) if _has_tokenizer(m.teacher.path) else self.tokenizer
         self.student = load_model(m.student, m, role="student", trainable=True).to(self.env.device)
+        if params.rollout.engine == "vllm":  # pre-flight: a missing vLLM is one clear error before any work
+            from trainer.rollout_vllm import require_vllm
+
+            require_vllm(self.student.config, self.env.device.type)
         self.teacher = load_model(m.teacher, m, role="teacher", trainable=False).to(self.env.device)
         self.plan = check_compatibility(
             self.student, self.teacher, self.tokenizer, teacher_tok, d.rep,
@@ -119,7 +123,14 @@ class Trainer:
         gen = self.student.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        self.engine = HFGenerateEngine(pad_token_id=pad, eos_token_id=eos)
+        # vLLM: one engine per rank, started from the (gathered) student weights; synced after every step.
+        self.engine = build_engine(
+            params.rollout,
+            self.student,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            seed=d.seed * 1000 + self.env.rank,
+        )
         self.ckpt = Checkpointer(params.checkpoint, self.env)
         # The best-so-far export lives with the checkpoints: it is part of the resumable state.
         self.best_dir = Path(params.checkpoint.dir) / "best"
@@ -136,6 +147,8 @@ class Trainer:
             self.ckpt.load_latest(self.student, self.optimizer, self.scheduler) if ck.resume else None
         ) or TrainState()
         start = state.step
+        if start:  # resumed: the engine still holds the weights the student was loaded with
+            self.engine.load_weights(self.student)
         if self.env.is_main:
             # A resumed run re-emits the restored steps, so every sink (a fresh JSONL, a new MLflow run) holds
             # each step exactly once.
@@ -173,6 +186,7 @@ class Trainer:
             self.student, [self.prompt_ids[i] for i in mine], n=d.n_responses, temperature=r.temperature,
             top_p=r.top_p, max_new_tokens=r.max_new_tokens, synced_gpus=env.distributed,
         ).to(env.device)  # fmt: skip
+        self.engine.release_memory()  # CUDA vLLM: free the KV cache for the update
         t_rollout = time.perf_counter()
         targets = self.objective.prepare(self.student, self.teacher, batch)
         local = self.objective.denominators(batch, targets)
@@ -186,6 +200,8 @@ class Trainer:
             # ranks, so scale by the world size to get the gradient of the global loss.
             (loss * env.world_size).backward()
             self._checked_step(loss)
+        t_update = time.perf_counter()
+        self.engine.load_weights(self.student)  # on-policy: the next rollout samples from the new weights
         t_end = time.perf_counter()
         out = self._reduce_metrics(metrics)
         lengths = batch.response_lengths.float()
@@ -196,7 +212,8 @@ class Trainer:
             "perf/step_seconds": t_end - t0,
             "perf/rollout_seconds": t_rollout - t0,
             "perf/teacher_seconds": t_teacher - t_rollout,
-            "perf/update_seconds": t_end - t_teacher,
+            "perf/update_seconds": t_update - t_teacher,
+            "perf/sync_seconds": t_end - t_update,
             "perf/tokens_per_second": n_tok.item() / (t_end - t0),
             "optim/lr": self.scheduler.get_last_lr()[0],
             "optim/grad_norm": self._last_grad_norm,
@@ -289,6 +306,7 @@ class Trainer:
         return self.export(final, extra={"step": state.step})
 
     def close(self) -> None:
+        self.engine.close()
         self.logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
