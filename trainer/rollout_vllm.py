@@ -284,6 +284,9 @@ class VLLMEngine:
             kwargs["enable_sleep_mode"] = self.cfg.sleep_mode
         else:
             kwargs["kv_cache_memory_bytes"] = int(self.cfg.kv_cache_gib * 2**30)
+        # An in-process CPU engine replaces torch.set_num_threads in this process with a no-op and lowers the
+        # thread count; both are put back by close().
+        self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         with _engine_env(self.cfg):
             return LLM(**kwargs)
 
@@ -420,6 +423,10 @@ class VLLMEngine:
                 llm.llm_engine.engine_core.shutdown()
             del llm
         shutil.rmtree(self._dir, ignore_errors=True)
+        saved = self.__dict__.pop("_torch_threads", None)
+        if saved is not None and not self.cfg.multiprocessing:
+            torch.set_num_threads = saved[0]
+            torch.set_num_threads(saved[1])
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

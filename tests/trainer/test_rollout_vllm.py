@@ -23,13 +23,14 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM not installed (bash scripts/setup.sh --vllm)", allow_module_level=True)
 
 import copy
+import functools
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from trainer.config import ConfigError, VLLMConfig
+from trainer.config import VLLMConfig
 from trainer.rollout import HFGenerateEngine
-from trainer.rollout_vllm import VLLMEngine, full_weights
+from trainer.rollout_vllm import VLLMEngine
 
 VOCAB, EOS, PAD = 96, 1, 0
 PROMPTS = [[2 + s, 2 + s + d, 2 + s + 2 * d] for s, d in ((3, 4), (10, 3), (20, 5), (7, 2), (40, 1), (5, 6))]
@@ -63,27 +64,36 @@ def _train(model: Qwen2ForCausalLM, sign: int, steps: int, seed: int) -> None:
     model.eval()
 
 
-def _pair(tied: bool) -> tuple[Qwen2ForCausalLM, dict, dict]:
-    """A model holding checkpoint A, and the state dicts of A and B."""
+@functools.cache
+def _checkpoints(tied: bool) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(_config(tied))
-    _train(model, +1, 40, seed=1)
+    _train(model, +1, 30, seed=1)
     a = copy.deepcopy(model.state_dict())
-    _train(model, -1, 40, seed=2)
-    b = copy.deepcopy(model.state_dict())
+    _train(model, -1, 30, seed=2)
+    return a, copy.deepcopy(model.state_dict())
+
+
+def _pair(tied: bool) -> tuple[Qwen2ForCausalLM, dict, dict]:
+    """A model holding checkpoint A, and the state dicts of A and B (trained once per module and tiedness)."""
+    a, b = _checkpoints(tied)
+    model = Qwen2ForCausalLM(_config(tied)).eval()
     model.load_state_dict(a)
     return model, a, b
 
 
 def _greedy(engine, model) -> list[list[int]]:
     batch = engine.generate(model, PROMPTS, n=1, temperature=0.0, top_p=1.0, max_new_tokens=MAX_NEW)
-    return [row[: int(n)] for row, n in zip(batch.response_ids.tolist(), batch.response_lengths.tolist(), strict=True)]
+    return [
+        row[: int(n)]
+        for row, n in zip(batch.response_ids.tolist(), batch.response_lengths.tolist(), strict=True)
+    ]
 
 
 HF = HFGenerateEngine(pad_token_id=PAD, eos_token_id=EOS)
 
 
-@pytest.fixture(scope="module", params=["tied-inproc", "untied-multiproc", "tied-multiproc"])
+@pytest.fixture(scope="module", params=["tied-inproc", "tied-multiproc", "untied-multiproc"])
 def setup(request):
     tied = request.param.startswith("tied")
     model, a, b = _pair(tied)
@@ -108,3 +118,83 @@ def test_greedy_equals_hf_before_and_after_syncs(setup):
     model.load_state_dict(a)
     engine.load_weights(model)
     assert _greedy(engine, model) == out_a
+
+
+def test_optimizer_step_then_sync_samples_like_hf(setup):
+    """After a real AdamW step the HF engine's greedy output changes; the vLLM engine keeps the old output until
+    ``load_weights`` and then produces exactly the new one."""
+    model, a, _b, engine = setup
+    model.load_state_dict(a)
+    engine.load_weights(model)
+    before = _greedy(HF, model)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    ids = _sequences(-1, 32, torch.Generator().manual_seed(3))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    after = _greedy(HF, model)
+    assert after != before, "one step must change the greedy output for this test to mean anything"
+    assert _greedy(engine, model) == before  # not synced yet: the engine still holds A
+    engine.load_weights(model)
+    assert _greedy(engine, model) == after
+
+
+def test_layout_and_eos_semantics_equal_hf(setup):
+    """Several EOS ids that the model really emits mid-response: the whole RolloutBatch (ids, masks, positions,
+    prompt index) equals the HF engine's, for n = 2 greedy rows per prompt."""
+    model, a, _b, engine = setup
+    model.load_state_dict(a)
+    engine.load_weights(model)
+    plain = _greedy(HF, model)
+    eos = [EOS, plain[0][3], plain[1][0]]  # row 0 stops by its 4th token, prompt 1's rows at once (length 1)
+    hf = HFGenerateEngine(pad_token_id=PAD, eos_token_id=eos)
+    saved = engine.eos_token_id
+    engine.eos_token_id = eos
+    try:
+        got = engine.generate(model, PROMPTS, n=2, temperature=0.0, top_p=1.0, max_new_tokens=MAX_NEW)
+    finally:
+        engine.eos_token_id = saved
+    want = hf.generate(model, PROMPTS, n=2, temperature=0.0, top_p=1.0, max_new_tokens=MAX_NEW)
+    assert got.prompt_len == want.prompt_len
+    for field in ("input_ids", "attention_mask", "position_ids", "response_mask", "prompt_index"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    lengths = got.response_lengths
+    assert (lengths == 1).any() and ((lengths > 1) & (lengths < MAX_NEW)).any()  # EOS first and mid-response
+
+
+def _target(model, prompt: list[int], temperature: float, top_p: float) -> torch.Tensor:
+    """The exact first-token distribution HF samples from: softmax(logits / T), nucleus top_p, renormalized."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].double() / temperature
+    p = logits.softmax(-1)
+    order = p.argsort(descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[order[(p[order].cumsum(0) - p[order]) < top_p]] = True
+    p = torch.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+def test_sampling_follows_the_policy_distribution(setup):
+    """temperature/top_p map one to one and nothing else reshapes the distribution: 800 first tokens of one prompt
+    are within total variation 0.1 of the exact HF target, never outside its nucleus; a seed reproduces a rollout."""
+    model, a, _b, engine = setup
+    model.load_state_dict(a)
+    engine.load_weights(model)
+    prompt, T, top_p, N = [5, 9, 13], 1.5, 0.9, 800
+    torch.manual_seed(0)
+    batch = engine.generate(model, [prompt], n=N, temperature=T, top_p=top_p, max_new_tokens=1)
+    first = batch.response_ids[:, 0]
+    q = _target(model, prompt, T, top_p)
+    emp = torch.bincount(first, minlength=VOCAB).double() / N
+    tv = 0.5 * (emp - q).abs().sum().item()
+    assert (q[first] > 0).all(), "a token outside the top-p nucleus was sampled"
+    assert (q > 0).sum() > 3, "the nucleus must hold several tokens for this test to mean anything"
+    assert tv < 0.1, f"total variation {tv:.3f} between vLLM samples and the HF target"
+    kw = dict(n=3, temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW)
+    torch.manual_seed(7)
+    r1 = engine.generate(model, PROMPTS, **kw)
+    torch.manual_seed(7)
+    r2 = engine.generate(model, PROMPTS, **kw)
+    r3 = engine.generate(model, PROMPTS, **kw)
+    assert torch.equal(r1.input_ids, r2.input_ids) and not torch.equal(r1.input_ids, r3.input_ids)
