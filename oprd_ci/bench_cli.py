@@ -259,7 +259,10 @@ def step(
     except (ValueError, ConfigError) as exc:
         raise _fail(str(exc)) from None
     log = (lambda _m: None) if quiet else (lambda m: _err.print(f"[dim]{m}[/dim]"))
-    result = run_step_bench(spec, log=log)
+    try:
+        result = run_step_bench(spec, log=log)
+    except ConfigError as exc:  # e.g. a head size vLLM's CPU kernels lack
+        raise _fail(str(exc)) from None
     _write(result, out)
     Console(width=170).print(step_table(result))
     typer.echo(f"wrote {out}")

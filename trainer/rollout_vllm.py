@@ -42,6 +42,7 @@ makes a rollout reproducible, and the trainer's checkpointed RNG state makes it 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import importlib.util
 import os
@@ -226,6 +227,11 @@ class VLLMEngine:
         self.pad_token_id = pad_token_id
         self.eos_token_id = _as_id_list(eos_token_id)
         hf_config = model.config
+        if not getattr(
+            hf_config, "architectures", None
+        ):  # a config-built model: what save_pretrained records
+            hf_config = copy.deepcopy(hf_config)
+            hf_config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard's subclass
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.version = require_vllm(hf_config, self.device.type)
