@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.bench_names import DTYPES, METHODS, OPTIMIZERS  # torch-free: `oprd-ci --help` stays fast
+from trainer.config import ConfigError
 
-__all__ = ["bench_app", "register"]
+__all__ = ["bench_app", "engine_table_markdown", "register"]
 
 bench_app = typer.Typer(
     help="Measure the cost (step time, transient peak memory) of each distillation method.",
@@ -53,6 +54,8 @@ def _write(result: dict, out: Path) -> None:
 def _header(result: dict) -> str:
     s = result["shape"]
     extra = ""
+    eng = result.get("engine")
+    engine = f" | engine {eng['name']} {eng['version']}" if eng else ""
     if result.get("checkpointing"):
         extra += " act-ckpt"
     if result.get("micro_batch_tokens") is not None and result.get("benchmark") == "update":
@@ -62,7 +65,7 @@ def _header(result: dict) -> str:
         f"V={s['vocab']} d={s['hidden']} ff={s['intermediate']} L={s['layers']} "
         f"heads={s['heads']}/{s['kv_heads']} tied={s['tied']} params={s['params'] / 1e6:.1f}M | "
         f"{result['dtype']} {result['optimizer']}{extra} | {where} x{result['threads']} threads | "
-        f"torch {result['versions']['torch']} transformers {result['versions']['transformers']}"
+        f"torch {result['versions']['torch']} transformers {result['versions']['transformers']}{engine}"
     )
 
 
@@ -126,18 +129,60 @@ def update_table(result: dict) -> Table:
 def step_table(result: dict) -> Table:
     """Rich table of a ``bench step`` result (median seconds per phase, update peak)."""
     t = Table(title=f"on-policy step: {_header(result)}", title_justify="left")
-    cols = ("method", "rollout s", "old-logprob s", "teacher s", "update s", "total s", "update peak MiB",
-            "logits in update", "time/O16", "mem/O16")  # fmt: skip
+    cols = ("method", "rollout s", "old-logprob s", "teacher s", "update s", "sync s", "total s", "rollout tok/s",
+            "update peak MiB", "logits in update", "time/O16", "mem/O16")  # fmt: skip
     for col in cols:
         t.add_column(col, justify="left" if col == "method" else "right")
     for r in result["methods"]:
         ph = r["phases_median_seconds"]
         t.add_row(
-            r["name"], *(f"{ph[p]:.3f}" for p in ("rollout", "old_logprob", "teacher", "update", "total")),
+            r["name"], *(f"{ph.get(p, 0.0):.3f}" for p in _STEP_PHASES), _tps(r),
             f"{r['peak_memory_bytes'] / 2**20:.1f}", "yes" if r["builds_logits_in_update"] else "no",
             _x(r["time_vs_opd_topk"]), _x(r["mem_vs_opd_topk"]),
         )  # fmt: skip
+    eng = result.get("engine")
+    if eng and eng["name"] == "vllm":
+        t.caption = f"vLLM engine start-up {eng['startup_seconds']:.1f}s (once per run, not in the step)"
     return t
+
+
+_STEP_PHASES = ("rollout", "old_logprob", "teacher", "update", "sync", "total")
+
+
+def _tps(r: dict) -> str:
+    v = r.get("rollout_tokens_per_second")
+    return "-" if v is None else f"{v:.0f}"
+
+
+def engine_table_markdown(hf: dict, vllm: dict) -> str:
+    """Side by side, per method, two ``bench step`` results that differ only in ``--engine`` (markdown)."""
+    for res, name in ((hf, "hf"), (vllm, "vllm")):
+        if res.get("benchmark") != "step" or (res.get("engine") or {}).get("name") != name:
+            raise ValueError(f"expected a bench step result with --engine {name}")
+    by_name = {r["name"]: r for r in vllm["methods"]}
+    eng = vllm["engine"]
+    lines = [
+        f"`{_header(vllm)}`",
+        "",
+        f"vLLM engine start-up (once per run): {eng['startup_seconds']:.1f} s "
+        f"({'multiprocessing' if eng.get('multiprocessing') else 'in-process'} engine)",
+        "",
+        "| method | HF step s | vLLM step s | speed-up | HF rollout tok/s | vLLM rollout tok/s | rollout speed-up "
+        "| vLLM sync s | sync / step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for h in hf["methods"]:
+        v = by_name.get(h["name"])
+        if v is None:
+            continue
+        hs, vs = h["median_step_seconds"], v["median_step_seconds"]
+        ht, vt = h["rollout_tokens_per_second"], v["rollout_tokens_per_second"]
+        sync = v["phases_median_seconds"]["sync"]
+        lines.append(
+            f"| {h['name']} | {hs:.3f} | {vs:.3f} | {hs / vs:.2f}x | {ht:.0f} | {vt:.0f} | {vt / ht:.2f}x | "
+            f"{sync:.3f} | {100 * sync / vs:.1f}% |"
+        )
+    return "\n".join(lines)
 
 
 def _shape(vocab, hidden, intermediate, layers, heads, kv_heads, untied):  # -> trainer.bench.ModelShape
@@ -260,9 +305,15 @@ def step(
     kl_chunk_size: int = typer.Option(256),
     threads: int = typer.Option(0),
     seed: int = typer.Option(0),
+    engine: str = typer.Option(
+        "hf", help="Rollout engine: hf | vllm (needs `bash scripts/setup.sh --vllm`)."
+    ),
+    vllm_inprocess: bool = typer.Option(
+        False, "--vllm-inprocess", help="vLLM engine inside this process (default: multiprocessing)."
+    ),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
-    """A whole on-policy step per method: rollout, old-log-prob pass, teacher pass, update."""
+    """A whole on-policy step per method: rollout, old-log-prob pass, teacher pass, update, weight sync."""
     from trainer.bench_step import StepBenchSpec, run_step_bench
 
     try:
@@ -271,12 +322,20 @@ def step(
             prompts=prompts, n=n, prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, dtype=dtype, optimizer=optimizer, rounds=rounds, warmup=warmup,
             methods=methods.split(","), top_k=top_k, kl_chunk_size=kl_chunk_size, threads=threads, seed=seed,
+            engine=engine, vllm_multiprocessing=not vllm_inprocess,
         )  # fmt: skip
         spec.validate()
-    except ValueError as exc:
+        if engine == "vllm":
+            from trainer.rollout_vllm import require_vllm
+
+            require_vllm()
+    except (ValueError, ConfigError) as exc:
         raise _fail(str(exc)) from None
     log = (lambda _m: None) if quiet else (lambda m: _err.print(f"[dim]{m}[/dim]"))
-    result = run_step_bench(spec, log=log)
+    try:
+        result = run_step_bench(spec, log=log)
+    except ConfigError as exc:  # e.g. a head size vLLM's CPU kernels lack
+        raise _fail(str(exc)) from None
     _write(result, out)
     Console(width=170).print(step_table(result))
     typer.echo(f"wrote {out}")
@@ -293,15 +352,15 @@ def markdown(result: dict) -> str:
     lines = [f"`{_header(result)}`", ""]
     if result.get("benchmark") == "step":
         lines += [
-            "| method | rollout s | old-logprob s | teacher s | update s | total s | update peak MiB "
-            "| logits in update | total/O16 | mem/O16 | total/floor | mem/floor |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | rollout s | old-logprob s | teacher s | update s | sync s | total s | rollout tok/s "
+            "| update peak MiB | logits in update | total/O16 | mem/O16 | total/floor | mem/floor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["methods"]:
             ph = r["phases_median_seconds"]
-            cells = [f"{ph[p]:.3f}" for p in ("rollout", "old_logprob", "teacher", "update", "total")]
+            cells = [f"{ph.get(p, 0.0):.3f}" for p in _STEP_PHASES]
             lines.append(
-                f"| {r['name']} | {' | '.join(cells)} | {r['peak_memory_bytes'] / 2**20:.1f} | "
+                f"| {r['name']} | {' | '.join(cells)} | {_tps(r)} | {r['peak_memory_bytes'] / 2**20:.1f} | "
                 f"{'yes' if r['builds_logits_in_update'] else 'no'} | {x(r['time_vs_opd_topk'])} | "
                 f"{x(r['mem_vs_opd_topk'])} | {x(r['time_vs_floor'])} | {x(r['mem_vs_floor'])} |"
             )
@@ -329,3 +388,15 @@ def report(path: Path = typer.Argument(..., help="A result JSON written by bench
         typer.echo(markdown(result))
     except (OSError, ValueError, KeyError) as exc:
         raise _fail(f"{path}: not a bench result ({exc})") from None
+
+
+@bench_app.command("engines")
+def engines(
+    hf: Path = typer.Argument(..., help="bench step result JSON run with --engine hf."),
+    vllm: Path = typer.Argument(..., help="bench step result JSON run with --engine vllm (same shape)."),
+) -> None:
+    """Print HF vs vLLM whole-step times, rollout tokens/s and sync share side by side (markdown)."""
+    try:
+        typer.echo(engine_table_markdown(json.loads(hf.read_text()), json.loads(vllm.read_text())))
+    except (OSError, ValueError, KeyError) as exc:
+        raise _fail(f"not a pair of bench step results: {exc}") from None

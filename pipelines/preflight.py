@@ -21,7 +21,7 @@ from trainer.config import Params
 from trainer.hidden import capture_hidden_states
 from trainer.methods import method_spec
 from trainer.models import LayerPlan
-from trainer.rollout import HFGenerateEngine, RolloutBatch
+from trainer.rollout import RolloutBatch, RolloutEngine
 
 __all__ = ["AlignmentError", "AlignmentReport", "measure_alignment", "sample_rollouts"]
 
@@ -51,7 +51,7 @@ class AlignmentReport:
 
 
 def sample_rollouts(
-    student: nn.Module, prompt_ids: list[list[int]], params: Params, engine: HFGenerateEngine
+    student: nn.Module, prompt_ids: list[list[int]], params: Params, engine: RolloutEngine
 ) -> RolloutBatch:
     r = params.rollout
     torch.manual_seed(params.seed)

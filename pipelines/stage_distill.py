@@ -35,7 +35,7 @@ from trainer.config import Params, load_params
 from trainer.data import encode_prompts, load_prompts
 from trainer.distributed import all_reduce_sum, torchrun_command
 from trainer.metrics import JsonlLogger, LoggerGroup, MetricLogger
-from trainer.rollout import HFGenerateEngine
+from trainer.rollout import RolloutEngine, provenance_tags
 from trainer.train import NonFiniteLossError, Trainer
 
 WORK_DIR = Path("artifacts/distill")
@@ -82,7 +82,7 @@ class GreedyValidator:
         self.answers = [p.answer for p in problems]
         self.prompt_ids = encode_prompts(trainer.tokenizer, [p.prompt for p in problems])
         self.tokenizer = trainer.tokenizer
-        self.engine: HFGenerateEngine = trainer.engine
+        self.engine: RolloutEngine = trainer.engine
         self.env = trainer.env
         self.max_new_tokens = max_new_tokens
 
@@ -203,13 +203,25 @@ def launch(params_path: str, overrides: list[str]) -> int:
     par = params.parallel
     world = par.nproc_per_node * par.nnodes
     prompts = prompts_file(params)
+    if params.rollout.engine == "vllm":  # one clear line here rather than a traceback per rank
+        from transformers import AutoConfig
+
+        from trainer.rollout_vllm import require_vllm
+
+        require_vllm(
+            AutoConfig.from_pretrained(params.models.student.path),
+            "cuda" if torch.cuda.is_available() else "cpu",
+        )
     prompts_sha = file_sha256(prompts)
-    upstream, extra = [UPSTREAM], {}
+    upstream, extra = (
+        [UPSTREAM],
+        provenance_tags(params.rollout, n=params.distill.n_responses, seed=params.distill.seed),
+    )
     if params.distill.method == "oprd_bridge":  # the bank is an input: link its run and record its digest
         bridge = Path(params.distill.bridge.bank)
         upstream.append(bridge / "bridge.mlflow.json")
         summary = json.loads((bridge / "bridge.json").read_text())
-        extra = {"oprd.bridge.bank.sha256": summary["bank_sha256"], "oprd.bridge.rank": str(summary["rank"]),
+        extra |= {"oprd.bridge.bank.sha256": summary["bank_sha256"], "oprd.bridge.rank": str(summary["rank"]),
                  "oprd.bridge.train_projector": str(params.distill.bridge.train_projector).lower()}  # fmt: skip
     with StageRun("distill", params, upstream=upstream, num_devices=world, extra_tags=extra,
                   datasets={"train_prompts": prompts_sha}) as run:  # fmt: skip

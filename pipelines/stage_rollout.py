@@ -25,7 +25,7 @@ from trainer.config import load_params
 from trainer.data import encode_prompts, load_prompts
 from trainer.methods import method_spec
 from trainer.models import check_compatibility, load_model, load_tokenizer
-from trainer.rollout import HFGenerateEngine
+from trainer.rollout import build_engine, provenance_tags
 from trainer.train import fit_prompts
 
 OUT_DIR = Path("artifacts/rollout")
@@ -42,7 +42,16 @@ def run(params_path: str, overrides: list[str]) -> dict:
         torch.set_num_threads(params.optim.num_threads)
     prompts_path = prompts_file(params)
     digest = file_sha256(prompts_path)
-    with StageRun("rollout", params, datasets={"train_prompts": digest}) as run:
+    if params.rollout.engine == "vllm":  # pre-flight: one clear line before any run is opened or work done
+        from transformers import AutoConfig
+
+        from trainer.rollout_vllm import require_vllm
+
+        require_vllm(
+            AutoConfig.from_pretrained(m.student.path), "cuda" if torch.cuda.is_available() else "cpu"
+        )
+    sampling = provenance_tags(params.rollout, n=params.rollout.n_responses, seed=params.seed)
+    with StageRun("rollout", params, datasets={"train_prompts": digest}, extra_tags=sampling) as run:
         log_dataset(run.run_id, prompts_path, "train_prompts", "training", digest, client=run.client)
         # Logged once, by the run that produced them (bootstrap or "register external"), not by this consumer.
         model_ids = ensure_source_models(
@@ -61,10 +70,14 @@ def run(params_path: str, overrides: list[str]) -> dict:
         prompts = load_prompts(prompts_path)[: params.rollout.num_prompts]
         prompt_ids = fit_prompts(encode_prompts(tok, prompts), student, params)
         gen = student.generation_config
-        engine = HFGenerateEngine(
-            pad_token_id=tok.pad_token_id, eos_token_id=gen.eos_token_id or tok.eos_token_id
-        )
-        batch = sample_rollouts(student, prompt_ids, params, engine)
+        engine = build_engine(
+            params.rollout, student, pad_token_id=tok.pad_token_id,
+            eos_token_id=gen.eos_token_id or tok.eos_token_id, seed=params.seed,
+        )  # fmt: skip
+        try:
+            batch = sample_rollouts(student, prompt_ids, params, engine)
+        finally:
+            engine.close()
         report = measure_alignment(student, teacher, batch, plan)
         lengths = batch.response_lengths.float()
         metrics = {

@@ -2,11 +2,17 @@
 
 Phases of one step (seconds each, plus ``total``):
 
-``rollout``       real sampling with :class:`trainer.rollout.HFGenerateEngine` (KV cache) from the student;
+``rollout``       real sampling from the student: :class:`trainer.rollout.HFGenerateEngine` (``engine="hf"``, KV
+                  cache) or a colocated :class:`trainer.rollout_vllm.VLLMEngine` (``engine="vllm"``);
 ``old_logprob``   the student's no-grad log-prob / top-k pass inside ``Objective.prepare`` (OPD methods only:
                   OPRD and the full-KL/floor variants have none, so it reads ~0);
 ``teacher``       the teacher's no-grad pass inside ``Objective.prepare`` (OPRD: hidden states only, no logits);
-``update``        ``Objective.loss`` + ``backward`` + ``optimizer.step`` with grads set to ``None`` first.
+``update``        ``Objective.loss`` + ``backward`` + ``optimizer.step`` with grads set to ``None`` first;
+``sync``          ``engine.load_weights(student)`` after the step (vLLM: the full state dict pushed into the
+                  engine; HF: nothing to do, ~0).
+
+Per method the result also carries ``rollout_tokens_per_second`` (valid response tokens / rollout seconds, median);
+the engine's start-up time is measured once (``engine.startup_seconds``).
 
 ``prepare`` runs the student pass first and then the teacher pass, so the split point is the first teacher forward
 (a forward pre-hook records the time); the two phases add up to ``prepare`` exactly.
@@ -47,7 +53,7 @@ from trainer.rollout import HFGenerateEngine
 
 __all__ = ["PHASES", "StepBenchSpec", "run_step_bench"]
 
-PHASES: tuple[str, ...] = ("rollout", "old_logprob", "teacher", "update", "total")
+PHASES: tuple[str, ...] = ("rollout", "old_logprob", "teacher", "update", "sync", "total")
 
 
 def _small_shape() -> ModelShape:
@@ -76,9 +82,16 @@ class StepBenchSpec:
     threads: int = 0
     lr: float = 1e-6
     seed: int = 0
+    engine: str = "hf"
+    """``hf`` or ``vllm`` (the rollout engine; vLLM via its in-process or multiprocessing engine)."""
+    vllm_multiprocessing: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` (one readable line) for a bad combination of flags."""
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
+        if self.engine == "vllm" and self.dtype != "fp32":
+            raise ValueError("--engine vllm samples in the student's dtype: use --dtype fp32")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("--temperature must be > 0 (on-policy sampling) and --top-p in (0, 1]")
         validate_common(
@@ -119,7 +132,23 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
     teacher = build_model(shape, spec.seed + 1, max_len).eval().requires_grad_(False)
     opt = make_optimizer(spec.optimizer, list(student.parameters()), spec.lr)
     prime_optimizer(opt)
-    engine = HFGenerateEngine(pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    startup = 0.0
+    if spec.engine == "vllm":
+        from trainer.config import VLLMConfig
+        from trainer.rollout_vllm import VLLMEngine
+
+        engine = VLLMEngine(
+            student, VLLMConfig(multiprocessing=spec.vllm_multiprocessing), pad_token_id=PAD_ID,
+            eos_token_id=EOS_ID, seed=spec.seed,
+        )  # fmt: skip
+        startup = engine.startup_seconds
+        log(f"vLLM {engine.version} engine up in {startup:.1f}s")
+        engine_version = engine.version
+    else:
+        import transformers
+
+        engine = HFGenerateEngine(pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+        engine_version = transformers.__version__
     g = torch.Generator().manual_seed(spec.seed + 2)
     # Prompts of varying length (left padding exercised), random content ids in [3, V).
     prompts = [
@@ -131,7 +160,7 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         for m in spec.methods
     }
     clock = _TeacherClock(teacher)
-    results = {m: Timings(m, extra={p: [] for p in PHASES}) for m in spec.methods}
+    results = {m: Timings(m, extra={p: [] for p in (*PHASES, "rollout_tokens")}) for m in spec.methods}
 
     def one(method: str, round_seed: int, meter: str | None) -> tuple[dict[str, float], int | None]:
         obj = objectives[method]
@@ -158,12 +187,16 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
             opt.step()
             del loss
         t4 = time.perf_counter()
+        engine.load_weights(student)  # on-policy: the next rollout samples from the updated student
+        t5 = time.perf_counter()
         phases = {
             "rollout": t1 - t0,
             "old_logprob": t_split - t1,
             "teacher": t2 - t_split,
             "update": t4 - t3,
-            "total": (t2 - t0) + (t4 - t3),  # excludes the gc.collect() between phases
+            "sync": t5 - t4,
+            "total": (t2 - t0) + (t5 - t3),  # excludes the gc.collect() between phases
+            "rollout_tokens": float(batch.response_lengths.sum()),
         }
         return phases, (pm.peak_bytes if meter else None)
 
@@ -180,19 +213,25 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         for r in range(spec.rounds):
             for m in spec.methods:
                 ph, _ = one(m, spec.seed + 1000 + r, None)
-                for p in PHASES:
+                for p in (*PHASES, "rollout_tokens"):
                     results[m].extra[p].append(ph[p])
                 results[m].step_seconds.append(ph["total"])
                 log(f"round {r + 1}/{spec.rounds} {m}: " + " ".join(f"{p} {ph[p]:.3f}s" for p in PHASES))
     finally:
         clock.close()
+        engine.close()
 
     rows = []
     for m in spec.methods:
         d = results[m].as_dict()
         d.pop("rss_peak_bytes")
         d["median_step_seconds"] = median(d["step_seconds"])
+        tokens = d.pop("rollout_tokens")
         d["phases_median_seconds"] = {p: median(d.pop(p)) for p in PHASES}
+        d["rollout_tokens_per_second"] = median(
+            [t / s for t, s in zip(tokens, results[m].extra["rollout"], strict=True)]
+        )
+        d["sync_fraction"] = d["phases_median_seconds"]["sync"] / d["median_step_seconds"]
         d["phase_seconds"] = {p: results[m].extra[p] for p in PHASES}
         d["has_old_logprob_pass"] = m in ("opd_sampled", "opd_topk")
         d["builds_logits_in_update"] = m in ("opd_sampled", "opd_topk", "full_kl", "full_kl_chunked")
@@ -216,6 +255,12 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         "rounds": spec.rounds,
         "warmup": spec.warmup,
         "sampling": {"temperature": spec.temperature, "top_p": spec.top_p},
+        "engine": {
+            "name": spec.engine,
+            "version": engine_version,
+            "multiprocessing": spec.vllm_multiprocessing if spec.engine == "vllm" else None,
+            "startup_seconds": startup,
+        },
         "memory_method": "profiler",
         **env,
         "loadavg_end": env_end.get("loadavg_start"),

