@@ -172,8 +172,23 @@ def _dvc(args: Sequence[str], cwd: Path) -> str:
     return out.stdout
 
 
+METRIC_FILES = ("metrics/eval.json", "metrics/distill.json")
+
+
+def _git_json(repo: Path, rev: str, path: str) -> Any | None:
+    out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    return yaml.safe_load(out.stdout) if path.endswith(".yaml") else json.loads(out.stdout)
+
+
 def read_experiments(repo: Path) -> dict[str, dict[str, Any]]:
-    """``{experiment name: {"state", "params", "metrics"}}`` from ``dvc exp show --json`` (all baselines)."""
+    """``{experiment name: {"state", "rev", "params", "metrics"}}`` of every experiment in ``repo``.
+
+    Names, revisions and executor states come from ``dvc exp show --json -A``; params and metrics are read from the
+    experiment's commit (``git show REV:params.yaml`` / ``REV:metrics/*.json``), whole: ``dvc exp show`` keeps only
+    numeric leaves, which drops the confidence intervals.
+    """
     raw = json.loads(_dvc(["exp", "show", "--json", "--no-pager", "-A"], repo) or "[]")
     found: dict[str, dict[str, Any]] = {}
     for base in raw:
@@ -182,17 +197,13 @@ def read_experiments(repo: Path) -> dict[str, dict[str, Any]]:
             revs = exp.get("revs") or []
             if not name or not revs:
                 continue
-            data = revs[0].get("data") or {}
-            state = (exp.get("executor") or {}).get("state") or (
-                "success" if data.get("metrics") else "unknown"
-            )
-            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-            metrics = {
-                path: m["data"]
-                for path, m in (data.get("metrics") or {}).items()
-                if isinstance(m, dict) and "data" in m
-            }
-            found[name] = {"state": state, "params": params, "metrics": metrics, "rev": data.get("rev")}
+            rev = revs[0].get("rev")
+            state = (exp.get("executor") or {}).get("state") or "success"
+            entry: dict[str, Any] = {"state": state, "rev": rev, "params": {}, "metrics": {}}
+            if state == "success" and rev and rev != "workspace":
+                entry["params"] = _git_json(repo, rev, "params.yaml") or {}
+                entry["metrics"] = {f: m for f in METRIC_FILES if (m := _git_json(repo, rev, f)) is not None}
+            found[name] = entry
     return found
 
 
