@@ -63,17 +63,30 @@ def queue_cmd(
     from pipelines.grid import cell_name, queue
 
     s = _spec(spec)
+
+    def start_workers(_cell=None) -> int:
+        return subprocess.call(
+            ["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, stdout=subprocess.DEVNULL
+        )
+
+    started: list[bool] = []
+
+    def first_queued(cell) -> None:
+        typer.echo(f"  queued  {cell_name(s, cell)}")
+        if start and not started:
+            started.append(start_workers() == 0)
+
     try:
-        report = queue(s, repo)
+        report = queue(s, repo, on_queued=first_queued)
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         msg = getattr(exc, "stderr", None) or str(exc)
         typer.echo(f"error: {str(msg).strip().splitlines()[-1]}", err=True)
         raise typer.Exit(2) from None
     for cell, status in report:
-        typer.echo(f"{status:>8}  {cell_name(s, cell)}")
-    if start:
-        rc = subprocess.call(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo)
-        raise typer.Exit(rc)
+        if status != "queued":
+            typer.echo(f"{status:>8}  {cell_name(s, cell)}")
+    if start:  # again at the end: a worker that found the queue empty while it was being filled has exited
+        raise typer.Exit(start_workers())
 
 
 @grid_app.command()

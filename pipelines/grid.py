@@ -31,7 +31,7 @@ import json
 import math
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,11 +185,12 @@ def _git_json(repo: Path, rev: str, path: str) -> Any | None:
 def read_experiments(repo: Path) -> dict[str, dict[str, Any]]:
     """``{experiment name: {"state", "rev", "params", "metrics"}}`` of every experiment in ``repo``.
 
-    Names, revisions and executor states come from ``dvc exp show --json -A``; params and metrics are read from the
+    Names, revisions and executor states come from ``dvc exp show --json`` (the experiments of the current
+    HEAD: do not commit in the grid's repository while it runs); params and metrics are read from the
     experiment's commit (``git show REV:params.yaml`` / ``REV:metrics/*.json``), whole: ``dvc exp show`` keeps only
     numeric leaves, which drops the confidence intervals.
     """
-    raw = json.loads(_dvc(["exp", "show", "--json", "--no-pager", "-A"], repo) or "[]")
+    raw = json.loads(_dvc(["exp", "show", "--json", "--no-pager"], repo) or "[]")
     found: dict[str, dict[str, Any]] = {}
     for base in raw:
         for exp in base.get("experiments") or []:
@@ -207,11 +208,14 @@ def read_experiments(repo: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def queue(spec: GridSpec, repo: Path, *, dry_run: bool = False) -> list[tuple[Cell, str]]:
+def queue(
+    spec: GridSpec, repo: Path, *, dry_run: bool = False, on_queued: Callable[[Cell], None] | None = None
+) -> list[tuple[Cell, str]]:
     """Queue every cell that has no finished, running or queued experiment of its name yet.
 
     Returns ``[(cell, "queued" | "done" | "pending" | <command> when dry_run)]``. Finished cells are never re-run,
-    so ``queue`` after a stopped grid resumes it.
+    so ``queue`` after a stopped grid resumes it. ``on_queued(cell)`` runs after each cell is queued (the CLI
+    starts the queue workers after the first, so the grid runs while the rest is queued).
     """
     existing = read_experiments(repo)
     report = []
@@ -229,6 +233,8 @@ def queue(spec: GridSpec, repo: Path, *, dry_run: bool = False) -> list[tuple[Ce
                 _dvc(["exp", "remove", name], repo)
             subprocess.run(queue_command(spec, cell), cwd=repo, check=True, capture_output=True, text=True)
             report.append((cell, "queued"))
+            if on_queued is not None:
+                on_queued(cell)
     return report
 
 
