@@ -149,7 +149,13 @@ def cell_name(spec: GridSpec, cell: Cell) -> str:
     return experiment_name(cell.method, cell.lr, cell.seed, spec.prefix)
 
 
-def queue_command(spec: GridSpec, cell: Cell) -> list[str]:
+CHECKPOINTS = Path(".dvc/tmp/grid-checkpoints")
+"""Where the grid's cells keep their checkpoints: outside DVC's temporary experiment copies (deleted when a cell
+stops), so a cell that was stopped resumes from its last checkpoint when it is queued again (the distill stage
+keys checkpoints by a digest of the training config, and removes them when the run finishes)."""
+
+
+def queue_command(spec: GridSpec, cell: Cell, repo: Path = Path(".")) -> list[str]:
     """The ``dvc exp run --queue`` command of one cell."""
     roles = "[teacher,student_base,student,student_final]" if cell.reference else "[student,student_final]"
     sets = [
@@ -159,6 +165,8 @@ def queue_command(spec: GridSpec, cell: Cell) -> list[str]:
         f"evaluate.roles={roles}",
         *spec.set,
     ]
+    if not any(s.split("=", 1)[0].strip() == "checkpoint.dir" for s in spec.set):
+        sets.append(f"checkpoint.dir={(repo / CHECKPOINTS).resolve()}")
     return ["dvc", "exp", "run", "--queue", "-n", cell_name(spec, cell), *(a for s in sets for a in ("-S", s)),
             spec.target]  # fmt: skip
 
@@ -208,6 +216,17 @@ def read_experiments(repo: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
+def queue_states(repo: Path) -> dict[str, str]:
+    """``{experiment name: "queued" | "running" | ...}`` from ``dvc queue status`` (``dvc exp show`` does not name
+    queued experiments, so a re-run of :func:`queue` would queue them twice)."""
+    states = {}
+    for line in _dvc(["queue", "status"], repo).splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] != "Worker":
+            states[parts[1]] = parts[-1].lower()
+    return states
+
+
 def queue(
     spec: GridSpec, repo: Path, *, dry_run: bool = False, on_queued: Callable[[Cell], None] | None = None
 ) -> list[tuple[Cell, str]]:
@@ -218,20 +237,25 @@ def queue(
     starts the queue workers after the first, so the grid runs while the rest is queued).
     """
     existing = read_experiments(repo)
+    in_queue = queue_states(repo)
     report = []
     for cell in cells(spec):
         name = cell_name(spec, cell)
         state = existing.get(name, {}).get("state")
+        if in_queue.get(name) in ("queued", "running"):
+            state = in_queue[name]
         if state in ("success",) and existing[name]["metrics"]:
             report.append((cell, "done"))
         elif state in ("queued", "running"):
             report.append((cell, "pending"))
         elif dry_run:
-            report.append((cell, " ".join(queue_command(spec, cell))))
+            report.append((cell, " ".join(queue_command(spec, cell, repo))))
         else:
             if state is not None:  # a failed run of the same name: drop it so the name can be reused
                 _dvc(["exp", "remove", name], repo)
-            subprocess.run(queue_command(spec, cell), cwd=repo, check=True, capture_output=True, text=True)
+            subprocess.run(
+                queue_command(spec, cell, repo), cwd=repo, check=True, capture_output=True, text=True
+            )
             report.append((cell, "queued"))
             if on_queued is not None:
                 on_queued(cell)
