@@ -74,7 +74,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     gate = json.loads((project / "metrics/gate.json").read_text())
     assert gate["decision"]["verdict"] in {"PROMOTE", "REJECT", "INCONCLUSIVE"}
     eval_tree = json.loads((project / "metrics/eval.json").read_text())
-    assert set(eval_tree["embedded"]) == {"teacher", "student_base", "student"}
+    assert set(eval_tree["embedded"]) == {"teacher", "student_base", "student", "student_final"}
     assert json.loads((project / "metrics/distill.json").read_text())["steps"] == 4
     second = _run(["dvc", "repro"], project)
     assert "Running stage 'gate'" in second.stdout  # always_changed

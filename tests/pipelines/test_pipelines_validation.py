@@ -43,7 +43,9 @@ def test_evaluate_protocol_samples_k_per_problem_like_the_evaluate_stage(tiny_pa
     first = validate(trainer.student, 5)["val/accuracy"]
     assert torch.equal(torch.get_rng_state(), before)  # training's sampling stream is untouched
     # evaluate's sampling settings, k rows per problem, in evaluate.batch_size chunks covering every problem once
-    assert {(c["n"], c["temperature"], c["top_p"], c["max_new_tokens"]) for c in engine.calls} == {(3, 0.7, 0.95, 42)}
+    assert {(c["n"], c["temperature"], c["top_p"], c["max_new_tokens"]) for c in engine.calls} == {
+        (3, 0.7, 0.95, 42)
+    }
     assert sum(c["prompts"] for c in engine.calls) == 10 and max(c["prompts"] for c in engine.calls) <= 4
     assert sum(c["rows"] for c in engine.calls) == 30
     assert abs(first * 30 - round(first * 30)) < 1e-6  # a fraction of the 30 samples
