@@ -27,6 +27,7 @@ bootstrap CI over problems, response length, Dist-4g, gap closed), the learning-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -252,7 +253,10 @@ def queue(
             report.append((cell, " ".join(queue_command(spec, cell, repo))))
         else:
             if state is not None:  # a failed run of the same name: drop it so the name can be reused
-                _dvc(["exp", "remove", name], repo)
+                with contextlib.suppress(RuntimeError):
+                    _dvc(["exp", "remove", name], repo)
+                with contextlib.suppress(RuntimeError):
+                    _dvc(["queue", "remove", name], repo)
             subprocess.run(
                 queue_command(spec, cell, repo), cwd=repo, check=True, capture_output=True, text=True
             )
