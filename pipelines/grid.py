@@ -243,7 +243,7 @@ def queue(
     for cell in cells(spec):
         name = cell_name(spec, cell)
         state = existing.get(name, {}).get("state")
-        if in_queue.get(name) in ("queued", "running"):
+        if in_queue.get(name) in ("queued", "running") or (state is None and name in in_queue):
             state = in_queue[name]
         if state in ("success",) and existing[name]["metrics"]:
             report.append((cell, "done"))
