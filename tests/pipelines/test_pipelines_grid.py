@@ -98,6 +98,7 @@ def _wait_for_queue(root: Path, timeout_s: float = 1500) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 5 queued DVC experiments of 3 stages each, plus the tiny bootstrap
 def test_grid_queues_runs_and_collects_every_cell(grid_project, tmp_path, monkeypatch):
     root = grid_project
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
