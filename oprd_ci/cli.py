@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from oprd_ci import bench_cli, registry_cli
+from oprd_ci import bench_cli, grid_cli, registry_cli
 
 app = typer.Typer(
     name="oprd-ci",
@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 registry_cli.register(app)
 bench_cli.register(app)
+grid_cli.register(app)
 
 
 @app.command()
@@ -115,7 +116,7 @@ def results(
     for col in ("suite", "model", "Avg@k %", "95% CI", "pass@k %", "len mean", "len p95", "Dist-4g"):
         table.add_column(col, justify="left" if col in ("suite", "model") else "right")
     for suite, roles in data["eval"].items():
-        for role in ("teacher", "student_base", "student"):
+        for role in ("teacher", "student_base", "student", "student_final"):
             m = roles.get(role)
             if m is None:
                 continue

@@ -61,7 +61,7 @@ __all__ = [
     "write_eval_outputs",
 ]
 
-ROLES = ("teacher", "student_base", "student")
+ROLES = ("teacher", "student_base", "student", "student_final")
 METRIC_KEYS = (
     "avg_at_k",
     "pass_at_k",

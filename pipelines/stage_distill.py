@@ -7,14 +7,17 @@ worker entry point is ``python -m pipelines.stage_distill --worker``. Checkpoint
 ``checkpoint.dir/<config digest>``, so a stage killed mid-run resumes where it stopped when re-run with the same
 config, while an experiment with other params never resumes from them.
 
-Outputs: ``artifacts/models/student/`` (HF safetensors + tokenizer + manifest), ``metrics/distill.json``,
+Outputs: ``artifacts/models/student/`` (HF safetensors + tokenizer + manifest; the best-on-validation checkpoint
+when ``distill.select_best``), ``artifacts/models/student-final/`` (the last step's student), ``metrics/distill.json``,
 ``plots/distill.tsv`` (per-step curves for ``dvc plots``), ``artifacts/distill/metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -40,6 +43,7 @@ from trainer.train import NonFiniteLossError, Trainer
 
 WORK_DIR = Path("artifacts/distill")
 STUDENT_DIR = Path("artifacts/models/student")
+FINAL_DIR = Path("artifacts/models/student-final")
 METRICS = Path("metrics/distill.json")
 PLOTS = Path("plots/distill.tsv")
 CURVES = Path("plots/distill.png")
@@ -71,33 +75,60 @@ def config_digest(params: Params) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class GreedyValidator:
-    """Greedy accuracy on the validation split, sharded over ranks (each rank its slice, counts all-reduced).
+class Validator:
+    """Validation accuracy on the val split, sharded over ranks (each rank its slice, counts all-reduced).
 
-    Used to choose the exported checkpoint; never the held-out eval set.
+    Used to choose the exported checkpoint; never the held-out eval set. ``distill.val.protocol``:
+
+    * ``evaluate`` (default): ``evaluate.k`` samples per problem at ``evaluate.temperature`` / ``top_p`` /
+      ``max_new_tokens``, score = mean correctness over all samples (Avg@k), i.e. what the evaluate stage reports.
+      Sampling is seeded with ``evaluate.seed + rank`` inside a forked RNG, so every validation point draws the same
+      stream (checkpoints are compared on common random numbers) and training's RNG stream is untouched.
+    * ``greedy``: one greedy response per problem at ``rollout.max_new_tokens``.
     """
 
-    def __init__(self, trainer: Trainer, path: Path, max_new_tokens: int):
+    def __init__(self, trainer: Trainer, path: Path, params: Params):
         problems = load_problems(path)
+        if params.distill.val.limit is not None:
+            problems = problems[: params.distill.val.limit]
         self.answers = [p.answer for p in problems]
         self.prompt_ids = encode_prompts(trainer.tokenizer, [p.prompt for p in problems])
         self.tokenizer = trainer.tokenizer
         self.engine: RolloutEngine = trainer.engine
         self.env = trainer.env
-        self.max_new_tokens = max_new_tokens
+        ev = params.evaluate
+        if params.distill.val.protocol == "evaluate":
+            self.n, self.temperature, self.top_p = ev.k, ev.temperature, ev.top_p
+            self.max_new_tokens = ev.max_new_tokens
+        else:
+            self.n, self.temperature, self.top_p = 1, 0.0, 1.0
+            self.max_new_tokens = params.rollout.max_new_tokens
+        self.seed = ev.seed
+        self.batch_size = ev.batch_size
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         rank, world = self.env.rank, self.env.world_size
         idx = list(range(rank, len(self.prompt_ids), world))
-        rng = torch.get_rng_state()  # greedy needs no randomness; keep the training stream untouched anyway
-        batch = self.engine.generate(
-            model, [self.prompt_ids[i] for i in idx], n=1, temperature=0.0, top_p=1.0,
-            max_new_tokens=self.max_new_tokens, synced_gpus=self.env.distributed,
-        )  # fmt: skip
-        torch.set_rng_state(rng)
-        texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
-        correct = sum(grade_answer(t, self.answers[i]) for t, i in zip(texts, idx, strict=True))
-        counts = all_reduce_sum(torch.tensor([float(correct), float(len(idx))]))
+        # Every rank makes the same number of generate calls (synced_gpus needs it): as many chunks as the
+        # largest slice needs, each rank's slice split into that many near-equal parts.
+        n_chunks = max(1, math.ceil(math.ceil(len(self.prompt_ids) / world) / self.batch_size))
+        bounds = [round(i * len(idx) / n_chunks) for i in range(n_chunks + 1)]
+        correct = 0
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + rank)
+            for a, b in itertools.pairwise(bounds):
+                part = idx[a:b] or idx[:1]  # an empty part still joins the collective generate
+                batch = self.engine.generate(
+                    model, [self.prompt_ids[i] for i in part], n=self.n, temperature=self.temperature,
+                    top_p=self.top_p, max_new_tokens=self.max_new_tokens, synced_gpus=self.env.distributed,
+                )  # fmt: skip
+                if not idx[a:b]:
+                    continue
+                texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+                rows = [i for i in part for _ in range(self.n)]  # the n rows of a prompt are contiguous
+                correct += sum(grade_answer(t, self.answers[i]) for t, i in zip(texts, rows, strict=True))
+        counts = all_reduce_sum(torch.tensor([float(correct), float(len(idx) * self.n)]))
         return {"val/accuracy": (counts[0] / counts[1].clamp(min=1)).item()}
 
 
@@ -116,26 +147,31 @@ def worker(params_path: str, overrides: list[str], logger: MetricLogger | None =
     trainer = Trainer(params, WORK_DIR, prompts=load_prompts(prompts_file(params)))
     vf = val_file(params)
     if vf is not None and params.distill.eval_every:
-        trainer.validator = GreedyValidator(trainer, vf, params.rollout.max_new_tokens)
+        trainer.validator = Validator(trainer, vf, params)
     if trainer.env.is_main:
         jsonl = JsonlLogger(WORK_DIR / "metrics.jsonl")  # fit() re-emits restored steps on resume
         trainer.logger = LoggerGroup(jsonl, *([logger] if logger else []))
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
+        # The last-step student as well as the exported (best-on-validation) one: a methods comparison reports
+        # both, and the evaluate stage scores both.
+        final = trainer.export(WORK_DIR / "student-final", extra={"step": result.steps})
     finally:
         trainer.close()
     if trainer.env.is_main:
-        _write_outputs(params, result, digest, time.perf_counter() - t0, world=trainer.env.world_size)
+        _write_outputs(params, result, final, digest, time.perf_counter() - t0, world=trainer.env.world_size)
     return 0
 
 
-def _write_outputs(params: Params, result, digest: str, wall: float, world: int) -> None:
-    shutil.rmtree(STUDENT_DIR, ignore_errors=True)
-    STUDENT_DIR.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(result.export_dir, STUDENT_DIR)  # the export (best or final) becomes the stage output
+def _write_outputs(params: Params, result, final: Path, digest: str, wall: float, world: int) -> None:
+    for src, dst in ((result.export_dir, STUDENT_DIR), (final, FINAL_DIR)):
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src, dst)  # the export (best or final) and the last-step student become stage outputs
     hist = result.history
     last = hist[-1] if hist else {}
+    vals = [h["val/accuracy"] for h in hist if h.get("val/accuracy") is not None]
     mem = [h["mem/actor_update_delta_peak_GiB"] for h in hist if "mem/actor_update_delta_peak_GiB" in h]
     summary = {  # numbers only (dvc metrics show); the method and config digest go to RUN_RECORD and tags
         "steps": result.steps,
@@ -143,6 +179,8 @@ def _write_outputs(params: Params, result, digest: str, wall: float, world: int)
         "final_cosine": last.get("rep/cosine/mean"),
         "best_val_accuracy": result.best_score if result.best_step > 0 else None,
         "best_step": result.best_step,
+        "final_val_accuracy": vals[-1] if vals else None,
+        "val_protocol": params.distill.val.protocol,
         "response_length_mean": sum(h["response/length_mean"] for h in hist[-10:]) / max(1, len(hist[-10:])),
         "update_peak_GiB_max": max(mem) if mem else None,
         "step_seconds_median": sorted(h["perf/step_seconds"] for h in hist)[len(hist) // 2] if hist else None,
@@ -160,12 +198,14 @@ def _write_outputs(params: Params, result, digest: str, wall: float, world: int)
                 + "\t".join("" if h.get(k) is None else f"{h[k]:.6g}" for k in PLOT_KEYS)
                 + "\n"
             )
-    write_curves(hist, CURVES, title=f"{params.distill.method}: {result.steps} steps")
+    write_curves(
+        hist, CURVES, title=f"{params.distill.method}: {result.steps} steps", val=params.distill.val.protocol
+    )
     # Checkpoints of a finished run are not needed any more (the student is in the DVC cache).
     shutil.rmtree(params.checkpoint.dir, ignore_errors=True)
 
 
-def write_curves(history: list[dict], path: Path, title: str) -> None:
+def write_curves(history: list[dict], path: Path, title: str, val: str = "evaluate") -> None:
     """The distill curves as one PNG (what `dvc plots show` embeds; its vega charts need a CDN to render)."""
     import matplotlib
 
@@ -175,7 +215,7 @@ def write_curves(history: list[dict], path: Path, title: str) -> None:
     panels = [
         ("loss/total", "loss", "log"),
         ("rep/cosine/mean", "student/teacher cosine (mean over layers)", "linear"),
-        ("val/accuracy", "greedy validation accuracy", "linear"),
+        ("val/accuracy", f"validation accuracy ({val} protocol)", "linear"),
         ("response/length_mean", "mean response length (tokens)", "linear"),
         ("mem/actor_update_delta_peak_GiB", "update transient peak (GiB)", "linear"),
         ("perf/step_seconds", "step time (s)", "linear"),

@@ -1,4 +1,5 @@
-"""DVC stage ``evaluate``: score the teacher, the student base and the distilled student on every suite.
+"""DVC stage ``evaluate``: score the teacher, the student base and the distilled students (best-on-validation and
+last step) on every suite (``evaluate.roles``).
 
     python -m pipelines.stage_evaluate --params params.yaml
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 
 from pipelines.evaluation import evaluate_model, write_eval_outputs
+from pipelines.stage_distill import FINAL_DIR, STUDENT_DIR
 from pipelines.stage_distill import REF as DISTILL_REF
-from pipelines.stage_distill import STUDENT_DIR
 from pipelines.stage_io import file_sha256, stage_cli
 from pipelines.suites import load_suite
 from pipelines.tracking import StageRun, TrackingUnreachable
@@ -30,11 +31,15 @@ ROLLOUT_REF = Path("artifacts/rollout/rollout.mlflow.json")
 
 
 def model_dirs(params: Params) -> dict[str, Path]:
-    return {
+    """The models of ``evaluate.roles``: ``student`` is the distill stage's export (best on validation),
+    ``student_final`` its last-step student."""
+    every = {
         "teacher": Path(params.models.teacher.path),
         "student_base": Path(params.models.student.path),
         "student": STUDENT_DIR,
+        "student_final": FINAL_DIR,
     }
+    return {role: every[role] for role in params.evaluate.roles}
 
 
 def run(params_path: str, overrides: list[str]) -> dict:

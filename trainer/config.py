@@ -262,6 +262,18 @@ class BridgeConfig(_Section):
     """False (default, the paper): P_S is frozen during distillation. True: trained jointly with the student."""
 
 
+class ValidationConfig(_Section):
+    """How the distill stage scores checkpoints on the validation split to choose the exported one."""
+
+    protocol: Literal["evaluate", "greedy"] = "evaluate"
+    """``evaluate``: the evaluate stage's protocol on the val split (``evaluate.k`` samples per problem at
+    ``evaluate.temperature`` / ``top_p``, Avg@k, a fixed sampling seed so every validation point sees the same
+    stream); ``greedy``: one greedy response per problem (cheaper, but on 200 problems it picked a checkpoint
+    9 points worse than the final one for a noisy output-space run: it measures another thing than evaluation)."""
+    limit: int | None = Field(default=None, gt=0)
+    """Use only the first N validation problems (``None`` = the whole split, ``task.num_val``)."""
+
+
 class DistillConfig(_Section):
     method: Method = "oprd"
     steps: PosInt = 300
@@ -272,7 +284,8 @@ class DistillConfig(_Section):
     opd: OPDConfig = OPDConfig()
     bridge: BridgeConfig = BridgeConfig()
     eval_every: int = Field(default=25, ge=0)
-    """Greedy validation accuracy every N steps (0 = off); used to choose the exported checkpoint."""
+    """Validation accuracy (``distill.val``) every N steps (0 = off); used to choose the exported checkpoint."""
+    val: ValidationConfig = ValidationConfig()
     select_best: bool = True
     """Export the checkpoint with the best validation accuracy instead of the last one."""
     memory_every: int = Field(default=10, ge=0)
@@ -348,6 +361,12 @@ class EvaluateConfig(_Section):
     """Appended to file-suite prompts that do not already end with it (never to the embedded task); ``""`` = off."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where evaluation runs; ``auto`` = CUDA when available."""
+    roles: list[Literal["teacher", "student_base", "student", "student_final"]] = [
+        "teacher", "student_base", "student", "student_final",
+    ]  # fmt: skip
+    """Models the evaluate stage scores: ``student`` is the exported (best-on-validation) student,
+    ``student_final`` the last-step one. The gate needs ``student``; a methods grid drops the teacher and the
+    student base after its first run (their numbers do not change)."""
 
 
 # ------------------------------------------------------------------------------------------ tracking / gate
@@ -402,6 +421,9 @@ class Params(_Section):
         rep = self.distill.rep
         if isinstance(rep.layers, list) and len(set(rep.layers)) != len(rep.layers):
             raise ValueError(f"distill.rep.layers has duplicates: {rep.layers}; list each HF index once")
+        roles = self.evaluate.roles
+        if not roles or len(set(roles)) != len(roles):
+            raise ValueError(f"evaluate.roles must list each model once and not be empty, got {roles}")
         if method_spec(self.distill.method).top_k and self.distill.opd.top_k < 2:
             raise ValueError(
                 "distill.opd.top_k must be >= 2 for opd_topk (use opd_sampled for a single token)"

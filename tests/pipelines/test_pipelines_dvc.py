@@ -101,7 +101,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
         assert not [k for k, v in _leaves(doc) if not isinstance(v, (int, float))], name
     assert json.loads((project / "metrics/gate.json").read_text())["version"] == gate["decision"]["version"]
     eval_tree = json.loads((project / "metrics/eval.json").read_text())
-    assert set(eval_tree["embedded"]) == {"teacher", "student_base", "student"}
+    assert set(eval_tree["embedded"]) == {"teacher", "student_base", "student", "student_final"}
     # The gate judged *this* student on *this* evaluation, and its verdict follows from its criteria table.
     crit = {c["criterion"]: c for c in gate["decision"]["criteria"]}
     student, teacher = eval_tree["embedded"]["student"], eval_tree["embedded"]["teacher"]

@@ -1,0 +1,209 @@
+"""The methods grid end to end on a micro budget: queue real DVC experiments, run them, collect the table.
+
+A scratch git+DVC project with the shrunken embedded default (as test_pipelines_dvc.py) runs a 5-cell grid (OPRD at
+two rates, OPD sampled-token at one, two seeds at the chosen rates) through ``dvc exp run --queue`` and ``dvc queue``;
+the collected table must hold exactly those cells, with the numbers DVC itself reads from each experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.grid import cell_name, cells, collect, load_spec, queue, queue_states
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {
+    "task": {"num_train": 300, "num_val": 50, "num_eval": 50, "teacher_steps": 40, "student_base_step": 20,
+             "eval_every": 20, "teacher_warmup_steps": 5, "teacher_batch_size": 32},
+    "models": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "num_key_value_heads": 2}},
+    "rollout": {"num_prompts": 8, "min_cosine": -1.0},
+    "distill": {"steps": 4, "prompts_per_step": 4, "n_responses": 2, "eval_every": 2, "memory_every": 0,
+                "val": {"protocol": "evaluate", "limit": 12}},
+    "evaluate": {"k": 2, "batch_size": 64},
+    "optim": {"num_threads": 1},
+}  # fmt: skip
+SPEC = {
+    "prefix": "g",
+    "seeds": [0, 1],
+    "set": ["distill.steps=4"],
+    "methods": {
+        "oprd": {"lrs": [1e-3, 3e-3], "best_lr": 1e-3},
+        "opd_sampled": {"lrs": [1e-4], "best_lr": 1e-4},
+    },
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return base
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def grid_project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("grid")
+    for name in ("pipelines", "trainer", "policies"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "grid.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nartifacts/checkpoints/\n")
+    _run(["git", "init", "-q"], root)
+    _run(["dvc", "init", "-q"], root)
+    _run(["dvc", "config", "core.analytics", "false"], root)
+    _run(
+        ["dvc", "repro", "bootstrap"], root
+    )  # its outputs are git-tracked: the experiments' baseline holds them
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "baseline"], root)
+    return root
+
+
+def _wait_for_queue(root: Path, timeout_s: float = 1500) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = queue_states(root)
+        if not any(s in ("queued", "running") for s in states.values()):
+            failed = [n for n, s in states.items() if s != "success"]
+            assert not failed, f"grid cells failed: {failed}\n{_run(['dvc', 'queue', 'status'], root)}"
+            return
+        time.sleep(5)
+    pytest.fail("the grid did not finish in time")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # 5 queued DVC experiments of 3 stages each, plus the tiny bootstrap
+def test_grid_queues_runs_and_collects_every_cell(grid_project, tmp_path, monkeypatch):
+    root = grid_project
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = load_spec(root / "grid.yaml")
+    report = queue(spec, root)
+    assert [status for _, status in report] == ["queued"] * 5
+    # queue order: each method at its chosen rate (seed 0), the other seed, then the rest of the sweep
+    assert [cell_name(spec, c) for c, _ in report] == [
+        "g-oprd-lr1e-03-s0", "g-opdsampled-lr1e-04-s0", "g-oprd-lr1e-03-s1", "g-opdsampled-lr1e-04-s1",
+        "g-oprd-lr3e-03-s0",
+    ]  # fmt: skip
+    _run(["dvc", "queue", "start", "-j", "2"], root)
+    _wait_for_queue(root)
+
+    out = collect(spec, root, tmp_path / "methods")
+    assert out["complete"] and out["missing"] == []
+    assert {c["name"] for c in out["cells"]} == {cell_name(spec, c) for c in cells(spec)}
+
+    # The numbers are the experiments' own: DVC's reading of each experiment's metrics/eval.json.
+    shown = json.loads(_run(["dvc", "exp", "show", "--json", "--no-pager"], root))
+    dvc_eval = {
+        exp["name"]: exp["revs"][0]["data"]["metrics"]["metrics/eval.json"]["data"]["embedded"]
+        for base in shown for exp in base.get("experiments") or []
+    }  # fmt: skip
+    assert set(dvc_eval) == {c["name"] for c in out["cells"]}
+    # Only the first cell scored the teacher and the student base (evaluate.roles); every cell scored both students.
+    assert set(dvc_eval["g-oprd-lr1e-03-s0"]) == {"teacher", "student_base", "student", "student_final"}
+    assert all(
+        set(v) == {"student", "student_final"} for n, v in dvc_eval.items() if n != "g-oprd-lr1e-03-s0"
+    )
+    ref = dvc_eval["g-oprd-lr1e-03-s0"]
+    assert out["reference"]["teacher"]["avg_at_k"] == ref["teacher"]["avg_at_k"]
+    t, b = ref["teacher"]["avg_at_k"], ref["student_base"]["avg_at_k"]
+
+    for method, lr in (("oprd", 1e-3), ("opd_sampled", 1e-4)):
+        entry = out["methods"][method]
+        assert entry["lr"] == lr
+        for role in ("student", "student_final"):
+            per_seed = entry["seeds"][role]
+            assert set(per_seed) == {"0", "1"}
+            expected = [
+                dvc_eval[f"g-{method.replace('_', '')}-lr{lr:.0e}-s{s}"][role]["avg_at_k"] for s in (0, 1)
+            ]
+            assert [per_seed[s]["avg_at_k"] for s in ("0", "1")] == expected
+            stat = entry[role]["avg_at_k"]
+            assert stat["n"] == 2 and math.isclose(stat["mean"], statistics.fmean(expected))
+            assert math.isclose(stat["sd"], statistics.stdev(expected), abs_tol=1e-12)
+            if t != b:
+                assert math.isclose(per_seed["0"]["gap_closed"], (expected[0] - b) / (t - b))
+    # distill.json of each cell: best-on-validation step and the final validation score under the eval protocol
+    for c in out["cells"]:
+        assert c["distill"]["steps"] == 4 and c["distill"]["val_protocol"] == "evaluate"
+        assert c["distill"]["best_step"] in (2, 4) and c["distill"]["final_val_accuracy"] is not None
+
+    sweep = [(r["method"], r["lr"]) for r in out["sweep"]]
+    assert sweep == [("oprd", 1e-3), ("oprd", 3e-3), ("opd_sampled", 1e-4)]
+    oprd_3e3 = next(r for r in out["sweep"] if r["lr"] == 3e-3)
+    assert oprd_3e3["student_final"]["avg_at_k"] == dvc_eval["g-oprd-lr3e-03-s0"]["student_final"]["avg_at_k"]
+
+    md = (tmp_path / "methods" / "results.md").read_text()
+    assert "Partial grid" not in md
+    oprd_row = next(line for line in md.splitlines() if line.startswith("| oprd | 0.001 |"))
+    assert " / ".join(
+        f"{100 * v['avg_at_k']:.1f}" for v in out["methods"]["oprd"]["seeds"]["student"].values()
+    ) in (oprd_row)
+    assert (tmp_path / "methods" / "results.png").stat().st_size > 10_000
+
+    # Re-queueing a finished grid queues nothing (a stopped grid resumes where it stopped).
+    assert [status for _, status in queue(spec, root)] == ["done"] * 5
+
+
+# ------------------------------------------------------------------------------------------ spec (fast, no DVC)
+def test_spec_errors_are_one_readable_line_each(tmp_path):
+    from trainer.config import ConfigError
+
+    bad = tmp_path / "g.yaml"
+    bad.write_text(yaml.safe_dump({"methods": {"oprd": {"lrs": [1e-3], "best_lr": 3e-4}}}))
+    with pytest.raises(ConfigError, match=r"best_lr 0.0003 is not one of lrs"):
+        load_spec(bad)
+    bad.write_text(yaml.safe_dump({"seed": [0], "methods": {"oprd": {"lrs": [1e-3], "best_lr": 1e-3}}}))
+    with pytest.raises(ConfigError, match=r"seed: unknown key; did you mean 'seeds'"):
+        load_spec(bad)
+    bad.write_text(
+        yaml.safe_dump({"set": ["optim.lr=1"], "methods": {"oprd": {"lrs": [1e-3], "best_lr": 1e-3}}})
+    )
+    with pytest.raises(ConfigError, match=r"must not override what the grid varies"):
+        load_spec(bad)
+    bad.write_text(yaml.safe_dump({"methods": {"opd": {"lrs": [1e-3], "best_lr": 1e-3}}}))
+    with pytest.raises(ConfigError, match=r"methods\.opd"):
+        load_spec(bad)
+
+
+def test_the_committed_spec_covers_every_method_with_three_rates_and_seeds():
+    from pipelines.grid import queue_command
+    from trainer.config import Method
+
+    spec = load_spec(REPO / "benchmarks/methods/grid.yaml")
+    assert set(spec.methods) == set(Method.__args__) and len(spec.seeds) == 3
+    assert all(len(s.lrs) == 3 for s in spec.methods.values())
+    grid = cells(spec)
+    assert len(grid) == len(spec.methods) * (3 + 2)
+    assert [c.reference for c in grid] == [True] + [False] * (len(grid) - 1)
+    first, second = queue_command(spec, grid[0]), queue_command(spec, grid[1])
+    assert "evaluate.roles=[teacher,student_base,student,student_final]" in first
+    assert "evaluate.roles=[student,student_final]" in second
+    assert first[-1] == "evaluate" and "distill.steps=300" in first
+    assert any(a.startswith("checkpoint.dir=/") for a in first)  # outside DVC's temporary copies
