@@ -10,7 +10,9 @@ decide on AIME24 evidence, MLflow must record the real paths repo-relatively and
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +28,10 @@ from trainer.export import verify_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 PAIR = "models/dapo-pair"
-ENGINES = ("hf",)  # add "vllm" once `rollout.engine: vllm` is implemented (issue 7 item 1)
+ENGINES = (
+    "hf",
+    "vllm",
+)  # vllm: needs `bash scripts/setup.sh --vllm`; skipped without it locally, fails under CI
 LIMIT = 8
 
 
@@ -61,7 +66,12 @@ def _project(root: Path, pair: Path) -> Path:
         shutil.copy(REPO / name, root / name)
     for name in ("artifacts/task", "artifacts/models/teacher", "artifacts/models/student-base"):
         shutil.copytree(REPO / name, root / name)  # the committed bootstrap outputs of a fresh clone
-    for name in ("artifacts/bootstrap.json", "data/dapo-math-17k.parquet", "data/benchmarks/AIME24.json"):
+    for name in (
+        "artifacts/bootstrap.json",
+        "artifacts/precheck.ok",
+        "data/dapo-math-17k.parquet",
+        "data/benchmarks/AIME24.json",
+    ):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     shutil.copytree(pair, root / PAIR)
@@ -82,6 +92,10 @@ def _project(root: Path, pair: Path) -> Path:
 @pytest.mark.timeout(1800)  # ~2 min of CPU, but setup (the pair) + repro ran 15 min on the shared 2-core box
 @pytest.mark.parametrize("engine", ENGINES)
 def test_dvc_repro_on_a_real_pair_runs_through_gate(pair, tmp_path, engine):
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail("vLLM is not installed in CI: .ci/run must run `bash scripts/setup.sh --vllm`")
+        pytest.skip("vLLM not installed (bash scripts/setup.sh --vllm)")
     root = _project(tmp_path, pair)
     embedded_sha = verify_manifest(root / "artifacts/models/teacher")
     params = _merge(yaml.safe_load((root / "params.yaml").read_text()), scale_out_params(engine))
@@ -97,7 +111,8 @@ def test_dvc_repro_on_a_real_pair_runs_through_gate(pair, tmp_path, engine):
     rollout = json.loads((root / "metrics/rollout.json").read_text())
     assert rollout["rollouts"] == 8 and rollout["alignment/cosine_mean"] >= 0.3  # the pre-flight passed
     distill = json.loads((root / "metrics/distill.json").read_text())
-    assert distill["steps"] == 4 and distill["method"] == "oprd"
+    assert distill["steps"] == 4
+    assert json.loads((root / "artifacts/distill/run.json").read_text())["method"] == "oprd"
     student = root / "artifacts/models/student"
     assert json.loads((student / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
     exported, original = (AutoTokenizer.from_pretrained(d) for d in (student, root / PAIR / "student"))
@@ -105,11 +120,12 @@ def test_dvc_repro_on_a_real_pair_runs_through_gate(pair, tmp_path, engine):
     assert encode_prompts(exported, [prompt]) == encode_prompts(original, [prompt])  # stock loading, same ids
     assert exported.decode(encode_prompts(exported, [prompt])[0]).startswith("<|im_start|>user\nSolve the")
     eval_tree = json.loads((root / "metrics/eval.json").read_text())
-    assert set(eval_tree) == {"AIME24"} and set(eval_tree["AIME24"]) == {"teacher", "student_base", "student"}
+    roles = {"teacher", "student_base", "student", "student_final"}
+    assert set(eval_tree) == {"AIME24"} and set(eval_tree["AIME24"]) == roles
     assert all(m["n_problems"] == LIMIT and m["k"] == 2 for m in eval_tree["AIME24"].values())
 
     # the gate decided on the AIME24 evidence under the AIME policy: a 1M-parameter student is far below its floor
-    gate = json.loads((root / "metrics/gate.json").read_text())
+    gate = json.loads((root / "artifacts/gate/decision.json").read_text())  # metrics/gate.json: numbers only
     decision = gate["decision"]
     floor = next(c for c in decision["criteria"] if c["criterion"] == "floor")
     assert floor["suite"] == "AIME24" and floor["observed"] == pytest.approx(
@@ -135,6 +151,9 @@ def test_dvc_repro_on_a_real_pair_runs_through_gate(pair, tmp_path, engine):
     for stage in ("rollout", "distill"):
         assert by_stage[stage].data.tags["oprd.dataset.train_prompts.sha256"] == prompts_sha
     assert "loss/total" in by_stage["distill"].data.metrics
+    for stage in ("rollout", "distill"):  # the engine that sampled, with its version and sampling settings
+        assert by_stage[stage].data.tags["oprd.rollout.engine"] == engine, stage
+        assert by_stage[stage].data.tags["oprd.rollout.engine_version"], stage
     assert by_stage["gate"].data.tags["oprd.gate.verdict"] == "REJECT"
     versions = client.search_model_versions("name='oprd-student'")
     assert [int(v.version) for v in versions] == [1]
