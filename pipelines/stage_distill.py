@@ -180,7 +180,6 @@ def _write_outputs(params: Params, result, final: Path, digest: str, wall: float
         "best_val_accuracy": result.best_score if result.best_step > 0 else None,
         "best_step": result.best_step,
         "final_val_accuracy": vals[-1] if vals else None,
-        "val_protocol": params.distill.val.protocol,
         "response_length_mean": sum(h["response/length_mean"] for h in hist[-10:]) / max(1, len(hist[-10:])),
         "update_peak_GiB_max": max(mem) if mem else None,
         "step_seconds_median": sorted(h["perf/step_seconds"] for h in hist)[len(hist) // 2] if hist else None,
@@ -188,7 +187,14 @@ def _write_outputs(params: Params, result, final: Path, digest: str, wall: float
         "world_size": world,
     }
     write_json(METRICS, {k: v for k, v in summary.items() if v is not None})
-    write_json(RUN_RECORD, {"method": params.distill.method, "config_digest": digest})
+    write_json(
+        RUN_RECORD,
+        {
+            "method": params.distill.method,
+            "config_digest": digest,
+            "val_protocol": params.distill.val.protocol,
+        },
+    )
     PLOTS.parent.mkdir(parents=True, exist_ok=True)
     with PLOTS.open("w") as f:
         f.write("step\t" + "\t".join(k.replace("/", "_") for k in PLOT_KEYS) + "\n")
