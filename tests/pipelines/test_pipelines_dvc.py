@@ -315,7 +315,9 @@ def test_dvc_experiment_oprd_bridge_with_a_wider_deeper_teacher_ends_at_a_gate(p
     row = next(line for line in table.splitlines() if line.startswith("bridge,"))
     header = table.splitlines()[0].split(",")
     values = dict(zip(header, row.split(","), strict=False))
-    assert {"PROMOTE", "REJECT", "INCONCLUSIVE"} & set(values.values()), values  # it reached a gate decision
+    # it reached a gate decision (metrics/gate.json holds numbers only: the verdict text is in decision.json)
+    decided = [v for k, v in values.items() if k.endswith("decision_id")]
+    assert decided and int(float(decided[0])) > 0, values
     cosine = [v for k, v in values.items() if k.endswith("bridge/val_cosine_mean")]
     assert cosine and float(cosine[0]) >= 0.5, values
 
