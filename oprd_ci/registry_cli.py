@@ -83,8 +83,31 @@ class RegistryCall:
     def __exit__(self, *exc: object) -> None:
         if self.url:
             self._client.close()
-        else:
-            self._client.__exit__(*exc)
+            return
+        if self.reconcile:
+            self._drain_mlflow_writes()
+        self._client.__exit__(*exc)
+
+    def _drain_mlflow_writes(self, timeout_s: float = 60.0) -> None:
+        """In-process, this command *is* the registry: its MLflow writes (pending outbox rows) are applied before it
+        exits, or nobody would apply them until the next in-process command. Bounded: an outage leaves them pending
+        (durable in the database, shown by ``status``) and says so."""
+        import time
+
+        reconciler = getattr(self._client.app.state, "reconciler", None)
+        if reconciler is None or reconciler.mirror is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = reconciler.run_once()
+            if result.pending == 0 or result.outage or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if result.pending:
+            err.print(
+                f"[yellow]MLflow pending: {result.pending} write(s) not applied yet ({reconciler.last_error or 'busy'});"
+                " the registry database has them; the next registry process applies them (`oprd-ci status`)[/]"
+            )
 
     def __call__(
         self,
