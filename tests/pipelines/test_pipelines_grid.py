@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipelines_dvc import _merge
 
 from pipelines.grid import cell_name, cells, collect, load_spec, queue, queue_states
 
@@ -42,12 +43,6 @@ SPEC = {
         "opd_sampled": {"lrs": [1e-4], "best_lr": 1e-4},
     },
 }
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return base
 
 
 def _env() -> dict[str, str]:
