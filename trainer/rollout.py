@@ -37,6 +37,7 @@ __all__ = [
     "build_engine",
     "build_rollout_batch",
     "check_sampling",
+    "expand_prompts",
     "left_pad",
     "provenance_tags",
 ]
@@ -165,6 +166,18 @@ def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def expand_prompts(
+    prompts: list[list[int]], n: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad the prompts and repeat each ``n`` times: ``(prompt_ids [B, P], prompt_mask [B, P], prompt_index [B])``
+    with ``B = len(prompts) * n`` and the ``n`` rows of one prompt contiguous (the layout every engine returns).
+
+    Engines expand themselves (instead of ``num_return_sequences``) so greedy ``n > 1`` works too."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
+    prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+    return prompt_ids[prompt_index], prompt_mask[prompt_index], prompt_index
+
+
 def build_rollout_batch(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -235,10 +248,7 @@ class HFGenerateEngine:
         ``torch.no_grad()`` in eval mode and restores the model's previous train/eval mode. Uses the global RNG.
         """
         check_sampling(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
-        # Expand ourselves (instead of num_return_sequences) so greedy n>1 works too; rows of a prompt stay contiguous.
-        prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
-        prompt_ids, prompt_mask = prompt_ids[prompt_index], prompt_mask[prompt_index]
+        prompt_ids, prompt_mask, prompt_index = expand_prompts(prompts, n, self.pad_token_id)
 
         do_sample = temperature > 0
         # generate() fills every field left at None from the model's generation_config.json (e.g. Qwen ships

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, VLLMConfig
-from trainer.rollout import RolloutBatch, _as_id_list, build_rollout_batch, check_sampling, left_pad
+from trainer.rollout import RolloutBatch, _as_id_list, build_rollout_batch, check_sampling, expand_prompts
 
 __all__ = [
     "SETUP_HINT",
@@ -314,9 +314,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         check_sampling(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
-        prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
-        prompt_ids, prompt_mask = prompt_ids[prompt_index], prompt_mask[prompt_index]
+        prompt_ids, prompt_mask, prompt_index = expand_prompts(prompts, n, self.pad_token_id)
         self._wake()
         greedy = temperature == 0
         # One base seed per call from the global RNG (reproducible, resumable); one request per row so that rows
