@@ -41,7 +41,7 @@ from pipelines.stage_distill import STUDENT_DIR
 from pipelines.stage_evaluate import METRICS as EVAL_METRICS
 from pipelines.stage_evaluate import REF as EVAL_REF
 from pipelines.stage_io import stage_cli, write_json
-from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params, short_commit
+from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params, repo_relative, short_commit
 from pipelines.tracking_models import log_lineage, registry_fields, set_version_record
 from trainer.config import Params, load_params
 from trainer.export import verify_manifest
@@ -145,6 +145,12 @@ def run(params_path: str, overrides: list[str]) -> int:
         if rc != 0:
             raise GateFailed(f"oprd-ci gate exited with {rc} (its message is above)")
         result = json.loads(DECISION.read_text())
+        version = result.get("version") or {}
+        if version.get(
+            "artifact_path"
+        ):  # the registry's frozen copy: recorded repo-relative, like every path
+            version["artifact_path"] = repo_relative(version["artifact_path"])
+            write_json(DECISION, result)
         decision = result["decision"]
         write_json(METRICS, gate_metrics(result))
         _log_decision(run, decision, result)
