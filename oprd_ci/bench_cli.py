@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.bench_names import DTYPES, METHODS, OPTIMIZERS  # torch-free: `oprd-ci --help` stays fast
-from trainer.config import ConfigError
 
 __all__ = ["bench_app", "engine_table_markdown", "register"]
 
@@ -315,6 +314,7 @@ def step(
 ) -> None:
     """A whole on-policy step per method: rollout, old-log-prob pass, teacher pass, update, weight sync."""
     from trainer.bench_step import StepBenchSpec, run_step_bench
+    from trainer.config import ConfigError
 
     try:
         spec = StepBenchSpec(
@@ -329,7 +329,7 @@ def step(
             from trainer.rollout_vllm import require_vllm
 
             require_vllm()
-    except (ValueError, ConfigError) as exc:
+    except ValueError as exc:  # ConfigError included
         raise _fail(str(exc)) from None
     log = (lambda _m: None) if quiet else (lambda m: _err.print(f"[dim]{m}[/dim]"))
     try:

@@ -471,8 +471,10 @@ def retire(
 
 def status(name: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Aliases of NAME, the champion's decision, and MLflow agreement (exit 4 when MLflow disagrees)."""
-    with RegistryCall(url, token, reconcile=False) as call:
-        s = call("GET", f"/v1/models/{name}/status")
+    s = _local_status(name) if not url else None
+    if s is None:  # over HTTP, or an error to report with the API's wording and hints
+        with RegistryCall(url, token, reconcile=False) as call:
+            s = call("GET", f"/v1/models/{name}/status")
     _emit(s, as_json, _render_status)
     if problems := alias_disagreements(s):
         _fail(
@@ -482,6 +484,20 @@ def status(name: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonO
             + "; ".join(problems)
             + ". Restart the registry service (it replays pending writes) or promote again to re-point MLflow.",
         )
+
+
+def _local_status(name: str) -> dict | None:
+    """In-process ``status`` without the web app (the daily command: ~1 s instead of ~3 s, README "CLI start-up"):
+    the same query the API runs (``server.status``); ``None`` on any registry error, which the caller then gets
+    from the in-process app with the API's message, exit code and did-you-mean hint."""
+    from server.errors import RegistryError
+    from server.settings import ServerSettings
+    from server.status import local_status
+
+    try:
+        return local_status(ServerSettings(), name).model_dump(mode="json")
+    except RegistryError:
+        return None
 
 
 def history(

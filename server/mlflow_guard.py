@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
-from mlflow.exceptions import MlflowException
+from server.mlflow_mirror import mlflow_error_code
 
 T = TypeVar("T")
 # Error codes that are MLflow's answer (the server is up): they do not count against the breaker.
@@ -72,12 +72,10 @@ class MlflowGuard:
             result = future.result(timeout=self.timeout_s)
         except FutureTimeout:
             raise self._failed(f"no answer within {self.timeout_s:g} s") from None
-        except MlflowException as exc:
-            if exc.error_code in _ANSWERS:
+        except Exception as exc:
+            if mlflow_error_code(exc) in _ANSWERS:
                 self._succeeded()
                 raise
-            raise self._failed(f"{type(exc).__name__}: {exc}") from exc
-        except Exception as exc:
             raise self._failed(f"{type(exc).__name__}: {exc}") from exc
         self._succeeded()
         return result

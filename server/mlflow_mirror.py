@@ -7,11 +7,23 @@ an upsert. A version number MLflow assigns that differs from ours is a divergenc
 
 from __future__ import annotations
 
+import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from server.mlflow_aliases import read_aliases
+
+if TYPE_CHECKING:  # `mlflow` is imported on first use: read-only commands (`oprd-ci status`) never need it
+    from mlflow import MlflowClient
+
+
+def mlflow_error_code(exc: BaseException) -> str | None:
+    """``exc.error_code`` when ``exc`` is an ``MlflowException``, else ``None`` (without importing ``mlflow``: an
+    exception cannot be an ``MlflowException`` unless the package was imported to raise it)."""
+    module = sys.modules.get("mlflow.exceptions")
+    if module is not None and isinstance(exc, module.MlflowException):
+        return exc.error_code
+    return None
 
 
 class MirrorDivergence(RuntimeError):
@@ -31,6 +43,8 @@ class MlflowMirror:
         if self._client is None:
             with self._client_lock:
                 if self._client is None:
+                    from mlflow import MlflowClient
+
                     self._client = MlflowClient(
                         tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
                     )
@@ -50,11 +64,16 @@ class MlflowMirror:
             raise ValueError(f"unknown outbox kind {kind!r}")
 
     def aliases(self, model: str) -> dict[str, int]:
-        """alias -> version as MLflow reports it (values are str over HTTP, int on sqlite; normalised)."""
+        """alias -> version as MLflow reports it (values are str over HTTP, int on sqlite; normalised).
+
+        Read without the ``mlflow`` package where :func:`server.mlflow_aliases.read_aliases` can (a tracking server,
+        a SQL store); ``MlflowClient`` otherwise."""
+        if self._client is None and (fast := read_aliases(self.tracking_uri, model)) is not None:
+            return fast
         try:
             rm = self.client.get_registered_model(model)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        except Exception as exc:
+            if mlflow_error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
                 return {}
             raise
         return {alias: int(v) for alias, v in rm.aliases.items()}
@@ -62,16 +81,16 @@ class MlflowMirror:
     def _version_or_none(self, model: str, version: int):  # type: ignore[no-untyped-def]
         try:
             return self.client.get_model_version(model, str(version))
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        except Exception as exc:
+            if mlflow_error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
                 raise
             return None
 
     def _create_version(self, model: str, p: dict[str, Any]) -> None:
         try:
             self.client.create_registered_model(model, tags={"oprd.managed_by": "oprd-ci registry"})
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        except Exception as exc:
+            if mlflow_error_code(exc) != "RESOURCE_ALREADY_EXISTS":
                 raise
         version = int(p["version"])
         existing = self._version_or_none(model, version)

@@ -24,11 +24,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from mlflow.exceptions import MlflowException
 from sqlalchemy import func, select, text, update
 
 from server.db import Database
-from server.mlflow_mirror import MirrorDivergence, MlflowMirror
+from server.mlflow_mirror import MirrorDivergence, MlflowMirror, mlflow_error_code
 from server.orm import Alias, AuditEvent, OutboxItem, RegisteredModel, utcnow
 from server.registry import next_audit_seq
 
@@ -51,7 +50,7 @@ def is_refusal(exc: BaseException) -> bool:
     """True when MLflow answered and refused the write (park it), False for outages (retry it)."""
     if isinstance(exc, MirrorDivergence):
         return True
-    return isinstance(exc, MlflowException) and exc.error_code in _REFUSALS
+    return mlflow_error_code(exc) in _REFUSALS
 
 
 @dataclass

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.artifacts import ArtifactError, VerifiedArtifact, resolve_artifact_path, verify_artifact
-from server.auth import Principal
 from server.errors import Conflict, Invalid, NotFound
 from server.orm import Alias, AuditEvent, ModelVersion, RegisteredModel, enqueue
 from server.schemas import RegisterVersionIn
 from server.settings import ServerSettings
 from server.sources import validate_source
+
+if TYPE_CHECKING:  # annotations only: the status query imports this module without the web framework
+    from server.auth import Principal
 
 
 def get_model(s: Session, name: str, *, lock: bool = False) -> RegisteredModel:

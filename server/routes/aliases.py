@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server import aliases as ops
@@ -17,12 +17,13 @@ from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep
 from server.errors import Conflict
 from server.gating import latest_evidence
 from server.idempotency import run_mutation
-from server.mlflow_guard import MlflowGuard, MlflowUnavailable
+from server.mlflow_guard import MlflowGuard
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
-from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem, RegisteredModel
+from server.orm import Alias, AuditEvent, Decision, RegisteredModel
 from server.registry import ensure_ready, get_model, get_version, verify_registered
 from server.schemas import AliasOut, AuditOut, LineageOut, PromoteIn, RollbackIn, StatusOut
+from server.status import model_status as status_query
 from server.views import alias_out, audit_out, decision_out, version_out
 
 log = logging.getLogger(__name__)
@@ -97,72 +98,9 @@ def model_status(
     mlflow: bool = Query(default=True, description="Also read the aliases from MLflow (slower)."),
 ) -> StatusOut:
     """Aliases (with revisions), the champion with its decision, and whether MLflow agrees."""
-    with db.read() as s:
-        model = get_model(s, name)
-        rows = s.scalars(select(Alias).where(Alias.model_id == model.id).order_by(Alias.alias)).all()
-        champ = next((a for a in rows if a.alias == "champion"), None)
-        champ_mv = (
-            s.scalar(
-                select(ModelVersion).where(
-                    ModelVersion.model_id == model.id, ModelVersion.version == champ.version
-                )
-            )
-            if champ
-            else None
-        )
-        last_move = (
-            s.scalar(
-                select(AuditEvent)
-                .where(AuditEvent.model_id == model.id, AuditEvent.alias == "champion")
-                .order_by(AuditEvent.seq.desc())
-                .limit(1)
-            )
-            if champ
-            else None
-        )
-        decision = s.get(Decision, last_move.decision_id) if last_move and last_move.decision_id else None
-        n_versions = (
-            s.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.model_id == model.id))
-            or 0
-        )
-        unapplied = s.execute(
-            select(OutboxItem.parked_at.is_not(None), func.count(), func.max(OutboxItem.id))
-            .where(OutboxItem.model_name == name, OutboxItem.applied_at.is_(None))
-            .group_by(OutboxItem.parked_at.is_not(None))
-        ).all()
-        counts = {bool(parked): (n, newest) for parked, n, newest in unapplied}
-        pending, parked = counts.get(False, (0, None))[0], counts.get(True, (0, None))[0]
-        # this model's oldest MLflow error on record: the root cause (a parked row's refusal, or a pending row's outage)
-        model_error = s.scalar(
-            select(OutboxItem.last_error)
-            .where(
-                OutboxItem.model_name == name,
-                OutboxItem.applied_at.is_(None),
-                OutboxItem.last_error.is_not(None),
-            )
-            .order_by(OutboxItem.id)
-            .limit(1)
-        )
-        out = StatusOut(
-            model=name,
-            aliases=[alias_out(model, a) for a in rows],
-            champion=version_out(model, champ_mv) if champ_mv else None,
-            champion_decision=decision_out(s, model, decision) if decision else None,
-            champion_since=champ.updated_at if champ else None,
-            versions=n_versions,
-            pending_mlflow_writes=pending,
-            parked_mlflow_writes=parked,
-            mlflow_aliases=None,
-            last_mlflow_error=guard.last_error or model_error or (reconciler.last_error if pending else None),
-        )
-    if mlflow and reconciler.mirror is not None:
-        try:
-            out.mlflow_aliases = guard.call(reconciler.mirror.aliases, name)
-        except Exception as exc:  # MLflow down: report it, the DB state above is still authoritative
-            out.last_mlflow_error = (str(exc) if isinstance(exc, MlflowUnavailable) else f"MLflow: {exc}")[
-                :500
-            ]
-    return out
+    return status_query(
+        db, name, mirror=reconciler.mirror, guard=guard, reconciler_error=reconciler.last_error, mlflow=mlflow
+    )
 
 
 @router.get("/history", name="model_history", response_model=list[AuditOut])

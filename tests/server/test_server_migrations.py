@@ -59,3 +59,32 @@ def test_upgrade_from_0001_sqlite(tmp_path):
 @pytest.mark.postgres
 def test_upgrade_from_0001_postgres(pg_fresh_url):
     _upgrade_from_0001(pg_fresh_url)
+
+
+def test_script_heads_match_alembic():
+    """The cheap head check (no alembic import) reads the scripts as alembic does."""
+    from alembic.script import ScriptDirectory
+
+    from server.migrate import script_heads
+
+    assert script_heads() == frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def test_upgrade_skips_alembic_only_when_current(tmp_path):
+    """A database one revision behind is upgraded (the fast path must not mistake it for current); a current one
+    is recognised without alembic."""
+    from server.migrate import is_current
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/r.db")
+    assert not is_current(engine)  # empty database
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    assert not is_current(engine)
+    upgrade(engine)
+    assert is_current(engine)
+    with engine.connect() as conn:
+        assert sa.inspect(conn).has_table("outbox")
+        assert "parked_at" in {c["name"] for c in sa.inspect(conn).get_columns("outbox")}  # 0002 ran
+    engine.dispose()
