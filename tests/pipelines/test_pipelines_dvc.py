@@ -26,7 +26,10 @@ TINY = {
     "task": {"num_train": 300, "num_val": 50, "num_eval": 50, "teacher_steps": 40, "student_base_step": 20,
              "eval_every": 20, "teacher_warmup_steps": 5, "teacher_batch_size": 32},
     "models": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 2, "num_key_value_heads": 2}},
+                        "num_attention_heads": 2, "num_key_value_heads": 2},
+               # the bootstrap_wide stage's teacher: wider and deeper than the student base, as by default
+               "tiny_wide": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+                             "num_attention_heads": 2, "num_key_value_heads": 2}},
     "rollout": {"num_prompts": 8, "min_cosine": -1.0},
     "distill": {"steps": 4, "prompts_per_step": 4, "n_responses": 2, "eval_every": 2, "memory_every": 2},
     "evaluate": {"k": 2, "batch_size": 64},
@@ -93,7 +96,7 @@ def project(tmp_path_factory) -> Path:
 @pytest.mark.timeout(1800)  # two full (tiny) repros; seen past 900 s on a shared 2-core machine at load 22
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     first = _run(["dvc", "repro"], project)
-    for stage in ("precheck", "bootstrap", "rollout", "distill", "evaluate", "gate"):
+    for stage in ("precheck", "bootstrap", "bootstrap_wide", "rollout", "distill", "evaluate", "gate"):
         assert f"Running stage '{stage}'" in first.stdout
     gate = json.loads((project / "artifacts/gate/decision.json").read_text())
     for name in ("gate", "distill", "rollout", "eval"):  # metrics files hold numbers only
@@ -117,7 +120,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     second = _run(["dvc", "repro"], project)
     assert "Running stage 'gate'" in second.stdout  # always_changed
     assert "Running stage 'precheck'" in second.stdout  # always_changed, same output: nothing else re-runs
-    for stage in ("bootstrap", "rollout", "distill", "evaluate"):
+    for stage in ("bootstrap", "bootstrap_wide", "rollout", "distill", "evaluate"):
         assert f"Running stage '{stage}'" not in second.stdout
     shown = _run(["dvc", "metrics", "show", "--json"], project)
     assert "avg_at_k" in shown.stdout
@@ -299,13 +302,10 @@ def test_dvc_experiment_with_another_method(project):
 
 @pytest.mark.slow
 def test_dvc_experiment_oprd_bridge_with_a_wider_deeper_teacher_ends_at_a_gate(project):
-    """The issue's end-to-end criterion in miniature: the wide teacher is built by `pipelines.bootstrap_wide`
-    (48 wide, 3 blocks vs the student base's 32 / 2), then `dvc exp run -S distill.method=oprd_bridge`."""
-    wide = ["-S", "models.tiny_wide.hidden_size=48", "-S", "models.tiny_wide.intermediate_size=96",
-            "-S", "models.tiny_wide.num_hidden_layers=3", "-S", "models.tiny_wide.num_attention_heads=2",
-            "-S", "models.tiny_wide.num_key_value_heads=2"]  # fmt: skip
-    _run(["python", "-m", "pipelines.bootstrap_wide", "--out", "artifacts", "--no-progress", *wide], project)
-    _run(["git", "add", "-A"], project)
+    """The issue's end-to-end criterion in miniature: the `bootstrap_wide` stage builds the wide teacher (48 wide,
+    3 blocks vs the student base's 32 / 2: TINY), then `dvc exp run -S distill.method=oprd_bridge`."""
+    _run(["dvc", "repro", "bootstrap_wide"], project)  # a no-op after the first test's repro
+    _run(["git", "add", "-A"], project)  # committed like the repository's own wide teacher
     _run(["git", "commit", "-qm", "wide teacher", "--allow-empty"], project)
     sets = ["distill.method=oprd_bridge", "models.teacher.path=artifacts/models/teacher-wide",
             "distill.bridge.num_prompts=64", "distill.bridge.rank=4"]  # fmt: skip
