@@ -12,6 +12,7 @@ pre-project probe, embedded-task-notes §5). ``rollout.min_cosine`` (default 0.3
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,14 @@ class AlignmentReport:
         return sum(self.cosine) / len(self.cosine)
 
     def as_metrics(self) -> dict[str, float]:
+        """Finite values only: across hidden sizes cosine and MSE are undefined (NaN) and are left out, so the
+        metrics file stays strict JSON with numbers only (the norm ratio is still reported)."""
         out = {"alignment/cosine_mean": self.mean_cosine}
         for i, layer in enumerate(self.layers):
             out[f"alignment/cosine/layer_{layer}"] = self.cosine[i]
             out[f"alignment/norm_ratio/layer_{layer}"] = self.norm_ratio[i]
             out[f"alignment/mse_per_dim/layer_{layer}"] = self.mse_per_dim[i]
-        return out
+        return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def sample_rollouts(

@@ -11,6 +11,7 @@ unaligned pair (see :mod:`pipelines.preflight`).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -112,7 +113,14 @@ def run(params_path: str, overrides: list[str]) -> dict:
         run.log_metrics(metrics)
         rollouts_sha = file_sha256(rollouts)
         log_dataset(run.run_id, rollouts, "rollouts", "produced", rollouts_sha, client=run.client)
-        run.set_tags({"oprd.alignment.cosine_mean": f"{report.mean_cosine:.4f}"})
+        cosine = report.mean_cosine
+        run.set_tags(
+            {
+                "oprd.alignment.cosine_mean": f"{cosine:.4f}"
+                if math.isfinite(cosine)
+                else "n/a (hidden sizes differ)"
+            }
+        )
         run.write_ref(REF, {"rollouts": rollouts_sha, "train_prompts": digest}, models=model_ids)
         warning = check_alignment(report, params)
         if warning:

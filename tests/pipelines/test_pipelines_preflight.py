@@ -68,3 +68,20 @@ def test_wide_teacher_reports_norms_only_and_leaves_the_bridge_to_its_stage(
     assert all(0 < r < float("inf") for r in report.norm_ratio)
     bridge = tiny_params(tiny_pair, tmp_path, **{"distill.method": "oprd_bridge"})
     assert check_alignment(report, bridge) is None
+
+
+def test_cross_width_report_keeps_metrics_strict_json():
+    """Across hidden sizes cosine and MSE are undefined: the metrics leave them out (no NaN in metrics/rollout.json)
+    and keep the norm ratio."""
+    import json
+    import math
+
+    from pipelines.preflight import AlignmentReport
+
+    nan = float("nan")
+    report = AlignmentReport([1, 2], [nan, nan], [0.25, 0.5], [nan, nan])
+    metrics = report.as_metrics()
+    assert metrics == {"alignment/norm_ratio/layer_1": 0.25, "alignment/norm_ratio/layer_2": 0.5}
+    json.loads(json.dumps(metrics), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    aligned = AlignmentReport([1], [0.5], [1.0], [0.1]).as_metrics()
+    assert aligned["alignment/cosine_mean"] == 0.5 and all(math.isfinite(v) for v in aligned.values())
