@@ -59,9 +59,7 @@ def create_app(
     _bootstrap_tokens(db, settings)
     mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
     reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
-    guard = MlflowGuard(
-        settings.mlflow_request_timeout_s, settings.mlflow_breaker_failures, settings.mlflow_breaker_open_s
-    )
+    guard = MlflowGuard.from_settings(settings)
     public_docs = (
         settings.public_docs
         if settings.public_docs is not None

@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from server.mlflow_mirror import mlflow_error_code
+
+if TYPE_CHECKING:
+    from server.settings import ServerSettings
 
 T = TypeVar("T")
 # Error codes that are MLflow's answer (the server is up): they do not count against the breaker.
@@ -51,6 +54,15 @@ class MlflowGuard:
         self._open_until = 0.0
         self.last_error: str | None = None
         """The newest request-path failure while MLflow is failing; None once a read succeeds again."""
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> MlflowGuard:
+        """The guard the service's settings describe (``mlflow_request_timeout_s``, ``mlflow_breaker_*``)."""
+        return cls(
+            settings.mlflow_request_timeout_s,
+            settings.mlflow_breaker_failures,
+            settings.mlflow_breaker_open_s,
+        )
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on the guard's pool, bounded as described in the module docstring."""

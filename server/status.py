@@ -115,9 +115,7 @@ def local_status(settings: ServerSettings, name: str, *, mlflow: bool = True) ->
     if not re.fullmatch(NAME_PATTERN, name):
         raise Invalid(f"name: {name!r} does not match {NAME_PATTERN}")
     db = Database(settings)
-    guard = MlflowGuard(
-        settings.mlflow_request_timeout_s, settings.mlflow_breaker_failures, settings.mlflow_breaker_open_s
-    )
+    guard = MlflowGuard.from_settings(settings)
     try:
         upgrade(db.engine)
         mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
