@@ -102,9 +102,11 @@ def _time(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=10, help="timed runs per command (>= 1)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error(f"--runs must be at least 1, got {args.runs}")
     with tempfile.TemporaryDirectory(prefix="oprd-cli-bench-") as tmp:
         root = Path(tmp)
         scratch = _scratch_registry(root)
