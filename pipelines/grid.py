@@ -11,8 +11,11 @@ distill -> evaluate, no gate), the same step budget and batch shape for every ce
     methods:
       oprd: {lrs: [3.0e-4, 1.0e-3, 3.0e-3], best_lr: 1.0e-3}
 
-``best_lr`` is the rate the extra seeds run at; it is fixed before the grid runs (from earlier measurements), and
-:func:`collect` reports whether the sweep's seed-0 validation score agrees with it. Queue order is the order of
+``best_lr`` is the rate the extra seeds run at, and :func:`collect` reports whether the sweep's seed-0 validation
+score agrees with it. Changing it (say, to the rate the sweep selected) adds only the cells the grid lacks: the
+cells a previous :func:`collect` recorded in ``results.json`` (``recorded``) count as done when they ran under the
+same shared overrides (``set``, ``target``, ``prefix``), so ``queue`` runs only the new seeds and ``collect`` merges
+them with the recorded ones (an experiment of the same name wins; every cell says where it came from). Queue order is the order of
 importance, so a grid stopped early holds the most useful cells: every method at its ``best_lr`` (seed 0), then the
 other seeds, then the rest of the sweep. Only the first cell evaluates the teacher and the student base (their
 numbers do not depend on the cell); every cell evaluates its best-on-validation student (``student``) and its
@@ -33,7 +36,7 @@ import math
 import statistics
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ __all__ = [
     "GridSpec",
     "cells",
     "collect",
+    "load_recorded",
     "load_spec",
     "queue",
     "read_experiments",
@@ -192,7 +196,7 @@ def _git_json(repo: Path, rev: str, path: str) -> Any | None:
 
 
 def read_experiments(repo: Path) -> dict[str, dict[str, Any]]:
-    """``{experiment name: {"state", "rev", "params", "metrics"}}`` of every experiment in ``repo``.
+    """``{experiment name: {"state", "rev", "baseline", "params", "metrics"}}`` of every experiment in ``repo``.
 
     Names, revisions and executor states come from ``dvc exp show --json`` (the experiments of the current
     HEAD: do not commit in the grid's repository while it runs); params and metrics are read from the
@@ -209,7 +213,14 @@ def read_experiments(repo: Path) -> dict[str, dict[str, Any]]:
                 continue
             rev = revs[0].get("rev")
             state = (exp.get("executor") or {}).get("state") or "success"
-            entry: dict[str, Any] = {"state": state, "rev": rev, "params": {}, "metrics": {}}
+            baseline = base.get("rev") if base.get("rev") != "workspace" else None
+            entry: dict[str, Any] = {
+                "state": state,
+                "rev": rev,
+                "baseline": baseline,
+                "params": {},
+                "metrics": {},
+            }
             if state == "success" and rev and rev != "workspace":
                 entry["params"] = _git_json(repo, rev, "params.yaml") or {}
                 entry["metrics"] = {f: m for f in METRIC_FILES if (m := _git_json(repo, rev, f)) is not None}
@@ -228,31 +239,115 @@ def queue_states(repo: Path) -> dict[str, str]:
     return states
 
 
-def queue(
-    spec: GridSpec, repo: Path, *, dry_run: bool = False, on_queued: Callable[[Cell], None] | None = None
-) -> list[tuple[Cell, str]]:
-    """Queue every cell that has no finished, running or queued experiment of its name yet.
+@dataclass(frozen=True)
+class Recorded:
+    """The cells of a previous :func:`collect` (its ``results.json``) that a grid may reuse instead of re-running."""
 
-    Returns ``[(cell, "queued" | "done" | "pending" | <command> when dry_run)]``. Finished cells are never re-run,
-    so ``queue`` after a stopped grid resumes it. ``on_queued(cell)`` runs after each cell is queued (the CLI
-    starts the queue workers after the first, so the grid runs while the rest is queued).
+    path: Path | None = None
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``{experiment name: results.json cell}`` (``name``, ``method``, ``lr``, ``seed``, ``distill``, ``eval``...)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The budget and protocols those cells ran under (``results.json`` ``settings``)."""
+
+
+RECORDED_MUST_MATCH = ("prefix", "set", "target")
+"""Spec fields a recorded cell must share with the grid: the same name and the same shared overrides mean the same
+experiment (the cell's own method, rate and seed are in its name and are checked against its record)."""
+
+
+def load_recorded(path: str | Path, spec: GridSpec) -> Recorded:
+    """The cells recorded in ``path`` (a previous ``results.json``) that belong to ``spec``'s grid.
+
+    A missing file records nothing. A file recorded under other shared overrides is a :class:`ConfigError` naming
+    the difference (re-run everything with ``--fresh``, or point ``--results`` elsewhere): mixing cells of two
+    budgets in one table would be silently wrong. Cells that are no longer in the grid (e.g. seeds of a former
+    ``best_lr``) are dropped.
     """
-    existing = read_experiments(repo)
-    in_queue = queue_states(repo)
+    p = Path(path)
+    if not p.is_file():
+        return Recorded()
+    try:
+        data = json.loads(p.read_text())
+        old = data["spec"]
+        recorded_cells = {c["name"]: c for c in data["cells"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{p}: not a grid results file ({exc.__class__.__name__}: {exc})") from None
+    now = spec.model_dump(mode="json")
+    diff = [
+        f"{k}: {old.get(k)!r} there, {now[k]!r} in the spec"
+        for k in RECORDED_MUST_MATCH
+        if old.get(k) != now[k]
+    ]
+    if diff:
+        raise ConfigError(
+            f"{p} was recorded under other shared settings ({'; '.join(diff)}); "
+            "pass --fresh to run every cell again, or --results to use other recorded cells"
+        )
+    wanted = {cell_name(spec, c): c for c in cells(spec)}
+    kept = {}
+    for name, rec in recorded_cells.items():
+        cell = wanted.get(name)
+        if cell is None:
+            continue
+        if (rec["method"], rec["seed"]) != (cell.method, cell.seed) or not math.isclose(rec["lr"], cell.lr):
+            raise ConfigError(
+                f"{p}: cell {name} records {(rec['method'], rec['lr'], rec['seed'])}, not its name's"
+            )
+        kept[name] = rec
+    return Recorded(p, kept, data.get("settings") or {})
+
+
+def plan(
+    spec: GridSpec,
+    existing: dict[str, dict[str, Any]],
+    in_queue: dict[str, str],
+    recorded: Recorded = Recorded(),
+) -> list[tuple[Cell, str]]:
+    """What each cell needs, in queue order: ``done`` (a finished experiment), ``recorded`` (a recorded cell and no
+    experiment), ``pending`` (queued or running), ``retry`` (a failed experiment of its name) or ``run``.
+
+    ``existing`` is :func:`read_experiments`'s answer, ``in_queue`` :func:`queue_states`'s.
+    """
     report = []
     for cell in cells(spec):
         name = cell_name(spec, cell)
         state = existing.get(name, {}).get("state")
         if in_queue.get(name) in ("queued", "running") or (state is None and name in in_queue):
             state = in_queue[name]
-        if state in ("success",) and existing[name]["metrics"]:
+        if state == "success" and existing.get(name, {}).get("metrics"):
             report.append((cell, "done"))
         elif state in ("queued", "running"):
             report.append((cell, "pending"))
+        elif name in recorded.cells:
+            report.append((cell, "recorded"))
+        else:
+            report.append((cell, "run" if state is None else "retry"))
+    return report
+
+
+def queue(
+    spec: GridSpec,
+    repo: Path,
+    *,
+    recorded: Recorded = Recorded(),
+    dry_run: bool = False,
+    on_queued: Callable[[Cell], None] | None = None,
+) -> list[tuple[Cell, str]]:
+    """Queue every cell that has no finished, running or queued experiment of its name and is not ``recorded``.
+
+    Returns ``[(cell, "queued" | "done" | "recorded" | "pending" | <command> when dry_run)]``. Finished cells are
+    never re-run, so ``queue`` after a stopped grid resumes it. ``on_queued(cell)`` runs after each cell is queued
+    (the CLI starts the queue workers after the first, so the grid runs while the rest is queued).
+    """
+    report = []
+    for cell, status in plan(spec, read_experiments(repo), queue_states(repo), recorded):
+        name = cell_name(spec, cell)
+        if status not in ("run", "retry"):
+            report.append((cell, status))
         elif dry_run:
             report.append((cell, " ".join(queue_command(spec, cell, repo))))
         else:
-            if state is not None:  # a failed run of the same name: drop it so the name can be reused
+            if status == "retry":  # a failed run of the same name: drop it so the name can be reused
                 with contextlib.suppress(RuntimeError):
                     _dvc(["exp", "remove", name], repo)
                 with contextlib.suppress(RuntimeError):
@@ -277,6 +372,12 @@ class CellResult:
     distill: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``{role: metrics}`` for ``student`` / ``student_final`` (and the reference roles when present)."""
+    source: str = "experiment"
+    """``experiment`` (read from the grid repository's DVC experiment) or ``recorded`` (a previous results.json)."""
+    rev: str | None = None
+    """The experiment's commit (DVC keeps it under ``refs/exps``)."""
+    baseline: str | None = None
+    """The commit the experiment ran on (its code and params before the cell's ``-S`` overrides)."""
 
 
 def _gap(acc: float, ref: dict[str, dict[str, Any]]) -> float | None:
@@ -306,32 +407,75 @@ def _row(cell: CellResult, role: str, ref: dict[str, dict[str, Any]]) -> dict[st
     }  # fmt: skip
 
 
-def collect(spec: GridSpec, repo: Path, out_dir: Path, peers: Sequence[Path] = ()) -> dict[str, Any]:
-    """Read the grid's experiments (and peer rows) and write ``results.{json,md,png}`` under ``out_dir``."""
-    exps = read_experiments(repo)
+def collect(
+    spec: GridSpec,
+    repo: Path,
+    out_dir: Path,
+    peers: Sequence[Path] = (),
+    recorded: Recorded = Recorded(),
+) -> dict[str, Any]:
+    """Read the grid's experiments (and peer rows), merge the ``recorded`` cells they lack, and write
+    ``results.{json,md,png}`` under ``out_dir``."""
+    peer_data = [json.loads(Path(p).read_text()) for p in peers]
+    out = build_results(spec, read_experiments(repo), recorded=recorded, peers=peer_data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    (out_dir / "results.md").write_text(render_markdown(out))
+    plot(out, out_dir / "results.png")
+    return out
+
+
+def _experiment_cell(spec: GridSpec, cell: Cell, exp: dict[str, Any]) -> CellResult | None:
+    """The finished experiment of ``cell`` as a result (``None`` when it has no student evaluation)."""
+    name = cell_name(spec, cell)
+    ev = (exp.get("metrics", {}).get("metrics/eval.json") or {}).get(SUITE, {})
+    if not ev.get("student"):
+        return None
+    params = exp["params"]
+    got = (params["distill"]["method"], float(params["optim"]["lr"]), int(params["distill"]["seed"]))
+    if got[0] != cell.method or not math.isclose(got[1], cell.lr) or got[2] != cell.seed:
+        raise ValueError(f"experiment {name} ran {got}, not the cell's {(cell.method, cell.lr, cell.seed)}")
+    return CellResult(name, cell.method, cell.lr, cell.seed, exp["state"],
+                      exp["metrics"].get("metrics/distill.json") or {},
+                      {r: ev[r] for r in (*STUDENT_ROLES, *REFERENCE_ROLES) if r in ev},
+                      source="experiment", rev=exp.get("rev"), baseline=exp.get("baseline"))  # fmt: skip
+
+
+def _recorded_cell(rec: dict[str, Any]) -> CellResult:
+    known = {f.name for f in fields(CellResult)}
+    return CellResult(**{**{k: v for k, v in rec.items() if k in known}, "source": "recorded"})
+
+
+def build_results(
+    spec: GridSpec,
+    exps: dict[str, dict[str, Any]],
+    *,
+    recorded: Recorded = Recorded(),
+    peers: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The results document (what ``results.json`` holds) from :func:`read_experiments`'s ``exps``, the
+    ``recorded`` cells (used where no experiment finished; an experiment of the same name wins) and peer rows.
+
+    Raises ``ValueError`` when an experiment ran other parameters than its name says, or when the experiments and
+    the recorded cells ran under different budgets or protocols (``settings``).
+    """
     results: list[CellResult] = []
     missing: list[str] = []
     ref: dict[str, dict[str, Any]] = {}
     for cell in cells(spec):
         name = cell_name(spec, cell)
         exp = exps.get(name)
-        ev = ((exp or {}).get("metrics", {}).get("metrics/eval.json") or {}).get(SUITE, {})
-        if exp is None or not ev.get("student"):
+        result = _experiment_cell(spec, cell, exp) if exp is not None else None
+        if result is None and name in recorded.cells:
+            result = _recorded_cell(recorded.cells[name])
+        if result is None:
             missing.append(name + ("" if exp is None else f" ({exp['state']})"))
             continue
-        params = exp["params"]
-        got = (params["distill"]["method"], float(params["optim"]["lr"]), int(params["distill"]["seed"]))
-        if got[0] != cell.method or not math.isclose(got[1], cell.lr) or got[2] != cell.seed:
-            raise ValueError(
-                f"experiment {name} ran {got}, not the cell's {(cell.method, cell.lr, cell.seed)}"
-            )
         for role in REFERENCE_ROLES:
-            if role in ev:
-                ref.setdefault(role, ev[role])
-        results.append(CellResult(name, cell.method, cell.lr, cell.seed, exp["state"],
-                                  exp["metrics"].get("metrics/distill.json") or {},
-                                  {r: ev[r] for r in (*STUDENT_ROLES, *REFERENCE_ROLES) if r in ev}))  # fmt: skip
-    settings = _settings(exps, results)
+            if role in result.eval:
+                ref.setdefault(role, result.eval[role])
+        results.append(result)
+    settings = _settings(exps, results, recorded)
     methods: dict[str, Any] = {}
     sweep: list[dict[str, Any]] = []
     for method, sw in spec.methods.items():
@@ -361,11 +505,8 @@ def collect(spec: GridSpec, repo: Path, out_dir: Path, peers: Sequence[Path] = (
             str(r.seed): r.distill.get("step_seconds_median") for r in seeds_at_best
         }
         methods[method] = entry
-    peer_rows = {}
-    for p in peers:
-        data = json.loads(Path(p).read_text())
-        peer_rows[data["name"]] = {**data, "row": _peer_row(data, ref)}
-    out = {
+    peer_rows = {data["name"]: {**data, "row": _peer_row(data, ref)} for data in peers}
+    return {
         "spec": spec.model_dump(mode="json"),
         "settings": settings,
         "reference": {role: _ref_row(m) for role, m in ref.items()},
@@ -373,14 +514,10 @@ def collect(spec: GridSpec, repo: Path, out_dir: Path, peers: Sequence[Path] = (
         "sweep": sweep,
         "peers": peer_rows,
         "cells": [asdict(r) for r in results],
+        "sources": {src: sum(r.source == src for r in results) for src in ("experiment", "recorded")},
         "missing": missing,
         "complete": not missing,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    (out_dir / "results.md").write_text(render_markdown(out))
-    plot(out, out_dir / "results.png")
-    return out
 
 
 def _ref_row(m: dict[str, Any]) -> dict[str, Any]:
@@ -394,18 +531,31 @@ def _peer_row(data: dict[str, Any], ref: dict[str, dict[str, Any]]) -> dict[str,
     return {**_ref_row(m), "gap_closed": _gap(m["avg_at_k"], ref)}
 
 
-def _settings(exps: dict[str, dict[str, Any]], results: list[CellResult]) -> dict[str, Any]:
-    """The shared budget and protocols, read from a finished cell's params (the same in every cell)."""
-    if not results:
-        return {}
-    p = exps[results[0].name]["params"]
+def _settings(
+    exps: dict[str, dict[str, Any]], results: list[CellResult], recorded: Recorded = Recorded()
+) -> dict[str, Any]:
+    """The shared budget and protocols (the same in every cell): read from a finished experiment's params, checked
+    against the recorded cells' when both are in the table, else the recorded cells' own."""
+    ran = [r for r in results if r.source == "experiment"]
+    mixed = any(r.source == "recorded" for r in results)
+    if not ran:
+        return dict(recorded.settings) if mixed else {}
+    p = exps[ran[0].name]["params"]
     d, e = p["distill"], p["evaluate"]
-    return {
+    now = {
         "steps": d["steps"], "prompts_per_step": d["prompts_per_step"], "n_responses": d["n_responses"],
         "eval_every": d["eval_every"], "val": d.get("val"), "rollout_temperature": p["rollout"]["temperature"],
         "max_new_tokens": p["rollout"]["max_new_tokens"], "eval_k": e["k"], "eval_temperature": e["temperature"],
         "eval_top_p": e["top_p"], "eval_seed": e["seed"],
     }  # fmt: skip
+    if mixed and recorded.settings:
+        diff = {k: (recorded.settings.get(k), v) for k, v in now.items() if recorded.settings.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"the experiments ran under other settings than the recorded cells of {recorded.path} "
+                f"(recorded, now): {diff}; re-run every cell (--fresh) or align params.yaml"
+            )
+    return now
 
 
 # ----------------------------------------------------------------------------------------------------- render

@@ -204,3 +204,111 @@ def test_the_committed_spec_covers_every_method_with_three_rates_and_seeds():
     assert "evaluate.roles=[student,student_final]" in second
     assert first[-1] == "evaluate" and "distill.steps=300" in first
     assert any(a.startswith("checkpoint.dir=/") for a in first)  # outside DVC's temporary copies
+
+
+# ------------------------------------------------------------------- recorded cells (fast, no DVC: pure planning)
+def _metrics(acc: float) -> dict:
+    return {"avg_at_k": acc, "avg_at_k_ci95": [acc - 0.02, acc + 0.02], "pass_at_k": min(1.0, acc + 0.1),
+            "mean_length": 20.0, "p95_length": 30.0, "dist_4g": 0.5, "n_problems": 100, "k": 4}  # fmt: skip
+
+
+def _experiment(method: str, lr: float, seed: int, acc: float, *, reference: bool = False, steps: int = 300):
+    """What :func:`read_experiments` returns for one finished cell."""
+    ev = {"student": _metrics(acc), "student_final": _metrics(acc - 0.01)}
+    if reference:
+        ev |= {"teacher": _metrics(0.9), "student_base": _metrics(0.1)}
+    params = {
+        "distill": {"method": method, "seed": seed, "steps": steps, "prompts_per_step": 16, "n_responses": 4,
+                    "eval_every": 25, "val": {"protocol": "evaluate", "limit": None}},
+        "optim": {"lr": lr}, "rollout": {"temperature": 1.0, "max_new_tokens": 42},
+        "evaluate": {"k": 4, "temperature": 0.7, "top_p": 0.95, "seed": 1234},
+    }  # fmt: skip
+    distill = {"best_step": 300, "best_val_accuracy": acc, "final_val_accuracy": acc, "steps": steps}
+    return {"state": "success", "rev": f"rev-{method}-{lr:g}-{seed}", "baseline": "base0", "params": params,
+            "metrics": {"metrics/eval.json": {"embedded": ev}, "metrics/distill.json": distill}}  # fmt: skip
+
+
+def _spec(best_lr: float, **extra):
+    from pipelines.grid import GridSpec
+
+    return GridSpec.model_validate({"prefix": "g", "seeds": [0, 1], "set": ["distill.steps=300"], **extra,
+                                    "methods": {"oprd": {"lrs": [1e-3, 3e-3], "best_lr": best_lr}}})  # fmt: skip
+
+
+def _first_grid(tmp_path: Path) -> Path:
+    """A finished grid at best_lr 1e-3 (3 cells), collected into results.json as `oprd-ci grid collect` writes it."""
+    from pipelines.grid import build_results
+
+    exps = {
+        "g-oprd-lr1e-03-s0": _experiment("oprd", 1e-3, 0, 0.80, reference=True),
+        "g-oprd-lr1e-03-s1": _experiment("oprd", 1e-3, 1, 0.82),
+        "g-oprd-lr3e-03-s0": _experiment("oprd", 3e-3, 0, 0.86),
+    }
+    doc = build_results(_spec(1e-3), exps)
+    assert doc["complete"] and doc["sources"] == {"experiment": 3, "recorded": 0}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_a_new_best_lr_runs_only_the_new_seeds_and_merges_the_recorded_cells(tmp_path):
+    from pipelines.grid import build_results, load_recorded, plan
+
+    results = _first_grid(tmp_path)
+    spec = _spec(3e-3)  # the sweep's validation preferred 3e-3: the seeds move there
+    recorded = load_recorded(results, spec)
+    # the seed-1 cell of the former rate is not in the new grid; the two seed-0 cells are
+    assert set(recorded.cells) == {"g-oprd-lr3e-03-s0", "g-oprd-lr1e-03-s0"}
+    assert [(cell_name(spec, c), status) for c, status in plan(spec, {}, {}, recorded)] == [
+        ("g-oprd-lr3e-03-s0", "recorded"), ("g-oprd-lr3e-03-s1", "run"), ("g-oprd-lr1e-03-s0", "recorded"),
+    ]  # fmt: skip
+    # without the recorded cells every cell needs a run; a queued cell is pending; a failed one is retried
+    assert [s for _, s in plan(spec, {}, {})] == ["run"] * 3
+    failed = {"g-oprd-lr3e-03-s1": {"state": "failed", "metrics": {}}}
+    assert [s for _, s in plan(spec, failed, {"g-oprd-lr1e-03-s0": "queued"}, recorded)] == [
+        "recorded", "retry", "pending",
+    ]  # fmt: skip
+
+    new = {"g-oprd-lr3e-03-s1": _experiment("oprd", 3e-3, 1, 0.90)}
+    doc = build_results(spec, new, recorded=recorded)
+    assert doc["complete"] and doc["sources"] == {"experiment": 1, "recorded": 2}
+    by_name = {c["name"]: c for c in doc["cells"]}
+    assert by_name["g-oprd-lr3e-03-s1"]["source"] == "experiment"
+    assert by_name["g-oprd-lr3e-03-s1"]["rev"] == "rev-oprd-0.003-1"
+    assert by_name["g-oprd-lr3e-03-s0"]["source"] == "recorded"
+    entry = doc["methods"]["oprd"]
+    assert entry["lr"] == 3e-3 and entry["lr_selected_on_val"] == 3e-3
+    assert [entry["seeds"]["student"][s]["avg_at_k"] for s in ("0", "1")] == [0.86, 0.90]
+    assert math.isclose(entry["student"]["avg_at_k"]["mean"], 0.88)
+    # the reference (teacher, student base) comes from the recorded cell that evaluated them
+    assert doc["reference"]["teacher"]["avg_at_k"] == 0.9
+    assert math.isclose(entry["seeds"]["student"]["1"]["gap_closed"], (0.90 - 0.1) / (0.9 - 0.1))
+    assert doc["settings"]["steps"] == 300
+
+    # an experiment of a recorded cell's name wins over the record
+    rerun = {**new, "g-oprd-lr3e-03-s0": _experiment("oprd", 3e-3, 0, 0.70)}
+    doc = build_results(spec, rerun, recorded=recorded)
+    assert doc["sources"] == {"experiment": 2, "recorded": 1}
+    assert doc["methods"]["oprd"]["seeds"]["student"]["0"]["avg_at_k"] == 0.70
+    # and the merged document is itself a valid record for the next change
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(doc))
+    assert set(load_recorded(again, spec).cells) == set(by_name)
+
+
+def test_recorded_cells_of_another_budget_are_refused(tmp_path):
+    from pipelines.grid import Recorded, build_results, load_recorded
+    from trainer.config import ConfigError
+
+    results = _first_grid(tmp_path)
+    with pytest.raises(ConfigError, match=r"other shared settings \(set: .*--fresh"):
+        load_recorded(results, _spec(3e-3, set=["distill.steps=600"]))
+    assert load_recorded(tmp_path / "absent.json", _spec(3e-3)) == Recorded()
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a grid results file"):
+        load_recorded(tmp_path / "junk.json", _spec(3e-3))
+    # params.yaml changed under the same -S set: the new experiments' settings disagree with the record
+    recorded = load_recorded(results, _spec(3e-3))
+    other = {"g-oprd-lr3e-03-s1": _experiment("oprd", 3e-3, 1, 0.9, steps=200)}
+    with pytest.raises(ValueError, match=r"other settings than the recorded cells.*'steps': \(300, 200\)"):
+        build_results(_spec(3e-3), other, recorded=recorded)
