@@ -138,7 +138,7 @@ class RegistryCall:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
-            message = detail if isinstance(detail, str) else json.dumps(detail)
+            message = _detail_text(detail)
             if r.status_code == 404:
                 message += self._not_found_hint(path)
             code = {
@@ -180,6 +180,22 @@ class RegistryCall:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         r = self._client.request("GET", path, headers=headers)
         return r.json() if r.status_code == 200 else None
+
+
+def _detail_text(detail: Any) -> str:
+    """The API's ``detail`` as one line: FastAPI's request-validation list (``[{"loc", "msg", "input"}]``) becomes
+    ``name 'bad name!': String should match pattern ...``; anything else unknown is shown as JSON."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list) and all(isinstance(d, dict) and "msg" in d for d in detail):
+        parts = []
+        for d in detail:
+            loc = [str(x) for x in d.get("loc", []) if x not in ("body", "path", "query")]
+            where = ".".join(loc)
+            shown = f" {d['input']!r}" if "input" in d and not isinstance(d["input"], (dict, list)) else ""
+            parts.append(f"{where}{shown}: {d['msg']}" if where else d["msg"])
+        return "; ".join(parts)
+    return json.dumps(detail)
 
 
 def _fail(code: int, message: str) -> None:

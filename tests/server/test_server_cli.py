@@ -115,6 +115,12 @@ def test_cli_exit_codes_against_live_server(cli, tmp_path, make_artifact):
         r = _run(cli, ["promote", "student", "1", "--reason", "x", "--token", CI, *base])
         assert r.exit_code == EXIT_USAGE and "reason" in r.output  # 422: reason too short
         assert CI not in r.output
+        # a 422 reads as one line naming the field and the value, not FastAPI's JSON list
+        r = _run(cli, ["status", "bad name!", "--token", READ, *base])
+        assert r.exit_code == EXIT_USAGE
+        assert r.output.strip().splitlines() == [
+            "error: name 'bad name!': String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'"
+        ]
     finally:
         srv.stop()
     r = _run(cli, ["status", "student", "--url", srv.url, "--token", READ])
