@@ -578,6 +578,24 @@ def _seeds(entry: dict[str, Any], role: str) -> str:
     )
 
 
+def _provenance(cells_: list[dict[str, Any]]) -> str:
+    """Where the table's cells come from: this collect's experiments (with their baseline commits) and the cells
+    recorded by an earlier one."""
+    ran = [c for c in cells_ if c.get("source", "experiment") == "experiment"]
+    rec = [c for c in cells_ if c.get("source") == "recorded"]
+    parts = []
+    if ran:
+        bases = sorted({(c.get("baseline") or "?")[:7] for c in ran})
+        parts.append(
+            f"{len(ran)} run as DVC experiments of this collect (baseline commit {', '.join(bases)})"
+        )
+    if rec:
+        parts.append(
+            f"{len(rec)} recorded by an earlier collect (`results.json` `cells`, `source: recorded`)"
+        )
+    return "Cells: " + "; ".join(parts) + "."
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines = []
@@ -594,6 +612,7 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"Avg@{s['eval_k']} at T={s['eval_temperature']}, top-p {s['eval_top_p']}, 95% bootstrap CI over problems.",
             "",
         ]
+    lines += [_provenance(res["cells"]), ""] if res["cells"] else []
     lines += [
         "| model | lr | seeds | best-on-val Avg@k % (mean ± sd) | per seed | final-step Avg@k % (mean ± sd) | per seed "
         "| gap closed best / final % | length (final) | Dist-4g (final) |",

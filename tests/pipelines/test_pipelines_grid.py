@@ -252,7 +252,7 @@ def _first_grid(tmp_path: Path) -> Path:
 
 
 def test_a_new_best_lr_runs_only_the_new_seeds_and_merges_the_recorded_cells(tmp_path):
-    from pipelines.grid import build_results, load_recorded, plan
+    from pipelines.grid import build_results, load_recorded, plan, render_markdown
 
     results = _first_grid(tmp_path)
     spec = _spec(3e-3)  # the sweep's validation preferred 3e-3: the seeds move there
@@ -284,6 +284,9 @@ def test_a_new_best_lr_runs_only_the_new_seeds_and_merges_the_recorded_cells(tmp
     assert doc["reference"]["teacher"]["avg_at_k"] == 0.9
     assert math.isclose(entry["seeds"]["student"]["1"]["gap_closed"], (0.90 - 0.1) / (0.9 - 0.1))
     assert doc["settings"]["steps"] == 300
+    assert "Cells: 1 run as DVC experiments of this collect (baseline commit base0); 2 recorded" in (
+        render_markdown(doc)
+    )
 
     # an experiment of a recorded cell's name wins over the record
     rerun = {**new, "g-oprd-lr3e-03-s0": _experiment("oprd", 3e-3, 0, 0.70)}
