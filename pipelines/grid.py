@@ -505,7 +505,14 @@ def build_results(
             str(r.seed): r.distill.get("step_seconds_median") for r in seeds_at_best
         }
         methods[method] = entry
-    peer_rows = {data["name"]: {**data, "row": _peer_row(data, ref)} for data in peers}
+    names = [data["name"] for data in peers]  # one peer at several rates: its rows are named by their rate
+    peer_rows = {
+        (d["name"] if names.count(d["name"]) == 1 else f"{d['name']}, lr {d['lr']:g}"): {
+            **d,
+            "row": _peer_row(d, ref),
+        }
+        for d in peers
+    }
     return {
         "spec": spec.model_dump(mode="json"),
         "settings": settings,

@@ -315,3 +315,22 @@ def test_recorded_cells_of_another_budget_are_refused(tmp_path):
     other = {"g-oprd-lr3e-03-s1": _experiment("oprd", 3e-3, 1, 0.9, steps=200)}
     with pytest.raises(ValueError, match=r"other settings than the recorded cells.*'steps': \(300, 200\)"):
         build_results(_spec(3e-3), other, recorded=recorded)
+
+
+def test_peer_rows_at_several_rates_are_named_by_their_rate(tmp_path):
+    from pipelines.grid import build_results, load_recorded, render_markdown
+
+    spec = _spec(1e-3)
+    recorded = load_recorded(_first_grid(tmp_path), spec)
+    peer = {"name": "TRL DistillationTrainer (beta=1)", "seed": 0, "eval": _metrics(0.5)}
+    doc = build_results(spec, {}, recorded=recorded, peers=[{**peer, "lr": 1e-4}, {**peer, "lr": 3e-4}])
+    assert list(doc["peers"]) == [
+        "TRL DistillationTrainer (beta=1), lr 0.0001", "TRL DistillationTrainer (beta=1), lr 0.0003",
+    ]  # fmt: skip
+    assert math.isclose(doc["peers"]["TRL DistillationTrainer (beta=1), lr 0.0003"]["row"]["gap_closed"], 0.5)
+    md = render_markdown(doc)
+    assert "| TRL DistillationTrainer (beta=1), lr 0.0003 | 0.0003 | 1 |" in md
+    # a single peer keeps its own name
+    assert list(build_results(spec, {}, recorded=recorded, peers=[{**peer, "lr": 1e-4}])["peers"]) == [
+        peer["name"]
+    ]
