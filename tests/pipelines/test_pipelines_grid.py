@@ -334,3 +334,43 @@ def test_peer_rows_at_several_rates_are_named_by_their_rate(tmp_path):
     assert list(build_results(spec, {}, recorded=recorded, peers=[{**peer, "lr": 1e-4}])["peers"]) == [
         peer["name"]
     ]
+
+
+@pytest.mark.timeout(900)
+def test_trl_peer_script_trains_exports_and_scores_a_peer_row(tmp_path):
+    """scripts/trl_peer.py on the committed pair at a micro budget: TRL trains the student (its weights move), the
+    export passes the manifest check and loads with stock transformers, and the row has what `collect` reads."""
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.export import verify_manifest
+
+    out, student = tmp_path / "peer.json", tmp_path / "trl-student"
+    sets = ["distill.steps=2", "distill.prompts_per_step=2", "distill.n_responses=2", "evaluate.k=1",
+            "evaluate.suites=[{name: embedded, limit: 8}]"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "scripts/trl_peer.py",
+        "--lr",
+        "1e-3",
+        "--student-dir",
+        str(student),
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(
+        [*cmd, *(a for s in sets for a in ("--set", s))], cwd=REPO, capture_output=True, text=True, timeout=800,
+        env={**_env(), "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["steps"] == 2 and row["lr"] == 1e-3 and row["batch"]["n_responses"] == 2
+    assert row["eval"]["n_problems"] == 8 and row["eval"]["k"] == 1 and 0 <= row["eval"]["avg_at_k"] <= 1
+    verify_manifest(student)
+    base_dir = REPO / yaml.safe_load((REPO / "params.yaml").read_text())["models"]["student"]["path"]
+    trained = AutoModelForCausalLM.from_pretrained(student).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    assert set(trained) == set(base)
+    assert any(not torch.equal(trained[k], base[k]) for k in base), "TRL did not update the student"
