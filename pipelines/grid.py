@@ -35,6 +35,7 @@ import json
 import math
 import statistics
 import subprocess
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -694,8 +695,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
             ax.scatter([x] * len(st["values"]), [100 * v for v in st["values"]], color="k", s=8, zorder=3)
     for k, (name, p) in enumerate(res["peers"].items()):
         ax.scatter([len(names) + k], [100 * p["row"]["avg_at_k"]], marker="D", color="C3", label=name)
-    labels = names + list(res["peers"])
-    ax.set_xticks(range(len(labels)), labels, rotation=20)
+    labels = names + [textwrap.fill(p, 18) for p in res["peers"]]  # peer names are sentences
+    ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
     for role, style in (("teacher", "--"), ("student_base", ":")):
         if role in res["reference"]:
             ax.axhline(100 * res["reference"][role]["avg_at_k"], ls=style, color="gray", label=role)
