@@ -1,6 +1,6 @@
 """The peer row of the methods comparison: TRL's ``DistillationTrainer`` on oprd-ci's pair, prompts and budget.
 
-    PYTHONPATH=. python scripts/trl_peer.py --params params.yaml --lr 3e-4 --out benchmarks/methods/peer_trl_lr3e-4.json
+    PYTHONPATH=. python scripts/trl_peer.py --params params.yaml   # lr: full_kl's best_lr in the grid spec
 
 What is held equal to the grid's cells (``benchmarks/methods/grid.yaml``):
 
@@ -17,8 +17,9 @@ What is held equal to the grid's cells (``benchmarks/methods/grid.yaml``):
 TRL's objective: the generalized JSD over the full vocabulary on the student's own samples, back-propagated
 directly (no policy gradient). ``--beta 1.0`` (TRL's default, documented as "the reverse KL divergence") is the
 on-policy reverse-KL setting, i.e. the same divergence as oprd-ci's ``full_kl`` baseline; the learning rate
-defaults to 3e-4, that baseline's ``best_lr`` in the grid spec (the README also reports 1e-4, the rate the first
-grid ran its seeds at). TRL has no validation-based checkpoint selection here: the exported
+defaults to that baseline's ``best_lr`` in the grid spec (``--spec``), and the row is written to
+``peer_trl_lr<rate>.json`` next to it, so a run at another rate never overwrites a recorded row (the README also
+reports 1e-4, the rate the first grid ran its seeds at: ``peer_trl.json``). TRL has no validation-based checkpoint selection here: the exported
 student is the last step's, scored by the project's evaluate code (``pipelines.evaluation.evaluate_model``) with
 ``params.evaluate`` (same k, temperature, top-p, seed and problems as the evaluate stage).
 
@@ -57,14 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument(
-        "--lr", type=float, default=3e-4, help="AdamW lr (default: full_kl's best_lr in the grid)"
-    )
+    ap.add_argument("--spec", type=Path, default=Path("benchmarks/methods/grid.yaml"), help="the grid spec")
+    ap.add_argument("--lr", type=float, default=None, help="AdamW lr (default: full_kl's best_lr in --spec)")
     ap.add_argument("--beta", type=float, default=1.0, help="TRL generalized-JSD beta (1.0 = reverse KL)")
     ap.add_argument("--student-dir", type=Path, default=Path("artifacts/peer/trl-student"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/methods/peer_trl.json"))
+    ap.add_argument("--out", type=Path, default=None, help="default: peer_trl_lr<lr>.json next to --spec")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.lr is None:
+        from pipelines.grid import load_spec
+        from trainer.config import ConfigError
+
+        try:
+            args.lr = load_spec(args.spec).methods["full_kl"].best_lr
+        except (ConfigError, KeyError) as exc:
+            print(f"error: no --lr and no full_kl best_lr in {args.spec}: {exc}", file=sys.stderr)
+            return 2
+    if args.out is None:  # 3e-4 -> peer_trl_lr3e-4.json (the committed rows' names)
+        args.out = args.spec.parent / f"peer_trl_lr{args.lr:.0e}.json".replace("e-0", "e-")
 
     import transformers
     import trl

@@ -374,3 +374,16 @@ def test_trl_peer_script_trains_exports_and_scores_a_peer_row(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
     assert set(trained) == set(base)
     assert any(not torch.equal(trained[k], base[k]) for k in base), "TRL did not update the student"
+
+
+def test_trl_peer_without_a_rate_or_a_spec_is_one_error_line(tmp_path):
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "scripts/trl_peer.py", "--spec", str(tmp_path / "absent.yaml")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**_env(), "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == 2 and not (tmp_path / "peer_trl_lr3e-4.json").exists()
+    assert (
+        run.stderr.strip().splitlines()[-1].startswith(f"error: no --lr and no full_kl best_lr in {tmp_path}")
+    )
