@@ -1,4 +1,4 @@
-"""Start-up time of the daily CLI commands (README "CLI start-up"), measured side by side in one run.
+"""Start-up time of the daily CLI commands (docs/registry.md "CLI start-up"), measured side by side in one run.
 
     python benchmarks/cli_startup.py --runs 10 --out benchmarks/cli-startup.json
 

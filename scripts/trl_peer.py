@@ -18,7 +18,7 @@ TRL's objective: the generalized JSD over the full vocabulary on the student's o
 directly (no policy gradient). ``--beta 1.0`` (TRL's default, documented as "the reverse KL divergence") is the
 on-policy reverse-KL setting, i.e. the same divergence as oprd-ci's ``full_kl`` baseline; the learning rate
 defaults to that baseline's ``best_lr`` in the grid spec (``--spec``), and the row is written to
-``peer_trl_lr<rate>.json`` next to it, so a run at another rate never overwrites a recorded row (the README also
+``peer_trl_lr<rate>.json`` next to it, so a run at another rate never overwrites a recorded row (docs/results.md also
 reports 1e-4, the rate the first grid ran its seeds at: ``peer_trl.json``). TRL has no validation-based checkpoint selection here: the exported
 student is the last step's, scored by the project's evaluate code (``pipelines.evaluation.evaluate_model``) with
 ``params.evaluate`` (same k, temperature, top-p, seed and problems as the evaluate stage).

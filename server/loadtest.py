@@ -1,7 +1,7 @@
 """Concurrent promote/rollback/gate load against a live registry, with the reliability checks and latencies.
 
 Used by ``tests/server/test_server_concurrency.py`` (which asserts the checks) and runnable by hand to
-produce the README latency table::
+produce the latency table of docs/registry.md::
 
     python -m server.loadtest --database-url sqlite:///$PWD/tmp/load.db
     python -m server.loadtest --database-url postgresql+psycopg://postgres@127.0.0.1:5432/oprd_load
@@ -265,7 +265,7 @@ def format_table(rows: list[tuple[str, Report]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:  # pragma: no cover - exercised by hand for the README numbers
+def main() -> None:  # pragma: no cover - exercised by hand for the docs/registry.md numbers
     import os
     import subprocess
     import sys

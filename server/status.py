@@ -4,7 +4,7 @@
 It depends on SQLAlchemy and the registry's own modules only, not on the web framework, so the CLI's in-process
 ``status`` (the command people run every day) answers without importing FastAPI or building the app: with
 :func:`server.mlflow_aliases.read_aliases` and :func:`server.migrate.upgrade`'s one-query check it starts in about
-a second on a small machine instead of three (README "CLI start-up").
+a second on a small machine instead of three (docs/registry.md "CLI start-up").
 """
 
 from __future__ import annotations

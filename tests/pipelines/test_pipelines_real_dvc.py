@@ -1,4 +1,4 @@
-"""The README's "Scaling out" path end to end on CPU: `dvc repro` with `models.embedded: false` on real checkpoints.
+"""The "Scaling out" path of docs/scaling.md end to end on CPU: `dvc repro` with `models.embedded: false` on real checkpoints.
 
 A scratch copy of the project (with its committed bootstrap outputs, as a fresh clone has them) gets a real Qwen2
 pair built by ``python -m pipelines.make_pair`` from the shipped DAPO-Math-17k parquet, params that point every
@@ -36,7 +36,7 @@ LIMIT = 8
 
 
 def scale_out_params(engine: str) -> dict:
-    """The README's scale-out overrides, shrunk to seconds on CPU (few steps, short responses)."""
+    """The scale-out overrides of docs/scaling.md, shrunk to seconds on CPU (few steps, short responses)."""
     return {
         "models": {"embedded": False, "teacher": {"path": f"{PAIR}/teacher"}, "student": {"path": f"{PAIR}/student"}},
         "task": {"prompts_file": "data/dapo-math-17k.parquet"},
@@ -52,7 +52,7 @@ def scale_out_params(engine: str) -> dict:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> Path:
-    """The pair, built once by the module's CLI exactly as the README says (into a scratch dir)."""
+    """The pair, built once by the module's CLI exactly as docs/scaling.md says (into a scratch dir)."""
     out = tmp_path_factory.mktemp("pair") / "dapo-pair"
     _run([sys.executable, "-m", "pipelines.make_pair", "--prompts", str(REPO / "data/dapo-math-17k.parquet"),
           "--out", str(out)], REPO)  # fmt: skip
@@ -164,9 +164,9 @@ def test_dvc_repro_on_a_real_pair_runs_through_gate(pair, tmp_path, engine):
     assert [int(v.version) for v in versions] == [1]
 
 
-def test_readme_scale_out_blocks_validate_and_the_cpu_block_is_what_the_test_runs(tmp_path):
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Scaling out") :]
+def test_docs_scale_out_blocks_validate_and_the_cpu_block_is_what_the_test_runs(tmp_path):
+    page = (REPO / "docs/scaling.md").read_text()
+    section = page[page.index("## Scaling out") :]
     section = section[: section.index("\n## ", 3)] if "\n## " in section[3:] else section
     blocks = [b.split("```", 1)[0] for b in section.split("```yaml\n")[1:]]
     assert len(blocks) == 2
