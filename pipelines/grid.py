@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import statistics
 import subprocess
 import textwrap
@@ -92,6 +93,11 @@ class GridSpec(BaseModel):
     """``-S KEY=VALUE`` overrides shared by every cell (DVC/Hydra syntax)."""
     target: str = "evaluate"
     """The DVC stage each experiment reproduces (with its upstream stages)."""
+    profile: str | None = None
+    """A params profile (a partial params tree, e.g. ``profiles/toolcall.yaml``) applied to every cell as ``-S``
+    overrides before ``set``: the grid of another task or pair without editing ``params.yaml``."""
+    suite: str = SUITE
+    """The eval suite whose Avg@k the table reports (``metrics/eval.json`` key)."""
     methods: dict[Method, MethodSweep] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -102,12 +108,59 @@ class GridSpec(BaseModel):
         if bad:
             raise ValueError(f"set entries must be KEY=VALUE, got {bad}")
         owned = [s for s in self.set if s.split("=", 1)[0].strip() in _CELL_KEYS]
+        if self.profile is not None:
+            owned += [
+                s for s in profile_overrides(self.profile) if s.split("=", 1)[0].lstrip("+") in _CELL_KEYS
+            ]
         if owned:
             raise ValueError(f"set must not override what the grid varies ({', '.join(_CELL_KEYS)}): {owned}")
         return self
 
 
 _CELL_KEYS = ("distill.method", "optim.lr", "distill.seed", "evaluate.roles")
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+_RESERVED = {"true", "false", "null", "none", "nan", "inf"}
+
+
+def _hydra_value(v: Any) -> str:
+    """``v`` in DVC's ``-S`` (Hydra override) grammar: lists and dicts in flow form, odd strings single-quoted."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_hydra_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_hydra_value(x)}" for k, x in v.items()) + "}"
+    s = str(v)
+    if _PLAIN.fullmatch(s) and s.lower() not in _RESERVED:
+        return s
+    return "'" + s.replace("'", "\\'") + "'"  # Hydra keeps other backslashes as written (checked, dvc 3.67.1)
+
+
+def profile_overrides(path: str | Path) -> list[str]:
+    """A params profile as ``++KEY=VALUE`` overrides, one per leaf (a list is one value, replaced whole)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"profile {p} does not exist")
+    tree = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"profile {p} must be a mapping of params keys")
+    out: list[str] = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out.append(
+                    f"++{prefix}{k}={_hydra_value(v)}"
+                )  # ++: set whether or not params.yaml has the key
+
+    walk(tree, "")
+    return out
 
 
 @dataclass(frozen=True)
@@ -169,6 +222,7 @@ def queue_command(spec: GridSpec, cell: Cell, repo: Path = Path(".")) -> list[st
         f"optim.lr={cell.lr!r}",
         f"distill.seed={cell.seed}",
         f"evaluate.roles={roles}",
+        *(profile_overrides(spec.profile) if spec.profile else ()),
         *spec.set,
     ]
     if not any(s.split("=", 1)[0].strip() == "checkpoint.dir" for s in spec.set):
@@ -429,7 +483,7 @@ def collect(
 def _experiment_cell(spec: GridSpec, cell: Cell, exp: dict[str, Any]) -> CellResult | None:
     """The finished experiment of ``cell`` as a result (``None`` when it has no student evaluation)."""
     name = cell_name(spec, cell)
-    ev = (exp.get("metrics", {}).get("metrics/eval.json") or {}).get(SUITE, {})
+    ev = (exp.get("metrics", {}).get("metrics/eval.json") or {}).get(spec.suite, {})
     if not ev.get("student"):
         return None
     params = exp["params"]

@@ -387,3 +387,40 @@ def test_trl_peer_without_a_rate_or_a_spec_is_one_error_line(tmp_path):
     assert (
         run.stderr.strip().splitlines()[-1].startswith(f"error: no --lr and no full_kl best_lr in {tmp_path}")
     )
+
+
+def test_profile_overrides_reproduce_the_profile_through_dvcs_own_override_parser(tmp_path: Path) -> None:
+    """A spec's ``profile`` reaches each cell as ``-S`` overrides that DVC's Hydra parser turns back into the
+    profile's values exactly (lists of dicts, nulls, strings with quotes and backslashes), after the cell keys and
+    before ``set`` (so ``set`` wins)."""
+    from dvc.utils.hydra import apply_overrides
+
+    from pipelines.grid import GridSpec, profile_overrides, queue_command
+
+    profile = {
+        "task": {"name": "toolcall", "prompts_file": "artifacts/toolcall/task/train.jsonl"},
+        "evaluate": {
+            "suites": [{"name": "embedded", "path": None, "grader": "tool_call", "limit": 200}],
+            "prompt_suffix": " Answer it's \\boxed{} ",
+            "k": 4,
+        },
+        "rollout": {"temperature": 1.0, "allow_unaligned": False},
+    }
+    (tmp_path / "toolcall.yaml").write_text(yaml.safe_dump(profile))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"task": {"name": "arithmetic", "seed": 0}, "evaluate": {"k": 2}}))
+    apply_overrides(params, profile_overrides(tmp_path / "toolcall.yaml"))
+    got = yaml.safe_load(params.read_text())
+    assert got["evaluate"] == profile["evaluate"]
+    assert got["rollout"] == profile["rollout"]
+    assert got["task"] == {"seed": 0, **profile["task"]}
+
+    spec = GridSpec.model_validate(
+        {"profile": str(tmp_path / "toolcall.yaml"), "set": ["evaluate.k=8"], "methods": SPEC["methods"]}
+    )
+    cmd = queue_command(spec, cells(spec)[0])
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-S"]
+    assert sets.index("++task.name=toolcall") < sets.index("evaluate.k=8") and "++evaluate.k=4" in sets
+    with pytest.raises(ValueError, match="must not override what the grid varies"):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"optim": {"lr": 0.1}}))
+        GridSpec.model_validate({"profile": str(tmp_path / "bad.yaml"), "methods": SPEC["methods"]})
