@@ -10,7 +10,8 @@ output, and DVC runs this stage first: when it fails, no other stage has started
 Checks (all problems are collected and reported together, one line each, exit 2):
 
 * ``params.yaml`` validates (typed config, unknown keys are errors);
-* ``task.prompts_file`` holds at least one well-formed prompt (``trainer.data.load_prompts``);
+* ``task.prompts_file`` holds at least one well-formed prompt (``trainer.data.load_prompts``), and the rows that
+  carry a ``grader``/``reference`` pass that grader's checks (``pipelines.suites.check_prompt_references``);
 * the teacher, student base and tokenizer directories exist and hold a Hugging Face config and weights;
 * every evaluation suite names a registered grader (did-you-mean on a typo), and its file loads with every row's
   grader known and every reference accepted by that grader's ``check_reference`` (``pipelines.suites.load_suite``);
@@ -77,10 +78,12 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
 
     prompts = Path(params.task.prompts_file)
     if prompts.exists() or not _generated_by_bootstrap(params, prompts):
+        from pipelines.suites import check_prompt_references
         from trainer.data import load_prompts  # imports torch: only when there is a file to read
 
         try:
             n = len(load_prompts(prompts))
+            check_prompt_references(prompts)
         except (OSError, ValueError) as exc:
             problems.append(f"task.prompts_file: {exc}")
         else:

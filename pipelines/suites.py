@@ -59,6 +59,7 @@ __all__ = [
     "EvalProblem",
     "LoadedSuite",
     "SuiteFormatError",
+    "check_prompt_references",
     "file_digest",
     "load_problems",
     "load_suite",
@@ -283,6 +284,34 @@ def load_problems(
             )
         seen[p.problem_id] = i
     return problems
+
+
+def check_prompt_references(path: str | Path) -> int:
+    """Check the ``grader``/``reference`` of the rows of a training prompt file that carry them (the others are
+    plain prompts); returns how many were checked. Training ignores them; they are what a failure bank's training
+    share carries, so a bad one is reported by ``precheck`` like a suite's.
+
+    Raises:
+        SuiteFormatError: a row's grader is unknown or its reference is rejected (names the file and the row).
+    """
+    path = Path(path)
+    checked = 0
+    for rownum, row in enumerate(_read_rows(path), start=1):
+        if not isinstance(row, dict) or ("reference" not in row and "grader" not in row):
+            continue
+        where = f"{path}: row {rownum}"
+        grader = row.get("grader", DEFAULT_GRADER)
+        if not isinstance(grader, str) or not grader.strip():
+            raise SuiteFormatError(f"{where}: field 'grader' must be a grader name, got {grader!r:.60}")
+        a_col, a_val = _first(row, ANSWER_COLUMNS)
+        if a_col is None:
+            raise SuiteFormatError(f"{where}: names grader {grader!r} but has no reference field")
+        try:
+            _reference(where, grader.strip(), a_col, a_val)
+        except UnknownGrader as exc:
+            raise SuiteFormatError(f"{where}: {exc}") from None
+        checked += 1
+    return checked
 
 
 def file_digest(path: str | Path) -> str:

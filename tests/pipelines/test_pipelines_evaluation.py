@@ -214,11 +214,13 @@ def test_a_suite_of_another_task_runs_through_evaluate_model(
     ]
     path = tmp_path / "tools.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # The default evaluate.prompt_suffix (~75 characters) is for math rows of file suites: given to these rows it
-    # would overflow the tiny models' 64 positions, so this also checks that other graders' rows get none.
+    # evaluate.prompt_suffix is for math rows of file suites. This one (60 in-vocabulary tokens) would overflow the
+    # tiny models' 64 positions if it were given to the rows of another grader: evaluating at all checks it is not.
     tools = EvalSuite(name="tools", path=str(path), grader=prefix_grader, limit=3)
     mixed = EvalSuite(name="mixed", path=str(path), grader=prefix_grader, prompt_suffix="")
-    cfg = EvaluateConfig(k=4, max_new_tokens=6, batch_size=3, temperature=1.0, top_p=1.0, seed=3)
+    cfg = EvaluateConfig(
+        k=4, max_new_tokens=6, batch_size=3, temperature=1.0, top_p=1.0, seed=3, prompt_suffix=" " + "0" * 59
+    )
     summary, results = evaluate_model(tiny_pair["teacher"], [tools, mixed], cfg, "student", progress=False)
     by_id = {(r.suite, r.problem_id): r for r in results}
     for suite in ("tools", "mixed"):
