@@ -7,7 +7,8 @@ Flow for one model directory (:func:`evaluate_model`):
 2. For each suite (:mod:`pipelines.suites`): encode every prompt (:func:`encode_prompt`), then, in chunks of
    ``evaluate.batch_size`` prompts, sample ``evaluate.k`` responses each with the rollout engine
    (:class:`trainer.rollout.HFGenerateEngine`; ``temperature == 0`` is greedy).
-3. Grade each response with :func:`pipelines.grading.grade_answer` and compute the metrics of
+3. Grade each chunk's responses with the problem's grader (:func:`grade_responses`: ``pipelines.graders.grade_many``
+   per grader, so costly graders such as ``code_tests`` grade in parallel) and compute the metrics of
    :mod:`pipelines.eval_metrics`.
 
 Determinism: the global torch RNG is seeded with ``evaluate.seed`` before each suite, so a suite's samples do not
@@ -16,7 +17,8 @@ the same numbers.
 
 Outputs (:func:`write_eval_outputs`, docs/contracts.md): ``metrics/eval.json`` ``{suite: {role: metrics}}``,
 ``artifacts/eval/per_problem.jsonl`` (one row per problem and role, for paired comparisons) and
-``artifacts/eval/responses.jsonl`` (the decoded responses with their grades and lengths).
+``artifacts/eval/responses.jsonl`` (the decoded responses with their grader, grades, reasons and lengths). What an
+evaluation is comparable by (suite digest, grader names and versions) is :func:`pipelines.suites.suite_record`.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from pipelines.eval_metrics import (
     length_stats,
     pass_at_k,
 )
-from pipelines.grading import grade_answer
-from pipelines.suites import LoadedSuite, load_suite
+from pipelines.graders import DEFAULT_GRADER, GradeResult, grade_many
+from pipelines.suites import EvalProblem, LoadedSuite, load_suite
 from trainer.config import EvalSuite, EvaluateConfig
 from trainer.models import load_tokenizer
 from trainer.rollout import HFGenerateEngine, RolloutEngine
@@ -55,6 +57,8 @@ __all__ = [
     "evaluate_loaded",
     "evaluate_model",
     "evaluate_suite",
+    "grade_responses",
+    "prompt_suffix_for",
     "special_token_ids",
     "summarize",
     "with_suffix",
@@ -76,6 +80,10 @@ METRIC_KEYS = (
 )
 
 
+RESPONSE_KEYS = ("suite", "role", "problem_id", "grader", "responses", "correct", "reasons", "lengths")
+"""Keys of an ``artifacts/eval/responses.jsonl`` row."""
+
+
 @dataclass(frozen=True)
 class ProblemResult:
     """Everything sampled for one problem by one model: ``k`` responses, their grades and token lengths."""
@@ -90,6 +98,9 @@ class ProblemResult:
     responses: list[str]
     correct: list[bool]
     lengths: list[int]
+    grader: str = DEFAULT_GRADER
+    reasons: list[str] | None = None
+    """Why each response is not correct (``""`` when it is), from the grader."""
 
     def contract_row(self) -> dict[str, Any]:
         """The ``per_problem.jsonl`` row of docs/contracts.md."""
@@ -135,6 +146,33 @@ def with_suffix(prompt: str, suffix: str) -> str:
     return prompt + suffix
 
 
+def prompt_suffix_for(suite: LoadedSuite, problem: EvalProblem, default: str) -> str:
+    """The suffix appended to ``problem``'s prompt: the suite's own ``prompt_suffix`` when set; otherwise
+    ``default`` (``evaluate.prompt_suffix``, a ``\\boxed{}`` instruction) for ``math`` rows of a file suite, and
+    nothing for the embedded suite or rows of other graders (their prompts say what answer format they want)."""
+    if suite.prompt_suffix is not None:
+        return suite.prompt_suffix
+    return "" if suite.embedded or problem.grader != DEFAULT_GRADER else default
+
+
+def grade_responses(
+    items: Sequence[tuple[EvalProblem, str]], workers: int | None = None
+) -> list[GradeResult]:
+    """Grade ``(problem, response)`` pairs with each problem's grader; results in input order.
+
+    One :func:`pipelines.graders.grade_many` call per grader present, so a grader that runs code grades the
+    whole batch in parallel (``workers`` bounds it; ``None``: the grader's default)."""
+    out: list[GradeResult | None] = [None] * len(items)
+    by_grader: dict[str, list[int]] = {}
+    for i, (problem, _) in enumerate(items):
+        by_grader.setdefault(problem.grader, []).append(i)
+    for grader, idx in by_grader.items():
+        results = grade_many(grader, [(items[i][1], items[i][0].reference) for i in idx], workers=workers)
+        for i, r in zip(idx, results, strict=True):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
 def special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, list[int]]:
     """``(pad_token_id, eos_token_ids)``: EOS from the generation config (it may list several, e.g. chat models stop
     on ``<|im_end|>`` and ``<|endoftext|>``), else the tokenizer's; pad from the tokenizer, else the first EOS."""
@@ -167,7 +205,7 @@ def evaluate_suite(
     prompts = [
         encode_prompt(
             tokenizer,
-            with_suffix(p.prompt, "" if suite.embedded else cfg.prompt_suffix),
+            with_suffix(p.prompt, prompt_suffix_for(suite, p, cfg.prompt_suffix)),
             chat=not suite.embedded,
         )
         for p in suite.problems
@@ -198,9 +236,11 @@ def evaluate_suite(
             tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
             for row, n in zip(batch.response_ids, lengths, strict=True)
         ]
+        # the engine keeps the k rows of a prompt contiguous: row j * k + i is sample i of chunk[j]
+        grades = grade_responses([(chunk[i // cfg.k], t) for i, t in enumerate(texts)])
         for j, problem in enumerate(chunk):
-            rows = slice(j * cfg.k, (j + 1) * cfg.k)  # the engine keeps the k rows of a prompt contiguous
-            correct = [grade_answer(t, problem.answer) for t in texts[rows]]
+            rows = slice(j * cfg.k, (j + 1) * cfg.k)
+            correct = [g.correct for g in grades[rows]]
             results.append(
                 ProblemResult(
                     suite=suite.name,
@@ -212,6 +252,8 @@ def evaluate_suite(
                     responses=texts[rows],
                     correct=correct,
                     lengths=lengths[rows],
+                    grader=problem.grader,
+                    reasons=[g.reason for g in grades[rows]],
                 )
             )
         bar.update(len(chunk))
@@ -339,13 +381,6 @@ def write_eval_outputs(
         lines = []
         for r in rows:
             d = asdict(r)
-            lines.append(
-                json.dumps(
-                    {
-                        key: d[key]
-                        for key in ("suite", "role", "problem_id", "responses", "correct", "lengths")
-                    }
-                )
-            )
+            lines.append(json.dumps({key: d[key] for key in RESPONSE_KEYS}))
         _atomic_write(Path(responses_path), "".join(line + "\n" for line in lines))
     return tree

@@ -10,9 +10,12 @@ output, and DVC runs this stage first: when it fails, no other stage has started
 Checks (all problems are collected and reported together, one line each, exit 2):
 
 * ``params.yaml`` validates (typed config, unknown keys are errors);
-* ``task.prompts_file`` holds at least one well-formed prompt (``trainer.data.load_prompts``);
+* ``task.prompts_file`` holds at least one well-formed prompt (``trainer.data.load_prompts``), and the rows that
+  carry a ``grader``/``reference`` pass that grader's checks (``pipelines.suites.check_prompt_references``);
 * the teacher, student base and tokenizer directories exist and hold a Hugging Face config and weights;
-* every evaluation suite file loads (``pipelines.suites.load_suite``); ``gate.policy`` is a YAML mapping;
+* every evaluation suite names a registered grader (did-you-mean on a typo), and its file loads with every row's
+  grader known and every reference accepted by that grader's ``check_reference`` (``pipelines.suites.load_suite``);
+* ``gate.policy`` is a YAML mapping;
 * the MLflow tracking store answers (``pipelines.tracking.check_tracking_reachable``).
 
 With ``models.embedded: true`` a file that the ``bootstrap`` stage generates is checked only when it exists
@@ -75,10 +78,12 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
 
     prompts = Path(params.task.prompts_file)
     if prompts.exists() or not _generated_by_bootstrap(params, prompts):
+        from pipelines.suites import check_prompt_references
         from trainer.data import load_prompts  # imports torch: only when there is a file to read
 
         try:
             n = len(load_prompts(prompts))
+            check_prompt_references(prompts)
         except (OSError, ValueError) as exc:
             problems.append(f"task.prompts_file: {exc}")
         else:
@@ -89,14 +94,22 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
                     file=sys.stderr,
                 )
 
-    from pipelines.suites import load_suite
+    from pipelines.graders import UnknownGrader, get_grader
+    from pipelines.suites import SuiteFormatError, load_suite
 
     for suite in params.evaluate.suites:
+        try:
+            get_grader(suite.grader)
+        except UnknownGrader as exc:
+            problems.append(f"evaluate.suites[{suite.name}].grader: {exc}")
+            continue
         path = suite.path or params.evaluate.embedded_path
         if not Path(path).exists() and _generated_by_bootstrap(params, path):
             continue
         try:
             load_suite(suite, params.evaluate.embedded_path)
+        except SuiteFormatError as exc:  # its message names the suite, the file, the row and the problem
+            problems.append(f"evaluate.suites: {exc}")
         except (OSError, ValueError) as exc:
             problems.append(f"evaluate.suites[{suite.name}]: {exc}")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipelines.grading import grade_answer
+from pipelines.evaluation import grade_responses
 from pipelines.stage_io import file_sha256, prompts_file, stage_cli, val_file, write_json
 from pipelines.suites import load_problems
 from pipelines.tracking import StageRun, TrackingUnreachable
@@ -85,13 +85,16 @@ class Validator:
       Sampling is seeded with ``evaluate.seed + rank`` inside a forked RNG, so every validation point draws the same
       stream (checkpoints are compared on common random numbers) and training's RNG stream is untouched.
     * ``greedy``: one greedy response per problem at ``rollout.max_new_tokens``.
+
+    Each response is graded by its row's grader (``grader``/``reference`` columns, ``math`` by default), a batch
+    at a time (``pipelines.evaluation.grade_responses``).
     """
 
     def __init__(self, trainer: Trainer, path: Path, params: Params):
         problems = load_problems(path)
         if params.distill.val.limit is not None:
             problems = problems[: params.distill.val.limit]
-        self.answers = [p.answer for p in problems]
+        self.problems = problems
         self.prompt_ids = encode_prompts(trainer.tokenizer, [p.prompt for p in problems])
         self.tokenizer = trainer.tokenizer
         self.engine: RolloutEngine = trainer.engine
@@ -127,7 +130,8 @@ class Validator:
                     continue
                 texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
                 rows = [i for i in part for _ in range(self.n)]  # the n rows of a prompt are contiguous
-                correct += sum(grade_answer(t, self.answers[i]) for t, i in zip(texts, rows, strict=True))
+                grades = grade_responses([(self.problems[i], t) for t, i in zip(texts, rows, strict=True)])
+                correct += sum(g.correct for g in grades)
         counts = all_reduce_sum(torch.tensor([float(correct), float(len(idx) * self.n)]))
         return {"val/accuracy": (counts[0] / counts[1].clamp(min=1)).item()}
 

@@ -4,8 +4,10 @@ last step) on every suite (``evaluate.roles``).
     python -m pipelines.stage_evaluate --params params.yaml
 
 Writes ``metrics/eval.json`` ``{suite: {role: metrics}}``, ``artifacts/eval/per_problem.jsonl`` (paired
-comparisons; the gate's evidence) and ``artifacts/eval/responses.jsonl``. Each role is evaluated with the same
-seed, so the three models see the same sampling stream.
+comparisons; the gate's evidence), ``artifacts/eval/responses.jsonl`` and ``artifacts/eval/suites.json``
+``{suite: {"digest", "graders": {name: version}}}`` (what the numbers are comparable by; strings stay out of the
+metrics file). The same record is on the run as tags ``oprd.eval.<suite>.grader`` / ``.grader_version`` /
+``.digest``. Each role is evaluated with the same seed, so the three models see the same sampling stream.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import torch
 from pipelines.evaluation import evaluate_model, write_eval_outputs
 from pipelines.stage_distill import FINAL_DIR, STUDENT_DIR
 from pipelines.stage_distill import REF as DISTILL_REF
-from pipelines.stage_io import file_sha256, stage_cli
-from pipelines.suites import load_suite
+from pipelines.stage_io import file_sha256, stage_cli, write_json
+from pipelines.suites import load_suite, suite_record, suite_tags
 from pipelines.tracking import StageRun, TrackingUnreachable
 from pipelines.tracking_models import log_dataset, log_model_inputs, log_model_metrics
 from trainer.config import Params, load_params
 
 METRICS = Path("metrics/eval.json")
 REF = Path("artifacts/eval/evaluate.mlflow.json")
+SUITES = Path("artifacts/eval/suites.json")
+"""``{suite: {"digest", "graders": {name: version}}}``: read by the gate into its evidence."""
 ROLLOUT_REF = Path("artifacts/rollout/rollout.mlflow.json")
 
 
@@ -49,7 +53,9 @@ def run(params_path: str, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     suites = [load_suite(s, params.evaluate.embedded_path) for s in params.evaluate.suites]
     digests = {f"eval_{s.name}": s.digest for s in suites}
+    records = {s.name: suite_record(s) for s in suites}
     with StageRun("evaluate", params, upstream=[DISTILL_REF, ROLLOUT_REF], datasets=digests) as run:
+        run.set_tags(suite_tags(records))
         for s in suites:
             log_dataset(run.run_id, s.path, f"eval_{s.name}", "evaluation", s.digest, client=run.client)
         models = {**run.upstream["rollout"].models, **run.upstream["distill"].models}
@@ -59,6 +65,7 @@ def run(params_path: str, overrides: list[str]) -> dict:
             for role, path in model_dirs(params).items()
         }
         tree = write_eval_outputs(results, METRICS)
+        write_json(SUITES, records)
         run.log_metrics({
             f"{suite}/{role}/{k}": v
             for suite, roles in tree.items() for role, m in roles.items()
@@ -77,7 +84,7 @@ def run(params_path: str, overrides: list[str]) -> dict:
                     )  # fmt: skip
         per_problem = Path("artifacts/eval/per_problem.jsonl")
         run.write_ref(REF, {"per_problem": file_sha256(per_problem), **digests}, models=models)
-    return {"tree": tree, "wall_seconds": time.perf_counter() - t0}
+    return {"tree": tree, "suites": records, "wall_seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> int:

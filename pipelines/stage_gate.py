@@ -40,7 +40,9 @@ from pipelines.stage_distill import REF as DISTILL_REF
 from pipelines.stage_distill import STUDENT_DIR
 from pipelines.stage_evaluate import METRICS as EVAL_METRICS
 from pipelines.stage_evaluate import REF as EVAL_REF
+from pipelines.stage_evaluate import SUITES as EVAL_SUITES
 from pipelines.stage_io import stage_cli, write_json
+from pipelines.suites import suite_tags
 from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params, repo_relative, short_commit
 from pipelines.tracking_models import log_lineage, registry_fields, set_version_record
 from trainer.config import Params, load_params
@@ -72,7 +74,11 @@ def freeze_student(student_dir: Path = STUDENT_DIR, store: Path = STORE) -> tupl
     return dest.resolve(), sha
 
 
-def build_evidence(params: Params, artifact_path: Path, per_problem: Path = PER_PROBLEM) -> dict:
+def build_evidence(
+    params: Params, artifact_path: Path, per_problem: Path = PER_PROBLEM, eval_suites: Path = EVAL_SUITES
+) -> dict:
+    """The gate file (``server.schemas.EvidenceIn``) from the evaluate stage's outputs; ``lineage.eval_suites``
+    carries each suite's digest and grader versions (``artifacts/eval/suites.json``) when the file exists."""
     suites: dict[str, dict[str, list]] = defaultdict(dict)
     for line in per_problem.read_text().splitlines():
         row = json.loads(line)
@@ -100,6 +106,13 @@ def build_evidence(params: Params, artifact_path: Path, per_problem: Path = PER_
             "dataset_digests": {},
             "mlflow_run_ids": {},
             "logged_model_ids": {},
+            "eval_suites": {
+                name: rec
+                for name, rec in (
+                    json.loads(eval_suites.read_text()) if eval_suites.is_file() else {}
+                ).items()
+                if name in suites
+            },
         },
     }
 
@@ -154,6 +167,7 @@ def run(params_path: str, overrides: list[str]) -> int:
         decision = result["decision"]
         write_json(METRICS, gate_metrics(result))
         _log_decision(run, decision, result)
+        run.set_tags(suite_tags(evidence["lineage"]["eval_suites"]))
         links = StageLinks(run, params)
         record = decision_markdown(params, decision, result, evidence, links)
         run.client.log_text(run.run_id, record, "gate/decision.md")
@@ -267,10 +281,21 @@ def decision_markdown(params: Params, decision: dict, result: dict, evidence: di
         f"- distill run: [distill {params.distill.method}]({links.stage('distill')}), "
         f"rollout run: [rollout]({links.stage('rollout')})",
         f"- evaluation: [evaluate run]({links.stage('evaluate')}) on {evals or 'the eval suites'}",
+        *_grader_lines(lin.get("eval_suites") or {}),
         f"- gate decision: [gate {decision['verdict']} (decision {decision['id']})]({links.stage('gate')}), "
         f"lineage view: [lineage.html]({links.stage('gate')}/artifacts/lineage/lineage.html)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _grader_lines(records: dict) -> list[str]:
+    """One line per suite: which grader(s), at which version, scored which file (by digest)."""
+    return [
+        f"- suite {name}: graded by "
+        + ", ".join(f"`{g}` v{v}" for g, v in rec.get("graders", {}).items())
+        + f" on file `{short_digest(rec['digest'])}`"
+        for name, rec in records.items()
+    ]
 
 
 def _read_policy(path: str) -> dict:

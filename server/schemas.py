@@ -75,6 +75,14 @@ class Cost(_In):
     usd: Annotated[float, Field(ge=0.0, le=1e12)]
 
 
+class EvalSuiteRecord(_In):
+    """How one suite was scored: the sha256 of its file and ``{grader name: version}`` of the graders its rows
+    use (``pipelines.suites.suite_record``)."""
+
+    digest: ShortStr
+    graders: dict[Name, ShortStr] = Field(default_factory=dict, max_length=16)
+
+
 class Lineage(_In):
     """References into MLflow and the teacher identity; stored verbatim and joined by ``lineage``."""
 
@@ -85,6 +93,9 @@ class Lineage(_In):
     """Teacher identity (name@sha256 or artifact sha256); ``retire --teacher`` matches it exactly."""
     student_base: ShortStr | None = None
     dataset_digests: dict[Name, ShortStr] = Field(default_factory=dict, max_length=64)
+    eval_suites: dict[SuiteName, EvalSuiteRecord] = Field(default_factory=dict, max_length=64)
+    """Suite -> what its scores are comparable by (file digest, grader names and versions). Optional: evidence
+    submitted before it existed stays valid."""
 
 
 class EvidenceBody(_In):

@@ -344,6 +344,12 @@ class EvalSuite(_Section):
     path: str | None = None
     """``None`` for the embedded held-out set; else a json/jsonl/parquet file with prompt/answer columns."""
     limit: int | None = Field(default=None, gt=0)
+    grader: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)] = "math"
+    """Grader (``pipelines.graders``) of the rows that name none; a row's own ``grader`` wins. The name is checked
+    against the registered graders at ``precheck`` (graders live in ``pipelines``, not in the config)."""
+    prompt_suffix: str | None = None
+    """Appended to every prompt of this suite (unless already there). ``None``: ``evaluate.prompt_suffix`` for the
+    ``math`` rows of a file suite, nothing for rows of other graders and for the embedded suite."""
 
 
 class EvaluateConfig(_Section):
@@ -358,7 +364,8 @@ class EvaluateConfig(_Section):
     embedded_path: str = "artifacts/task/eval.jsonl"
     """Held-out set used by a suite whose ``path`` is ``None`` (written by the bootstrap stage)."""
     prompt_suffix: str = " Please reason step by step, and put your final answer within \\boxed{}."
-    """Appended to file-suite prompts that do not already end with it (never to the embedded task); ``""`` = off."""
+    """Appended to the ``math`` rows of file suites that do not already end with it (never to the embedded task,
+    never to rows of other graders); ``""`` = off. ``evaluate.suites[].prompt_suffix`` overrides it per suite."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where evaluation runs; ``auto`` = CUDA when available."""
     roles: list[Literal["teacher", "student_base", "student", "student_final"]] = [

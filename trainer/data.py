@@ -41,6 +41,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     verl-layout parquet such as DAPO-Math-17k) is returned as the whole conversation, system turns included;
     :func:`encode_prompts` renders it with the tokenizer's chat template, as ``apply_chat_template`` users expect.
 
+    Other columns are ignored: rows may carry a ``grader`` and a ``reference`` (suite rows, a failure bank's
+    training share), which validation and ``precheck`` use (``pipelines.suites``) and training does not.
+
     Errors name the file and the 1-based row: a missing or empty prompt is never silently skipped.
     """
     path = Path(path)

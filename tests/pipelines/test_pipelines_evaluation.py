@@ -7,16 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from prefix_grader import prefix_grader_fixture  # noqa: F401 (the prefix_grader fixture)
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+from pipelines.eval_metrics import avg_at_k, pass_at_k
 from pipelines.evaluation import (
     METRIC_KEYS,
     encode_prompt,
     evaluate_loaded,
     evaluate_model,
+    prompt_suffix_for,
     with_suffix,
     write_eval_outputs,
 )
+from pipelines.suites import EvalProblem, load_suite
 from pipelines.task import build_tokenizer
 from trainer.config import EvalSuite, EvaluateConfig
 
@@ -195,3 +199,67 @@ def test_prompt_suffix_is_appended_once() -> None:
     assert with_suffix("Find x.", suffix) == "Find x." + suffix
     assert with_suffix("Find x." + suffix + "\n", suffix) == "Find x." + suffix + "\n"  # AIMO already has it
     assert with_suffix("Find x.", "") == "Find x."
+
+
+def test_a_suite_of_another_task_runs_through_evaluate_model(
+    tiny_pair, tmp_path: Path, prefix_grader: str
+) -> None:
+    """A JSONL suite graded by a non-math grader (rows carry structured references, one row overrides the grader)
+    goes through the evaluate path unchanged: k samples, Avg@k with its CI, pass@k, lengths, per-sample verdicts."""
+    rows = [
+        {"id": "always", "prompt": "12+3=", "reference": {"prefix": ""}},
+        {"id": "never", "prompt": "13+4=", "reference": '{"prefix": "x"}'},
+        {"id": "one", "prompt": "14+5=", "reference": {"prefix": "1"}},
+        {"id": "boxed", "prompt": "15+6=", "answer": "21", "grader": "math"},
+    ]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # evaluate.prompt_suffix is for math rows of file suites. This one (60 in-vocabulary tokens) would overflow the
+    # tiny models' 64 positions if it were given to the rows of another grader: evaluating at all checks it is not.
+    tools = EvalSuite(name="tools", path=str(path), grader=prefix_grader, limit=3)
+    mixed = EvalSuite(name="mixed", path=str(path), grader=prefix_grader, prompt_suffix="")
+    cfg = EvaluateConfig(
+        k=4, max_new_tokens=6, batch_size=3, temperature=1.0, top_p=1.0, seed=3, prompt_suffix=" " + "0" * 59
+    )
+    summary, results = evaluate_model(tiny_pair["teacher"], [tools, mixed], cfg, "student", progress=False)
+    by_id = {(r.suite, r.problem_id): r for r in results}
+    for suite in ("tools", "mixed"):
+        assert by_id[(suite, "always")].correct == [True] * 4
+        assert by_id[(suite, "never")].correct == [False] * 4
+        one = by_id[(suite, "one")]
+        assert one.correct == [t.startswith("1") for t in one.responses]  # each sample by the grader's rule
+        assert [bool(reason) for reason in one.reasons] == [not c for c in one.correct]
+        assert {r.grader for r in results if r.suite == suite and r.problem_id != "boxed"} == {prefix_grader}
+    assert by_id[("mixed", "boxed")].grader == "math"
+    assert by_id[("mixed", "boxed")].correct == [False] * 4  # no "\\" in the vocabulary: never a \\boxed{}
+    for suite, n in (("tools", 3), ("mixed", 4)):
+        m, counts = summary[suite], [r.n_correct for r in results if r.suite == suite]
+        assert list(m) == list(METRIC_KEYS) and m["n_problems"] == n and m["k"] == 4
+        assert m["avg_at_k"] == pytest.approx(avg_at_k(counts, 4))
+        assert m["pass_at_k"] == pytest.approx(pass_at_k(counts, n=4, k=4))
+        assert m["avg_at_k_ci95"][0] <= m["avg_at_k"] <= m["avg_at_k_ci95"][1]
+        assert 1.0 <= m["mean_length"] <= 6.0
+
+    out = tmp_path / "out"
+    write_eval_outputs(
+        {"student": (summary, results)}, out / "eval.json", out / "pp.jsonl", out / "resp.jsonl"
+    )
+    responses = [json.loads(line) for line in (out / "resp.jsonl").read_text().splitlines()]
+    assert [(r["problem_id"], r["grader"]) for r in responses[:3]] == [
+        (i, prefix_grader) for i in ("always", "never", "one")
+    ]
+    assert responses[1]["reasons"] == ["does not start with 'x'"] * 4
+
+
+def test_prompt_suffix_applies_to_math_rows_of_file_suites(tmp_path: Path, prefix_grader: str) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "answer": "1"}) + "\n")
+    math_row = EvalProblem("0", "p", "1")
+    tool_row = EvalProblem("1", "p", "{}", grader=prefix_grader, reference={"prefix": ""})
+    file_suite = load_suite(EvalSuite(name="f", path=str(path)), path)
+    embedded = load_suite(EvalSuite(name="embedded"), path)
+    own = load_suite(EvalSuite(name="own", path=str(path), prompt_suffix=" Answer:"), path)
+    assert prompt_suffix_for(file_suite, math_row, " S") == " S"
+    assert prompt_suffix_for(file_suite, tool_row, " S") == ""
+    assert prompt_suffix_for(embedded, math_row, " S") == ""
+    assert prompt_suffix_for(own, tool_row, " S") == prompt_suffix_for(own, math_row, " S") == " Answer:"

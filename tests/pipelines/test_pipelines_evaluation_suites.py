@@ -8,8 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prefix_grader import prefix_grader_fixture  # noqa: F401 (the prefix_grader fixture)
 
-from pipelines.suites import SuiteFormatError, load_problems, load_suite
+from pipelines.suites import SuiteFormatError, load_problems, load_suite, suite_record, suite_tags
 from trainer.config import EvalSuite
 
 BENCH = Path(__file__).resolve().parents[2] / "data" / "benchmarks"
@@ -133,3 +134,56 @@ def test_verl_layout_and_common_id_columns(tmp_path: Path) -> None:
     broken.write_text(json.dumps({"prompt": "p", "reward_model": {"style": "rule"}}) + "\n")
     with pytest.raises(SuiteFormatError, match="row 1: no answer field"):
         load_problems(broken)
+
+
+def test_rows_name_their_grader_and_carry_structured_references(tmp_path: Path, prefix_grader: str) -> None:
+    rows = [
+        {"id": "obj", "prompt": "a", "reference": {"prefix": "1"}},  # a JSON object, the suite's grader
+        {"id": "txt", "prompt": "b", "reference": '{"prefix": "2"}'},  # the JSON text of one
+        {"id": "m", "prompt": "c", "answer": 3.0, "grader": "math"},  # a row's grader wins over the suite's
+        {"id": "verl", "prompt": [{"role": "user", "content": "d"}],  # verl: ground_truth holds JSON text
+         "reward_model": {"ground_truth": '{"prefix": "4"}', "style": "rule"}},
+    ]  # fmt: skip
+    jsonl = tmp_path / "tools.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = load_suite(EvalSuite(name="tools", path=str(jsonl), grader=prefix_grader), tmp_path / "unused")
+    got = [(p.problem_id, p.prompt, p.grader, p.reference) for p in suite.problems]
+    assert got == [
+        ("obj", "a", prefix_grader, {"prefix": "1"}),
+        ("txt", "b", prefix_grader, {"prefix": "2"}),
+        ("m", "c", "math", "3.0"),
+        ("verl", "d", prefix_grader, {"prefix": "4"}),
+    ]
+    assert suite.problems[0].answer == '{"prefix": "1"}'  # the display form of a structured reference
+    assert suite.graders == {"math": "1", prefix_grader: "7"}
+    record = suite_record(suite)
+    assert record == {"digest": suite.digest, "graders": {"math": "1", prefix_grader: "7"}}
+    assert suite_tags({"tools": record}) == {
+        "oprd.eval.tools.grader": f"math,{prefix_grader}",
+        "oprd.eval.tools.grader_version": "1,7",
+        "oprd.eval.tools.digest": suite.digest,
+    }
+    # parquet: a structured reference as JSON text (a struct column would gain the other rows' keys as nulls)
+    parquet = tmp_path / "tools.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "reference": '{"prefix": "1"}', "grader": prefix_grader}]),
+                   parquet)  # fmt: skip
+    assert load_problems(parquet)[0].reference == {"prefix": "1"}
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        ({"prompt": "p", "reference": {"prefx": "1"}}, r"grader 'prefix_test': bad reference in 'reference': "
+         r"reference must be an object with a string 'prefix'"),
+        ({"prompt": "p", "reference": "{not json"}, r"grader 'prefix_test': bad reference.*not valid JSON"),
+        ({"prompt": "p", "answer": "1", "grader": "maht"}, r"unknown grader 'maht'.*did you mean 'math'"),
+        ({"prompt": "p", "answer": {"x": 1}, "grader": "math"}, r"answer field 'answer' is empty or not a string"),
+    ],
+)  # fmt: skip
+def test_a_bad_reference_names_the_suite_file_row_and_grader_message(
+    tmp_path: Path, prefix_grader: str, row: dict, match: str
+) -> None:
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"prompt": "ok", "reference": {"prefix": ""}}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(SuiteFormatError, match=rf"^suite 'tools': {path}: row 2: {match}"):
+        load_suite(EvalSuite(name="tools", path=str(path), grader=prefix_grader), tmp_path / "unused")

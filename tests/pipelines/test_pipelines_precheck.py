@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from prefix_grader import prefix_grader_fixture  # noqa: F401 (the prefix_grader fixture)
 
 from pipelines import precheck
 from trainer.config import load_params
@@ -74,3 +75,42 @@ def test_embedded_outputs_of_bootstrap_may_be_missing(project: Path) -> None:
     assert precheck.check_params(params, check_tracking=False) == []
     bad = load_params(None, {"gate.policy": "policy.yaml", "tracking.uri": "http://127.0.0.1:9"})
     assert any(p.startswith("tracking.uri:") for p in precheck.check_params(bad))
+
+
+def test_graders_and_references_are_checked_before_any_stage(
+    project: Path, prefix_grader: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        {"prompt": "ok", "reference": {"prefix": "1"}},
+        {"id": "r2", "prompt": "bad", "reference": {"prfix": 1}},
+    ]
+    (project / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # training prompts may carry a grader and a reference (ignored by training, checked all the same)
+    (project / "prompts.jsonl").write_text(
+        json.dumps({"prompt": "1+1?", "grader": prefix_grader, "reference": '{"prefix": "2"}'}) + "\n"
+        + json.dumps({"prompt": "2+2?"}) + "\n"
+    )  # fmt: skip
+    suites = (
+        f"[{{name: embedded}}, {{name: tools, path: tools.jsonl, grader: {prefix_grader}}}, "
+        "{name: typo, path: tools.jsonl, grader: exakt}, {name: mathy, path: tools.jsonl, grader: maht}]"
+    )
+    (project / "params.yaml").write_text(
+        "models: {embedded: false, teacher: {path: models/teacher}, student: {path: models/student}}\n"
+        f"task: {{prompts_file: prompts.jsonl}}\nevaluate: {{embedded_path: eval.jsonl, suites: {suites}}}\n"
+        "gate: {policy: policy.yaml}\n"
+    )
+    assert precheck.main(["--params", "params.yaml", "--no-tracking"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  ")]
+    assert lines == [
+        f"  evaluate.suites: suite 'tools': tools.jsonl: row 2: grader '{prefix_grader}': bad reference in "
+        "'reference': reference must be an object with a string 'prefix', got {'prfix': 1}",
+        f"  evaluate.suites[typo].grader: unknown grader 'exakt' (known: math, {prefix_grader})",
+        f"  evaluate.suites[mathy].grader: unknown grader 'maht' (known: math, {prefix_grader}); did you mean 'math'?",
+    ]
+    assert not (project / precheck.OK_FILE).exists()
+    (project / "prompts.jsonl").write_text(
+        json.dumps({"prompt": "1+1?", "grader": "maht", "answer": "2"}) + "\n"
+    )
+    problems = precheck.check_params(_params(), check_tracking=False)
+    assert problems == ["task.prompts_file: prompts.jsonl: row 1: unknown grader 'maht' (known: math, "
+                        f"{prefix_grader}); did you mean 'math'?"]  # fmt: skip

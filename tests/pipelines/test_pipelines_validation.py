@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from prefix_grader import prefix_grader_fixture  # noqa: F401 (the prefix_grader fixture)
 from tiny_pair import tiny_params
 
 from pipelines.stage_distill import Validator
@@ -25,10 +27,10 @@ class RecordingEngine(HFGenerateEngine):
         return batch
 
 
-def _validator(tiny_pair, tmp_path, **overrides):
+def _validator(tiny_pair, tmp_path, rows=None, **overrides):
     val = tmp_path / "val.jsonl"
-    val.write_text("".join(json.dumps({"id": f"v{i}", "prompt": f"{10 + i}+3=", "answer": str(13 + i)}) + "\n"
-                           for i in range(10)))  # fmt: skip
+    rows = rows or [{"id": f"v{i}", "prompt": f"{10 + i}+3=", "answer": str(13 + i)} for i in range(10)]
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = tiny_params(tiny_pair, tmp_path, **{"evaluate.k": 3, "evaluate.temperature": 0.7,
                                                  "evaluate.top_p": 0.95, "evaluate.batch_size": 4, **overrides})  # fmt: skip
     trainer = Trainer(params, tmp_path / "out")
@@ -62,3 +64,13 @@ def test_greedy_protocol_and_limit(tiny_pair, tmp_path):
     assert [(c["n"], c["temperature"], c["max_new_tokens"]) for c in engine.calls] == [(1, 0.0, 8)] * 2
     assert [c["prompts"] for c in engine.calls] == [3, 3]
     assert abs(score * 6 - round(score * 6)) < 1e-6
+
+
+def test_each_val_row_is_graded_by_its_own_grader(tiny_pair, tmp_path, prefix_grader):
+    # Rows of a non-math grader (always / never correct) next to math rows that a random student cannot box.
+    rows = [{"id": f"a{i}", "prompt": f"{10 + i}+3=", "grader": prefix_grader, "reference": {"prefix": ""}}
+            for i in range(3)]  # fmt: skip
+    rows += [{"id": "n", "prompt": "20+3=", "grader": prefix_grader, "reference": '{"prefix": "x"}'}]
+    rows += [{"id": f"m{i}", "prompt": f"{30 + i}+3=", "answer": str(33 + i)} for i in range(2)]
+    validate, trainer, _ = _validator(tiny_pair, tmp_path, rows=rows)
+    assert validate(trainer.student, 1)["val/accuracy"] == pytest.approx(3 / 6)

@@ -118,3 +118,19 @@ def test_trainer_leaves_out_prompts_whose_rollout_would_overflow_the_context(cap
     assert "1 of 3 training prompts are longer than 4 tokens" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no training prompt fits"):
         fit_prompts([[1] * 5], model, params)
+
+
+def test_prompt_rows_may_carry_a_grader_and_a_reference(tmp_path):
+    """Rows of a failure bank's training share or a suite file: the grader and reference are for validation and
+    the suites; training reads the prompt only."""
+    rows = [
+        {"prompt": "1+1=", "grader": "tool_call", "reference": [{"f": {"a": [1]}}]},
+        {"prompt": [{"role": "user", "content": "u"}], "reward_model": {"ground_truth": '{"schema": {}}'},
+         "grader": "json_schema"},
+    ]  # fmt: skip
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_prompts(tmp_path / "a.jsonl") == ["1+1=", [{"role": "user", "content": "u"}]]
+    pd.DataFrame({"prompt": ["2+2="], "grader": ["exact"], "reference": ["4"]}).to_parquet(
+        tmp_path / "b.parquet"
+    )
+    assert load_prompts(tmp_path / "b.parquet") == ["2+2="]
