@@ -21,7 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipelines.graders.base import Grader, GradeResult, InvalidReference, UnknownGrader
+from pipelines.graders.code_tests import CodeTestsGrader
+from pipelines.graders.json_schema import JsonSchemaGrader
 from pipelines.graders.math_answer import MathGrader
+from pipelines.graders.text import ExactGrader, RegexGrader
+from pipelines.graders.tool_call import ToolCallGrader
 
 __all__ = [
     "DEFAULT_GRADER",
@@ -102,3 +106,8 @@ def grade_many(
 
 
 register(MathGrader())
+register(ExactGrader())
+register(RegexGrader())
+register(JsonSchemaGrader())
+register(ToolCallGrader())
+register(CodeTestsGrader())
