@@ -127,6 +127,7 @@ ESCAPES = {
         "builtins.__import__ = None\ndef add(a, b):\n    return 0\n"
     ),
     "always-equal object": "class Eq:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Eq()\n",
+    "stdlib object equal to everything": "from unittest import mock\ndef add(a, b):\n    return mock.ANY\n",
     "int subclass equal to everything": (
         "class Eq(int):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Eq(0)\n"
     ),
