@@ -131,6 +131,10 @@ ESCAPES = {
     "int subclass equal to everything": (
         "class Eq(int):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Eq(0)\n"
     ),
+    "forge a reason on stderr": (
+        "import os, sys\ndef add(a, b):\n    os.write(2, b'FORGED\\n')\n    print('FORGED', file=sys.stderr)\n"
+        "    sys.stderr.flush()\n    os._exit(0)\n"
+    ),
     "write guesses to every fd": (
         "import os\ndef add(a, b):\n    for fd in range(3, 1024):\n        try:\n"
         "            os.write(fd, b'0' * 64)\n        except OSError:\n            pass\n    os._exit(0)\n"
@@ -149,7 +153,7 @@ ESCAPES = {
 def test_escapes_are_not_a_pass(code, own_tempdir):
     result = run_tests(code, ADD_TESTS, "add", limits=SandboxLimits(wall_s=10))
     assert not result.passed, result
-    assert result.reason
+    assert result.reason and "FORGED" not in result.reason
     children, by_uid, dirs = leftovers(own_tempdir, result.extra["uids"])
     assert (children, by_uid, dirs) == ([], [], [])
 
@@ -165,7 +169,7 @@ def test_wall_timeout_covers_a_child_that_ignores_sigterm_and_forks(own_tempdir)
     )
     result = run_tests(code, ADD_TESTS, "add", limits=SandboxLimits(wall_s=3, cpu_s=60))
     assert not result.passed
-    assert "timed out after 3 s" in result.reason
+    assert result.reason == "timed out after 3 s"
     assert leftovers(own_tempdir, result.extra["uids"]) == ([], [], [])
 
 
