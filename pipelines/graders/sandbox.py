@@ -80,6 +80,7 @@ class SandboxResult:
     reason: str = ""
     wall_s: float = 0.0
     extra: dict = field(default_factory=dict)
+    """``uids``: the fresh uids checker and candidate ran under (empty without isolation)."""
 
 
 def sandbox_mode() -> str:
@@ -148,6 +149,7 @@ def run_tests(
     result_r, result_w = os.pipe()
     proc = None
     start = time.monotonic()
+    ids = {"uids": [u for u in (checker_uid, candidate_uid) if u is not None]}
     try:
         os.write(nonce_w, nonce)
         os.close(nonce_w)
@@ -186,9 +188,10 @@ def run_tests(
         try:  # the launcher enforces wall_s itself (and cleans up); this is the backstop
             _, stderr = proc.communicate(json.dumps(job).encode(), timeout=limits.wall_s + 10)
         except subprocess.TimeoutExpired:
-            return SandboxResult(False, f"timed out after {limits.wall_s:g} s", time.monotonic() - start)
+            reason = f"timed out after {limits.wall_s:g} s and the launcher did not stop it (killed by the grader)"
+            return SandboxResult(False, reason, time.monotonic() - start, ids)
         if proc.returncode == 124:
-            return SandboxResult(False, f"timed out after {limits.wall_s:g} s", time.monotonic() - start)
+            return SandboxResult(False, f"timed out after {limits.wall_s:g} s", time.monotonic() - start, ids)
         os.set_blocking(result_r, False)
         try:
             written = os.read(result_r, 256)
@@ -196,16 +199,16 @@ def run_tests(
             written = b""
         elapsed = time.monotonic() - start
         if written and secrets.compare_digest(written, nonce):
-            return SandboxResult(True, "", elapsed)
+            return SandboxResult(True, "", elapsed, ids)
         reason = stderr.decode("utf-8", "replace").strip().splitlines()
         if reason:
-            return SandboxResult(False, reason[-1][:500], elapsed)
+            return SandboxResult(False, reason[-1][:500], elapsed, ids)
         code_ = proc.returncode
         if code_ is not None and code_ < 0:
             name = signal.Signals(-code_).name if -code_ in signal.valid_signals() else str(-code_)
             extra = " (CPU time limit)" if -code_ == signal.SIGXCPU else ""
-            return SandboxResult(False, f"the checker was killed by {name}{extra}", elapsed)
-        return SandboxResult(False, f"the tests did not complete (exit status {code_})", elapsed)
+            return SandboxResult(False, f"the checker was killed by {name}{extra}", elapsed, ids)
+        return SandboxResult(False, f"the tests did not complete (exit status {code_})", elapsed, ids)
     finally:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -137,6 +137,23 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert distill.data.tags["oprd.upstream.rollout"] == by_stage["rollout"][0].info.run_id
     assert "loss/total" in distill.data.metrics and distill.data.tags["oprd.method"] == "oprd"
     assert by_stage["gate"][0].data.tags["oprd.gate.verdict"] == gate["decision"]["verdict"]
+    # how each suite was scored (file digest, grader and its version): the evaluate stage's record, both runs'
+    # tags, the gate's evidence and its decision record
+    from pipelines.graders import grader_version
+    from pipelines.suites import file_digest
+
+    digest, version = file_digest(project / "artifacts/task/eval.jsonl"), grader_version("math")
+    record = {"embedded": {"digest": digest, "graders": {"math": version}}}
+    assert json.loads((project / "artifacts/eval/suites.json").read_text()) == record
+    assert (
+        json.loads((project / "artifacts/gate/evidence.json").read_text())["lineage"]["eval_suites"] == record
+    )
+    tags = {"oprd.eval.embedded.grader": "math", "oprd.eval.embedded.grader_version": version,
+            "oprd.eval.embedded.digest": digest}  # fmt: skip
+    for stage in ("evaluate", "gate"):
+        assert tags.items() <= by_stage[stage][0].data.tags.items(), stage
+    note = by_stage["gate"][0].data.tags["mlflow.note.content"]
+    assert f"- suite embedded: graded by `math` v{version} on file `{digest[:12]}`" in note
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -22,7 +22,15 @@ def test_repo_params_yaml_is_valid_and_complete():
         ("distill.method=kd", "distill.method: Input should be 'oprd', 'opd_sampled'"),
         ("optim.lr=-1", "optim.lr: Input should be greater than 0 (got -1)"),
         ("distill.rep.layers=[0, 2]", "greater than 0"),  # 0 is the embedding output
-        ("evaluate.suites=[{nme: x}]", "allowed keys here: limit, name, path"),
+        ("evaluate.suites=[{nme: x}]", "allowed keys here: grader, limit, name, path, prompt_suffix"),
+        (
+            "evaluate.suites=[{name: x, promt_suffix: a}]",
+            "promt_suffix: unknown key; did you mean 'prompt_suffix'?",
+        ),
+        (
+            "evaluate.suites=[{name: x, grader: 'a b'}]",
+            "evaluate.suites.0.grader: String should match pattern",
+        ),
         ("distill.rep.layers=[2, 2]", "duplicates"),
         ("nonsense", "expected KEY=VALUE"),
         ("distill.opd.mu=2", "distill.opd.mu was merged into distill.rep.coef"),
@@ -58,3 +66,13 @@ def test_overrides_parse_yaml_values():
     assert (
         p.optim.betas == (0.9, 0.95) and p.distill.rep.layers == [1, 3] and p.gate.registry_url == "http://x"
     )
+
+
+def test_a_suite_names_its_grader_and_prompt_suffix():
+    """Grader names are validated against the registered graders at precheck (they live in pipelines)."""
+    default = load_params(None).evaluate.suites[0]
+    assert (default.grader, default.prompt_suffix) == ("math", None)
+    suite = load_params(
+        None, ['evaluate.suites=[{name: t, path: t.jsonl, grader: tool_call, prompt_suffix: ""}]']
+    )
+    assert (suite.evaluate.suites[0].grader, suite.evaluate.suites[0].prompt_suffix) == ("tool_call", "")
