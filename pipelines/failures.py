@@ -52,6 +52,7 @@ __all__ = [
     "FailureBankError",
     "add_failures",
     "bank_digest",
+    "check_bank",
     "load_bank",
     "normalize_prompt",
     "problem_key",
@@ -169,6 +170,27 @@ def load_bank(path: str | Path) -> Bank:
         if rows[-1].split not in ("train", "regression"):
             raise FailureBankError(f"{p}: line {n}: split must be 'train' or 'regression'")
     return Bank(p, rows, hashlib.sha256(data).hexdigest())
+
+
+def check_bank(path: str | Path, reserved_suites: Sequence[str] = ()) -> list[str]:
+    """Problems of the bank file, one line each (the precheck stage reports them before any model loads): an
+    unreadable row, a reference its grader refuses (a hand edit), a suite named like an evaluate suite."""
+    try:
+        bank = load_bank(path)
+    except FailureBankError as exc:
+        return [str(exc)]
+    problems = []
+    for r in bank.rows:
+        try:
+            check_reference(r.grader, r.reference)
+        except (InvalidReference, UnknownGrader) as exc:
+            problems.append(f"{path}: id {r.id} (suite {r.suite}): {exc}")
+    problems += [
+        f"{path}: suite {s!r} is also an evaluate suite name (evaluate.suites); rename one"
+        for s in bank.suites()
+        if s in reserved_suites
+    ]
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------ ingestion

@@ -240,3 +240,18 @@ def test_cli_add_and_show(tmp_path):
     assert load_bank(tmp_path / "failures" / "bank.jsonl").digest == bank.digest
     r = _cli("show", "--suite", "nope", cwd=tmp_path)
     assert r.returncode == 2 and "no suite 'nope'" in r.stderr
+
+
+def test_precheck_reports_a_hand_edited_bank_row(tmp_path):
+    from pipelines.precheck import check_params
+
+    bank = tmp_path / "bank.jsonl"
+    _add(_write(tmp_path / "f.jsonl", _rows(3)), bank)
+    params = Params.model_validate({"failures": {"bank": str(bank)}})
+    assert not [p for p in check_params(params, check_tracking=False) if p.startswith("failures.bank")]
+    rows = bank.read_text().splitlines()
+    broken = json.loads(rows[1])
+    broken["reference"] = ""  # a hand edit the grader refuses
+    bank.write_text("\n".join([rows[0], json.dumps(broken), *rows[2:]]) + "\n")
+    found = [p for p in check_params(params, check_tracking=False) if p.startswith("failures.bank")]
+    assert len(found) == 1 and f"id {broken['id']}" in found[0] and "non-empty string reference" in found[0]
