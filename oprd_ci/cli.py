@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from oprd_ci import bench_cli, grid_cli, registry_cli
+from oprd_ci import bench_cli, failures_cli, grid_cli, registry_cli
 
 app = typer.Typer(
     name="oprd-ci",
@@ -25,6 +25,7 @@ app = typer.Typer(
 registry_cli.register(app)
 bench_cli.register(app)
 grid_cli.register(app)
+failures_cli.register(app)
 
 
 @app.command()

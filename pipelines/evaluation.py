@@ -65,7 +65,8 @@ __all__ = [
     "write_eval_outputs",
 ]
 
-ROLES = ("teacher", "student_base", "student", "student_final")
+ROLES = ("teacher", "student_base", "student", "student_final", "champion")
+"""``champion``: the registry's champion, scored on the failure bank's regression suites (pipelines/failures_stages.py)."""
 METRIC_KEYS = (
     "avg_at_k",
     "pass_at_k",

@@ -113,6 +113,13 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
         except (OSError, ValueError) as exc:
             problems.append(f"evaluate.suites[{suite.name}]: {exc}")
 
+    from pipelines.failures import check_bank
+
+    problems += [
+        f"failures.bank: {p}"
+        for p in check_bank(params.failures.bank, [s.name for s in params.evaluate.suites])
+    ]
+
     policy = Path(params.gate.policy)
     if not policy.is_file():
         problems.append(f"gate.policy: {str(policy)!r} is not a file")

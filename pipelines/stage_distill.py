@@ -29,13 +29,14 @@ import torch
 import torch.distributed as dist
 
 from pipelines.evaluation import grade_responses
+from pipelines.failures_stages import BANK_DATASET, log_bank_input, training_prompts
 from pipelines.stage_io import file_sha256, prompts_file, stage_cli, val_file, write_json
 from pipelines.suites import load_problems
 from pipelines.tracking import StageRun, TrackingUnreachable
 from pipelines.tracking_metrics import MlflowMetricLogger
 from pipelines.tracking_models import log_dataset, log_logged_model, log_model_inputs, log_model_outputs
 from trainer.config import Params, load_params
-from trainer.data import encode_prompts, load_prompts
+from trainer.data import encode_prompts
 from trainer.distributed import all_reduce_sum, torchrun_command
 from trainer.metrics import JsonlLogger, LoggerGroup, MetricLogger
 from trainer.rollout import RolloutEngine, provenance_tags
@@ -148,7 +149,7 @@ def worker(params_path: str, overrides: list[str], logger: MetricLogger | None =
     digest = config_digest(params)
     ckpt_dir = str(Path(params.checkpoint.dir) / digest)
     params = params.model_copy(update={"checkpoint": params.checkpoint.model_copy(update={"dir": ckpt_dir})})
-    trainer = Trainer(params, WORK_DIR, prompts=load_prompts(prompts_file(params)))
+    trainer = Trainer(params, WORK_DIR, prompts=training_prompts(params, prompts_file(params))[0])
     vf = val_file(params)
     if vf is not None and params.distill.eval_every:
         trainer.validator = Validator(trainer, vf, params)
@@ -273,10 +274,14 @@ def launch(params_path: str, overrides: list[str]) -> int:
         summary = json.loads((bridge / "bridge.json").read_text())
         extra |= {"oprd.bridge.bank.sha256": summary["bank_sha256"], "oprd.bridge.rank": str(summary["rank"]),
                  "oprd.bridge.train_projector": str(params.distill.bridge.train_projector).lower()}  # fmt: skip
+    bank = training_prompts(params, prompts)[1]  # the failure bank, when its training share is mixed in
+    datasets = {"train_prompts": prompts_sha, **({BANK_DATASET: bank.digest} if bank else {})}
     with StageRun("distill", params, upstream=upstream, num_devices=world, extra_tags=extra,
-                  datasets={"train_prompts": prompts_sha}) as run:  # fmt: skip
-        # What this run consumed, on its page: the training prompts and the teacher and student base.
+                  datasets=datasets) as run:  # fmt: skip
+        # What this run consumed, on its page: the training prompts (and failures) and the teacher and base.
         log_dataset(run.run_id, prompts, "train_prompts", "training", prompts_sha, client=run.client)
+        if bank is not None:
+            log_bank_input(run, bank)
         inputs = dict(run.upstream["rollout"].models) if "rollout" in run.upstream else {}
         log_model_inputs(run.run_id, list(inputs.values()), client=run.client)
         run.set_tags({"oprd.config_digest": config_digest(params)})
@@ -299,8 +304,9 @@ def launch(params_path: str, overrides: list[str]) -> int:
         summary = json.loads(METRICS.read_text())
         run.client.log_artifact(run.run_id, str(CURVES), "plots")
         run.log_metrics({f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        run.write_ref(REF, {"student": json.loads((STUDENT_DIR / "manifest.json").read_text())["sha256"]},
-                      models={**inputs, "student": model_id})  # fmt: skip
+        student_sha = json.loads((STUDENT_DIR / "manifest.json").read_text())["sha256"]
+        bank_ref = {BANK_DATASET: bank.digest} if bank else {}  # -> the gate's dataset_digests
+        run.write_ref(REF, {"student": student_sha, **bank_ref}, models={**inputs, "student": model_id})
     return 0
 
 

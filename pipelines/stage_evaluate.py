@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pipelines.evaluation import evaluate_model, write_eval_outputs
+from pipelines.failures_stages import REGRESSION_ROLES, regression_suites, score_champion
 from pipelines.stage_distill import FINAL_DIR, STUDENT_DIR
 from pipelines.stage_distill import REF as DISTILL_REF
 from pipelines.stage_io import file_sha256, stage_cli, write_json
@@ -52,18 +53,22 @@ def run(params_path: str, overrides: list[str]) -> dict:
         torch.set_num_threads(params.optim.num_threads)
     t0 = time.perf_counter()
     suites = [load_suite(s, params.evaluate.embedded_path) for s in params.evaluate.suites]
-    digests = {f"eval_{s.name}": s.digest for s in suites}
-    records = {s.name: suite_record(s) for s in suites}
+    regression = regression_suites(params)  # the failure bank's held-out share: students and the champion
+    digests = {f"eval_{s.name}": s.digest for s in [*suites, *regression]}
+    records = {s.name: suite_record(s) for s in [*suites, *regression]}
     with StageRun("evaluate", params, upstream=[DISTILL_REF, ROLLOUT_REF], datasets=digests) as run:
         run.set_tags(suite_tags(records))
-        for s in suites:
+        for s in [*suites, *regression]:
             log_dataset(run.run_id, s.path, f"eval_{s.name}", "evaluation", s.digest, client=run.client)
         models = {**run.upstream["rollout"].models, **run.upstream["distill"].models}
         log_model_inputs(run.run_id, list(models.values()), client=run.client)
         results = {
-            role: evaluate_model(path, suites, params.evaluate, role)
+            role: evaluate_model(
+                path, [*suites, *(regression if role in REGRESSION_ROLES else [])], params.evaluate, role
+            )
             for role, path in model_dirs(params).items()
         }
+        results.update(score_champion(params, regression))
         tree = write_eval_outputs(results, METRICS)
         write_json(SUITES, records)
         run.log_metrics({
@@ -73,7 +78,7 @@ def run(params_path: str, overrides: list[str]) -> dict:
         })  # fmt: skip
         # The same keys against each LoggedModel and the eval dataset: the experiment's Models view then
         # compares teacher, student base and student side by side, each row linked to its model page.
-        by_suite = {s.name: s for s in suites}
+        by_suite = {s.name: s for s in [*suites, *regression]}
         for suite, roles in tree.items():
             for role, m in roles.items():
                 if role in models:

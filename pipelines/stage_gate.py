@@ -26,6 +26,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from pipelines.failures_stages import ChampionMoved, failures_evidence, fixes_lines
 from pipelines.lineage import (
     LineageEdge,
     LineageNode,
@@ -53,7 +54,7 @@ PER_PROBLEM = Path("artifacts/eval/per_problem.jsonl")
 EVIDENCE = Path("artifacts/gate/evidence.json")
 METRICS = Path("metrics/gate.json")
 DECISION = Path("artifacts/gate/decision.json")
-ROLE_TO_EVIDENCE = {"student": "candidate", "teacher": "teacher"}
+ROLE_TO_EVIDENCE = {"student": "candidate", "teacher": "teacher", "champion": "champion"}
 ROLLOUT_REF = Path("artifacts/rollout/rollout.mlflow.json")
 
 
@@ -90,6 +91,9 @@ def build_evidence(
         )
     if not suites or any("candidate" not in s for s in suites.values()):
         raise ValueError(f"{per_problem}: no per-problem results for the distilled student (role 'student')")
+    for suite, extra in failures_evidence(params).items():  # failure-bank suites: who failed what
+        if suite in suites:
+            suites[suite].update(extra)
     distill = json.loads(DISTILL_METRICS.read_text()) if DISTILL_METRICS.is_file() else {}
     wall = float(distill.get("wall_seconds") or 0.0)
     devices = int(distill.get("world_size") or 1)
@@ -264,6 +268,8 @@ def decision_markdown(params: Params, decision: dict, result: dict, evidence: di
             f"| {c['criterion']} | {c.get('suite') or ''} | {_STATUS_TEXT.get(c['status'], c['status'])} | "
             f"{fmt(c.get('observed'))} | {fmt(c.get('threshold'))} | {str(c.get('detail') or '').replace('|', '/')} |"
         )
+    if fixes := fixes_lines(decision["criteria"]):
+        lines += ["", "Failure bank:", *fixes]
     cost = evidence.get("cost") or {}
     lin = evidence["lineage"]
     digests = lin.get("dataset_digests", {})
@@ -376,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "DVC stage: gate",
         lambda a: run(a.params, a.overrides),
         argv,
-        errors=(TrackingUnreachable, GateFailed),
+        errors=(TrackingUnreachable, GateFailed, ChampionMoved),
     )
 
 

@@ -109,6 +109,8 @@ def _suite_criteria(
             data.champion if data.champion is not None else (champ.suites.get(suite) if champ else None)
         )
         rows.append(_non_inferiority(suite, rule, cand, champ, champ_rows, policy))
+    if rule.min_fixed_fraction is not None:
+        rows.append(fixed_failures(suite, rule, cand, data.recorded_failures, champ))
     return rows
 
 
@@ -198,6 +200,46 @@ def _non_inferiority(
         detail=(
             f"paired diff (candidate - champion) over {len(paired)} problems: mean {mean:+.4f}, "
             f"{b.confidence:.0%} one-sided bounds [{lo:+.4f}, {hi:+.4f}] vs margin -{margin}"
+        ),
+    )
+
+
+def fixed_failures(
+    suite: str,
+    rule: SuiteRule,
+    cand: dict[str, float],
+    recorded: dict[str, list[str]] | None,
+    champ: ChampionEvidence | None,
+) -> Criterion:
+    """``min_fixed_fraction``: M = problems recorded as failures of the champion version, N = those where the
+    candidate's Avg@k >= ``rule.fixed_min_avg_at_k`` (a recorded failure missing from the candidate's results is
+    not fixed). PASS when N / M >= the threshold. The detail reads "fixes N of M failures of v<champion>"."""
+    need = rule.min_fixed_fraction
+    assert need is not None
+    if champ is None:
+        return Criterion(criterion="fixed_failures", suite=suite, status="NOT_APPLICABLE", threshold=need,
+                         detail="no champion yet: no recorded failures to fix")  # fmt: skip
+    if recorded is None:
+        return Criterion(criterion="fixed_failures", suite=suite, status="FAIL", threshold=need,
+                         detail="no failure record (recorded_failures) in the evidence (fail closed)")  # fmt: skip
+    failed = sorted(set(recorded.get(str(champ.version), [])))
+    if not failed:
+        return Criterion(criterion="fixed_failures", suite=suite, status="NOT_APPLICABLE", threshold=need,
+                         detail=f"fixes 0 of 0 failures of v{champ.version}: none on record in this suite")  # fmt: skip
+    fixed = [p for p in failed if cand.get(p, 0.0) >= rule.fixed_min_avg_at_k]
+    missing = [p for p in failed if p not in cand]
+    share = len(fixed) / len(failed)
+    ok = share >= need
+    return Criterion(
+        criterion="fixed_failures",
+        suite=suite,
+        status="PASS" if ok else "FAIL",
+        observed=share,
+        threshold=need,
+        detail=(
+            f"fixes {len(fixed)} of {len(failed)} failures of v{champ.version} ({share:.0%} "
+            f"{'>=' if ok else '<'} {need:.0%}; fixed = candidate Avg@k >= {rule.fixed_min_avg_at_k:g})"
+            + (f"; {len(missing)} not in the candidate's results (counted unfixed)" if missing else "")
         ),
     )
 

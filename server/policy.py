@@ -35,6 +35,12 @@ class SuiteRule(_Strict):
     """``teacher_mean - candidate_mean`` must not exceed this."""
     min_problems: int = Field(default=1, ge=1)
     """Fewer (paired) problems than this makes the statistical criteria INCONCLUSIVE."""
+    min_fixed_fraction: Fraction | None = None
+    """Failure-bank regression suites: of the M problems recorded as failures of the champion version (the
+    evidence's ``recorded_failures``), the candidate must fix at least this share. No champion, or none of its
+    failures on record in this suite: NOT_APPLICABLE."""
+    fixed_min_avg_at_k: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    """A recorded failure counts as fixed when the candidate's Avg@k on it (n_correct / k) is at least this."""
 
 
 class Budget(_Strict):

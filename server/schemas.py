@@ -34,10 +34,15 @@ class _Out(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------ evidence
+ProblemId = Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE_PATTERN)]
+VersionKey = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,9}$")]
+"""A registry version number as a JSON object key."""
+
+
 class ProblemResult(_In):
     """One problem of one suite for one role: ``n_correct`` of ``k`` samples were graded correct."""
 
-    problem_id: Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE_PATTERN)]
+    problem_id: ProblemId
     k: Annotated[int, Field(strict=True, ge=1, le=100_000)]
     n_correct: Annotated[int, Field(strict=True, ge=0, le=100_000)]
     mean_length: Annotated[float, Field(ge=0.0, le=1e7)]
@@ -60,6 +65,12 @@ class SuiteEvidence(_In):
     candidate: Problems
     teacher: Problems | None = None
     champion: Problems | None = None
+    recorded_failures: dict[VersionKey, Annotated[list[ProblemId], Field(max_length=MAX_PROBLEMS)]] | None = (
+        Field(default=None, max_length=1000)
+    )
+    """Failure-bank regression suites: registry version (as a string) -> ids of this suite's problems recorded as
+    failures of that version. The policy's ``min_fixed_fraction`` counts those of the champion the candidate now
+    solves ("fixes N of M failures of v<champion>")."""
 
     @model_validator(mode="after")
     def _unique_ids(self) -> SuiteEvidence:

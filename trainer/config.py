@@ -39,6 +39,7 @@ __all__ = [
     "DistillConfig",
     "EvalSuite",
     "EvaluateConfig",
+    "FailuresConfig",
     "GateConfig",
     "ModelSource",
     "ModelsConfig",
@@ -407,6 +408,19 @@ class GateConfig(_Section):
     alias: str = "champion"
 
 
+class FailuresConfig(_Section):
+    """The failure bank (pipelines/failures.py, docs/tasks.md "The failure bank")."""
+
+    bank: str = "failures/bank.jsonl"
+    """The git-tracked bank file ``oprd-ci failures add`` writes; an empty or missing file = no failures."""
+    regression_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    """Share of new failures held out as regression suites (by hash of the normalized prompt, decided once at
+    ingestion); the rest become training prompts."""
+    train_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
+    """Share of the distill stage's prompt pool taken by the bank's training failures (repeated as needed). No
+    effect while the bank has no training failures; 0 turns mixing off."""
+
+
 # --------------------------------------------------------------------------------------------------- root
 class Params(_Section):
     """The root of ``params.yaml``."""
@@ -422,6 +436,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     gate: GateConfig = GateConfig()
+    failures: FailuresConfig = FailuresConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Prompt", "PromptSampler", "drop_overlong", "encode_prompts", "load_prompts"]
+__all__ = ["Prompt", "PromptSampler", "drop_overlong", "encode_prompts", "load_prompts", "mix_prompts"]
 
 PROMPT_COLUMNS = ("prompt", "problem", "question")
 
@@ -95,6 +95,21 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
+
+
+def mix_prompts(base: list[Prompt], extra: list[Prompt], ratio: float) -> list[Prompt]:
+    """``base`` plus ``extra`` repeated cyclically so that extras are ``ratio`` of the returned pool.
+
+    With ``n = len(base)`` the pool gains ``round(ratio * n / (1 - ratio))`` extras (cycling through ``extra`` in
+    order, so each appears ``floor`` or ``ceil`` of the average number of times): :class:`PromptSampler` then draws
+    them at that share per epoch. ``ratio == 0`` or no ``extra`` returns ``base`` itself (unchanged training).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mixing ratio must be in [0, 1), got {ratio}")
+    if not extra or ratio == 0.0:
+        return base
+    count = round(ratio * len(base) / (1.0 - ratio))
+    return [*base, *(extra[i % len(extra)] for i in range(count))]
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> list[list[int]]:

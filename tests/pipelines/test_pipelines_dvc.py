@@ -74,7 +74,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("proj")
-    for name in ("pipelines", "trainer", "policies"):
+    for name in ("pipelines", "trainer", "policies", "failures"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
@@ -154,6 +154,73 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
         assert tags.items() <= by_stage[stage][0].data.tags.items(), stage
     note = by_stage["gate"][0].data.tags["mlflow.note.content"]
     assert f"- suite embedded: graded by `math` v{version} on file `{digest[:12]}`" in note
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_failure_bank_feeds_training_and_a_regression_suite_the_gate_enforces(project):
+    """The user's path (docs/tasks.md "The failure bank") after the first repro promoted v1: v1's failures ->
+    `oprd-ci failures add` -> a policy with `min_fixed_fraction` -> `dvc repro` -> "fixes N of M failures of v1"."""
+    import mlflow
+
+    first = json.loads((project / "artifacts/gate/decision.json").read_text())["decision"]
+    # the tiny policy promotes the first version (the second repro re-gated it): a champion to have failures of
+    assert first["verdict"] == "PROMOTE"
+    v1 = first["version"]
+    # v1's failures: the problems it (as the evaluate stage's `student`) did not always solve
+    task = {
+        r["id"]: r for r in map(json.loads, (project / "artifacts/task/eval.jsonl").read_text().splitlines())
+    }
+    failed = [r for r in map(json.loads, (project / "artifacts/eval/responses.jsonl").read_text().splitlines())
+              if r["role"] == "student" and r["suite"] == "embedded" and not all(r["correct"])]  # fmt: skip
+    assert len(failed) >= 10
+    rows = [{"prompt": task[r["problem_id"]]["prompt"], "reference": task[r["problem_id"]]["answer"],
+             "grader": "math", "version": v1, "response": r["responses"][0]} for r in failed]  # fmt: skip
+    (project / "prod.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _run(
+        ["python", "-m", "oprd_ci", "failures", "add", "prod.jsonl", "--suite", "prod", "--source", "t"],
+        project,
+    )
+    policy = TINY_POLICY + "  prod: {min_fixed_fraction: 0.0, non_inferiority_margin: 1.0}\n"
+    (project / "policies/tiny.yaml").write_text(policy)
+    _run(["python", "-m", "oprd_ci", "policy", "set", "oprd-student", "--file", "policies/tiny.yaml",
+          "--reason", "enforce the failure bank"], project)  # fmt: skip
+    out = _run(["dvc", "repro"], project).stdout
+    for stage in ("distill", "evaluate", "gate"):  # the bank is a dependency of all three
+        assert f"Running stage '{stage}'" in out
+    bank = json.loads(_run(["python", "-m", "oprd_ci", "failures", "show", "--json"], project).stdout)
+    (summary,) = bank["suites"]
+    assert summary["train"] > 0 and summary["regression"] > 0
+    # the regression suite was scored for the students and for the champion (v1)
+    tree = json.loads((project / "metrics/eval.json").read_text())
+    assert set(tree["prod"]) == {"student", "student_final", "champion"}
+    assert tree["prod"]["champion"]["n_problems"] == summary["regression"]
+    assert json.loads((project / "artifacts/eval/champion.json").read_text())["version"] == v1
+    # the gate: N = regression failures of v1 the candidate now solves (Avg@k >= 0.5), M = all of them
+    cand = {r["problem_id"]: r["n_correct"] / r["k"] for r in
+            map(json.loads, (project / "artifacts/eval/per_problem.jsonl").read_text().splitlines())
+            if r["suite"] == "prod" and r["role"] == "student"}  # fmt: skip
+    n = sum(v >= 0.5 for v in cand.values())
+    decision = json.loads((project / "artifacts/gate/decision.json").read_text())["decision"]
+    crit = next(c for c in decision["criteria"] if c["criterion"] == "fixed_failures")
+    assert crit["status"] == "PASS" and crit["detail"].startswith(
+        f"fixes {n} of {len(cand)} failures of v{v1}"
+    )
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    mv = client.get_model_version("oprd-student", str(decision["version"]))
+    assert f"fixes {n} of {len(cand)} failures of v{v1}" in mv.description
+    # lineage: the bank is a dataset input of the distill run, under the bank file's sha256
+    distill = client.get_run(
+        json.loads((project / "artifacts/distill/distill.mlflow.json").read_text())["run_id"]
+    )
+    inputs = {d.dataset.name: d for d in distill.inputs.dataset_inputs}
+    tags = {t.key: t.value for t in inputs["train_failures"].tags}
+    assert tags["oprd.sha256"] == bank["sha256"] and tags["mlflow.data.context"] == "training"
+    lock = _lock_entry(project, "distill")
+    assert any(d["path"] == "failures/bank.jsonl" for d in lock["deps"])
+    _run(["git", "checkout", "policies/tiny.yaml"], project)  # later tests use the permissive policy
+    _run(["python", "-m", "oprd_ci", "policy", "set", "oprd-student", "--file", "policies/tiny.yaml",
+          "--reason", "back to the tiny policy"], project)  # fmt: skip
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
