@@ -355,7 +355,7 @@ def plan_onboarding(
         f"# Apply it with `oprd-ci params apply profiles/{name}.yaml` (init already did); go back with\n"
         "# `git checkout params.yaml`. Method: "
         f"{method} ({why}).\n"
-        + ("# --smoke: micro budgets and 8 problems per suite; re-run init without --smoke for a real run.\n"
+        + ("# --smoke: micro budgets and 8 problems per suite; for a real run: init again with --force, without --smoke.\n"
            if smoke else "")
         + f"# max_new_tokens: half of the student's max_position_embeddings ({max_pos}), at most 4096.\n"
     )  # fmt: skip
