@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from oprd_ci import bench_cli, failures_cli, grid_cli, registry_cli
+from oprd_ci import bench_cli, failures_cli, grid_cli, init_cli, params_cli, registry_cli
 
 app = typer.Typer(
     name="oprd-ci",
@@ -26,6 +26,8 @@ registry_cli.register(app)
 bench_cli.register(app)
 grid_cli.register(app)
 failures_cli.register(app)
+params_cli.register(app)
+init_cli.register(app)
 
 
 @app.command()
@@ -60,26 +62,6 @@ def train(
     from trainer.train import main as train_main
 
     raise typer.Exit(train_main(args))
-
-
-@app.command("params")
-def show_params(
-    params: Annotated[Path, typer.Option(help="The params.yaml to validate.")] = Path("params.yaml"),
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a param: KEY=VALUE (repeatable).")
-    ] = None,
-) -> None:
-    """Validate params.yaml (unknown keys and bad values are errors) and print the resolved config as YAML."""
-    import yaml
-
-    from trainer.config import ConfigError, load_params
-
-    try:
-        p = load_params(params, list(set_ or []))
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
 
 
 @app.command()

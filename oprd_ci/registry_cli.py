@@ -588,8 +588,15 @@ def gate(
             "--policy",
             exists=True,
             dir_okay=False,
-            help="Install this policy first if the model has none (admin).",
+            help="The policy this gate must run under: installed if the model has none (admin); refused if "
+            "it differs from the installed one unless --install-policy.",
         ),
+    ] = None,
+    install_policy: Annotated[
+        bool, typer.Option(help="Install --policy as the next policy version when it differs (admin).")
+    ] = False,
+    policy_reason: Annotated[
+        str | None, typer.Option(help="Audit reason for --install-policy (required with it).")
     ] = None,
     fail_on_reject: Annotated[bool, typer.Option(help="Exit 1 unless the verdict is PROMOTE.")] = False,
     reason: Annotated[
@@ -610,7 +617,7 @@ def gate(
         raise typer.BadParameter(f"{evidence}: needs a string 'model' field")
     with RegistryCall(url, token) as call:
         if policy is not None:
-            _ensure_policy(call, name, policy)
+            _ensure_policy(call, name, policy, install=install_policy, reason=policy_reason)
         result = call(
             "POST",
             "/v1/gate",
@@ -632,20 +639,30 @@ def gate(
         raise typer.Exit(EXIT_REJECTED)
 
 
-def _ensure_policy(call: RegistryCall, name: str, policy: Path) -> None:
-    """Install ``policy`` if ``name`` has none yet (needs admin; the in-process local user is admin)."""
-    from server.policy import load_policy_file
+def _ensure_policy(
+    call: RegistryCall, name: str, policy: Path, *, install: bool = False, reason: str | None = None
+) -> None:
+    """Make ``policy`` the one the gate runs under (``server.policy_sync.plan_policy``): proceed when it equals
+    the installed policy, install it when there is none or when ``install`` (with ``reason``; needs admin, the
+    in-process local user is admin), else exit 4 with the command that installs it."""
+    from server.policy import PolicySpec, load_policy_file
+    from server.policy_sync import PolicyMismatch, plan_policy
 
     try:
-        spec = load_policy_file(policy).model_dump(mode="json")
+        spec = load_policy_file(policy)
     except ValueError as exc:
         raise typer.BadParameter(f"{policy}: {exc}") from exc
-    if call("GET", f"/v1/models/{name}/policy", missing_ok=True) is None:
-        call(
-            "PUT",
-            f"/v1/models/{name}/policy",
-            body={"spec": spec, "reason": f"installed from {policy.name} by oprd-ci gate"},
+    current = call("GET", f"/v1/models/{name}/policy", missing_ok=True)
+    installed = PolicySpec.model_validate(current["spec"]) if current else None
+    try:
+        plan = plan_policy(
+            name, policy, spec, installed, current and current["version"], install=install, reason=reason
         )
+    except PolicyMismatch as exc:
+        _fail(EXIT_CONFLICT, str(exc))
+    if plan.action != "same":
+        body = {"spec": spec.model_dump(mode="json"), "reason": plan.reason}
+        call("PUT", f"/v1/models/{name}/policy", body=body)
 
 
 policy_app = typer.Typer(help="Show or set the promotion policy of a model.", no_args_is_help=True)

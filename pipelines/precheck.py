@@ -13,9 +13,12 @@ Checks (all problems are collected and reported together, one line each, exit 2)
 * ``task.prompts_file`` holds at least one well-formed prompt (``trainer.data.load_prompts``), and the rows that
   carry a ``grader``/``reference`` pass that grader's checks (``pipelines.suites.check_prompt_references``);
 * the teacher, student base and tokenizer directories exist and hold a Hugging Face config and weights;
+* teacher and student fit ``distill.method`` (:func:`check_pair_for_method`: tokenizer identity, chat template,
+  hidden sizes, depth and layer plan; the rollout stage's own pre-flight, run from config files only);
 * every evaluation suite names a registered grader (did-you-mean on a typo), and its file loads with every row's
   grader known and every reference accepted by that grader's ``check_reference`` (``pipelines.suites.load_suite``);
-* ``gate.policy`` is a YAML mapping;
+* ``gate.policy`` is a valid policy and equals the one installed for ``gate.model_name``
+  (:func:`check_policy_installed`);
 * the MLflow tracking store answers (``pipelines.tracking.check_tracking_reachable``).
 
 With ``models.embedded: true`` a file that the ``bootstrap`` stage generates is checked only when it exists
@@ -71,10 +74,13 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
     """Every problem found in the inputs ``params`` names, as ``<key>: <what is wrong>`` lines (empty: fine)."""
     problems: list[str] = []
     m = params.models
+    before = len(problems)
     _check_model_dir(params, "models.teacher.path", m.teacher.path, problems)
     _check_model_dir(params, "models.student.path", m.student.path, problems)
     if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
         problems.append(f"models.tokenizer: {m.tokenizer!r} is not a directory")
+    if len(problems) == before and Path(m.teacher.path).is_dir() and Path(m.student.path).is_dir():
+        problems.extend(check_pair_for_method(params))
 
     prompts = Path(params.task.prompts_file)
     if prompts.exists() or not _generated_by_bootstrap(params, prompts):
@@ -133,6 +139,8 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
         else:
             if not isinstance(doc, dict):
                 problems.append(f"gate.policy: {policy} must be a YAML mapping")
+            else:
+                problems.extend(check_policy_installed(params))
 
     if check_tracking:
         from pipelines.tracking import TrackingUnreachable, check_tracking_reachable, resolve_tracking_uri
@@ -144,6 +152,74 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
         except TrackingUnreachable as exc:
             problems.append(f"tracking.uri: {exc}")
     return problems
+
+
+def check_pair_for_method(params: Params) -> list[str]:
+    """The pair pre-flight of the rollout stage (``trainer.models.check_pair``: tokenizer vocabulary, special
+    tokens and chat template, embedding size, hidden size against ``distill.method``, depth and the layer plan of
+    ``distill.rep.layers``) from config files and tokenizers alone, before any weights are read."""
+    from trainer.methods import method_spec
+    from trainer.models import CompatibilityError, check_pair
+
+    try:
+        check_pair(
+            params.models, params.distill.rep,
+            uses_hidden_states=method_spec(params.distill.method).hidden_states,
+        )  # fmt: skip
+    except (CompatibilityError, OSError, ValueError) as exc:
+        return [f"models (distill.method={params.distill.method}): {exc}"]
+    return []
+
+
+def check_policy_installed(params: Params) -> list[str]:
+    """``gate.policy`` against the policy installed for ``gate.model_name`` (``server.policy_sync``), where the
+    registry is cheap to ask: over HTTP when ``gate.registry_url`` / ``$OPRD_REGISTRY_URL`` is set, else read-only
+    from the local registry database (``$OPRD_DATABASE_URL``, default ``sqlite:///registry.db``; a missing file
+    means nothing is installed). An unreachable server is left to the gate stage, which fails closed."""
+    from server.policy import PolicySpec, load_policy_file
+    from server.policy_sync import PolicyMismatch, plan_policy, read_installed_policy
+
+    g = params.gate
+    try:
+        wanted = load_policy_file(g.policy)
+    except ValueError as exc:
+        return [f"gate.policy: {g.policy}: {' '.join(str(exc).split())}"]
+    url = g.registry_url or os.environ.get("OPRD_REGISTRY_URL")
+    try:
+        if url:
+            import httpx
+
+            token = os.environ.get("OPRD_TOKEN")
+            r = httpx.get(
+                f"{url.rstrip('/')}/v1/models/{g.model_name}/policy",
+                headers={"Authorization": f"Bearer {token}"} if token else {},
+                timeout=params.tracking.timeout_s,
+            )
+            if r.status_code == 404:
+                installed = None
+            elif r.status_code == 200:
+                body = r.json()
+                installed = (body["version"], PolicySpec.model_validate(body["spec"]))
+            else:
+                print(
+                    f"precheck: note: registry answered {r.status_code}; the gate checks the policy",
+                    file=sys.stderr,
+                )
+                return []
+        else:
+            db_url = os.environ.get("OPRD_DATABASE_URL", "sqlite:///registry.db")
+            installed = read_installed_policy(g.model_name, db_url)
+    except Exception as exc:
+        print(f"precheck: note: policy not compared with the registry ({exc})", file=sys.stderr)
+        return []
+    try:
+        plan_policy(
+            g.model_name, g.policy, wanted, installed and installed[1], installed and installed[0],
+            install=g.install_policy, reason=g.policy_reason,
+        )  # fmt: skip
+    except PolicyMismatch as exc:
+        return [str(exc)]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,13 +146,11 @@ def run(params_path: str, overrides: list[str]) -> int:
             if k.startswith(("train_", "eval_"))
         }
         write_json(EVIDENCE, evidence)
-        policy = _read_policy(params.gate.policy)
-        run.client.log_batch(
-            run.run_id, params=_params({f"policy.{k}": v for k, v in flatten_params(policy).items()})
-        )
         cmd = [sys.executable, "-m", "oprd_ci", "gate", "--evidence", str(EVIDENCE), "--out", str(DECISION),
                "--alias", params.gate.alias, "--policy", params.gate.policy,
                "--reason", f"dvc gate stage, distill.method={params.distill.method}"]  # fmt: skip
+        if params.gate.install_policy:  # a differing file becomes the next audited policy version
+            cmd += ["--install-policy", "--policy-reason", str(params.gate.policy_reason)]
         env = dict(os.environ)
         if params.gate.registry_url:
             env["OPRD_REGISTRY_URL"] = params.gate.registry_url
@@ -169,6 +167,7 @@ def run(params_path: str, overrides: list[str]) -> int:
             version["artifact_path"] = repo_relative(version["artifact_path"])
             write_json(DECISION, result)
         decision = result["decision"]
+        _log_policy_used(run, params.gate.policy, decision)
         write_json(METRICS, gate_metrics(result))
         _log_decision(run, decision, result)
         run.set_tags(suite_tags(evidence["lineage"]["eval_suites"]))
@@ -255,7 +254,8 @@ def decision_markdown(params: Params, decision: dict, result: dict, evidence: di
     moved = result.get("promoted")
     lines = [
         f"**{decision['verdict']}**: {decision['model']} v{decision['version']} under policy "
-        f"v{decision['policy_version']} (decision {decision['id']}; champion before: "
+        f"v{decision['policy_version']} `{short_digest(decision['policy_digest'])}` (decision {decision['id']}; "
+        "champion before: "
         f"{'v' + str(champion) if champion is not None else 'none'}"
         + (f"; `{moved['alias']}` now points here" if moved else "")
         + ").",
@@ -304,10 +304,25 @@ def _grader_lines(records: dict) -> list[str]:
     ]
 
 
-def _read_policy(path: str) -> dict:
-    import yaml
+def _log_policy_used(run: StageRun, path: str, decision: dict) -> None:
+    """Log the policy the registry *decided under* (version and digest from the decision record) as the gate
+    run's ``policy.version`` / ``policy.digest`` params and tags. Its settings are logged as ``policy.*`` params
+    only when the params file's parsed policy has that digest (``oprd-ci gate`` made sure it does); otherwise the
+    run says the file differs rather than recording settings the decision did not use."""
+    from server.policy import load_policy_file, policy_digest
 
-    return yaml.safe_load(Path(path).read_text()) or {}
+    used = decision["policy_digest"]
+    spec = load_policy_file(path)
+    same = policy_digest(spec) == used
+    logged = {"policy.version": decision["policy_version"], "policy.digest": used}
+    if same:
+        logged.update({f"policy.{k}": v for k, v in flatten_params(spec.model_dump(mode="json")).items()})
+    run.client.log_batch(run.run_id, params=_params(logged))
+    run.set_tags({
+        "oprd.gate.policy_digest": used,
+        "oprd.gate.policy_file": repo_relative(path),
+        "oprd.gate.policy_file_matches": str(same).lower(),
+    })  # fmt: skip
 
 
 def _params(d: dict) -> list:

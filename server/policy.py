@@ -74,3 +74,33 @@ class PolicySpec(_Strict):
 def load_policy_file(path: str | Path) -> PolicySpec:
     """Parse a policy YAML file; raises ``ValueError`` (pydantic ``ValidationError``) naming the bad key."""
     return PolicySpec.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+def policy_digest(spec: PolicySpec) -> str:
+    """``sha256:<hex>`` of the parsed policy in canonical JSON (sorted keys, defaults filled in): equal for two
+    files that differ only in comments, key order, float spelling (``0.2`` / ``0.20``) or omitted defaults."""
+    import hashlib
+    import json
+
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def policy_differences(installed: PolicySpec, wanted: PolicySpec) -> list[str]:
+    """``key: installed -> wanted`` for every setting that differs (dotted keys, parsed values; empty: same)."""
+
+    def flat(d: object, prefix: str = "") -> dict[str, object]:
+        if isinstance(d, dict):
+            out: dict[str, object] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = flat(installed.model_dump(mode="json")), flat(wanted.model_dump(mode="json"))
+    missing = object()
+    return [
+        f"{k}: {'(none)' if a.get(k, missing) is missing else a[k]} -> {'(none)' if b.get(k, missing) is missing else b[k]}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, missing) != b.get(k, missing)
+    ]

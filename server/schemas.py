@@ -191,6 +191,8 @@ class DecisionOut(_Out):
     version: int
     verdict: Verdict
     policy_version: int
+    policy_digest: str
+    """``sha256:<hex>`` of the policy spec this decision applied (``server.policy.policy_digest``)."""
     champion_version: int | None
     criteria: list[Criterion]
     created_at: datetime
@@ -261,6 +263,8 @@ class PolicyOut(BaseModel):
     model: str
     version: int
     spec: PolicySpec
+    digest: str
+    """``sha256:<hex>`` of ``spec`` in canonical JSON (``server.policy.policy_digest``)."""
     reason: str
     created_by: str
     created_at: datetime

@@ -54,6 +54,7 @@ __all__ = [
     "TrackingConfig",
     "VLLMConfig",
     "load_params",
+    "params_from_tree",
 ]
 
 LayerMode = Literal["last", "all", "even", "odd"]
@@ -405,7 +406,23 @@ class GateConfig(_Section):
     registry_url: str | None = None
     """``None``: ``$OPRD_REGISTRY_URL`` if set, else the registry app in-process on the local database."""
     policy: str = "policies/default.yaml"
+    """The policy file this pipeline's gate runs under. It must equal the policy installed for ``model_name``
+    (compared parsed, at ``precheck`` and at the gate); a model without a policy gets it installed."""
     alias: str = "champion"
+    install_policy: bool = False
+    """True: when ``policy`` differs from the installed policy, the gate installs it as the model's next policy
+    version (audited, with ``policy_reason``) instead of refusing."""
+    policy_reason: str | None = None
+    """Why the policy changes (the audit log's reason); required with ``install_policy: true``."""
+
+    @model_validator(mode="after")
+    def _reason_with_install(self) -> GateConfig:
+        if self.install_policy and not (self.policy_reason or "").strip():
+            raise ValueError(
+                "gate.install_policy: true needs gate.policy_reason (why the policy changes; it goes to the "
+                "audit log)"
+            )
+        return self
 
 
 class FailuresConfig(_Section):
@@ -535,6 +552,12 @@ def load_params(
         overrides = parsed
     for k, v in (overrides or {}).items():
         _set_dotted(tree, k, v)
+    return params_from_tree(tree, source)
+
+
+def params_from_tree(tree: dict[str, Any], source: str = "<params>") -> Params:
+    """Validate an already-parsed params tree (e.g. ``params.yaml`` with a profile merged in); raises
+    :class:`ConfigError` with one ``source: dotted.key: problem`` line per problem."""
     try:
         return Params.model_validate(tree)
     except ValidationError as err:

@@ -23,7 +23,9 @@ __all__ = [
     "CompatibilityError",
     "LayerPlan",
     "check_compatibility",
+    "check_pair",
     "copy_tokenizer_files",
+    "has_tokenizer",
     "load_model",
     "load_tokenizer",
 ]
@@ -159,6 +161,52 @@ def _vocab(tok: PreTrainedTokenizerBase) -> dict[str, int]:
     return dict(tok.get_vocab())
 
 
+def _special_tokens(tok: PreTrainedTokenizerBase) -> dict[str, str]:
+    """Role -> token of the special tokens (bos/eos/pad/unk/...; additional ones under their own names): two
+    tokenizers with one vocabulary can still disagree on which id ends a turn or pads a batch."""
+    out: dict[str, str] = {}
+    for role, value in tok.special_tokens_map.items():
+        for i, t in enumerate(value if isinstance(value, list) else [value]):
+            out[f"{role}[{i}]" if isinstance(value, list) else role] = str(t)
+    return out
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """``path`` holds tokenizer files (a teacher directory may ship weights only; the student's then serve)."""
+    p = Path(path)
+    return (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
+
+
+def _meta_model(path: str | Path, cfg: ModelsConfig) -> nn.Module:
+    """The model of ``path`` built from its ``config.json`` on the meta device: its config and module tree
+    (depth, hidden size) at no memory or read cost, so the pair check runs before any weights are loaded."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
+def check_pair(cfg: ModelsConfig, rep: RepConfig, *, uses_hidden_states: bool) -> LayerPlan:
+    """The pre-flight of :func:`check_compatibility` from the model directories alone (no weights read):
+    tokenizers as the stages load them (student: ``models.tokenizer`` or the student directory; teacher: its own
+    directory when it has tokenizer files), both models on the meta device. ``pipelines.precheck`` runs it
+    before DVC deletes any output; ``oprd-ci init`` runs it to pick the method.
+
+    Raises:
+        CompatibilityError: the pair cannot be distilled as configured (the message names the fix).
+        FileNotFoundError: a directory is missing or not a Hugging Face model directory.
+    """
+    _check_dir(Path(cfg.student.path), "student")
+    _check_dir(Path(cfg.teacher.path), "teacher")
+    student_tok = load_tokenizer(cfg.tokenizer or cfg.student.path, cfg)
+    teacher_tok = load_tokenizer(cfg.teacher.path, cfg) if has_tokenizer(cfg.teacher.path) else student_tok
+    return check_compatibility(
+        _meta_model(cfg.student.path, cfg), _meta_model(cfg.teacher.path, cfg), student_tok, teacher_tok, rep,
+        uses_hidden_states=uses_hidden_states,
+    )  # fmt: skip
+
+
 def check_compatibility(
     student: nn.Module,
     teacher: nn.Module,
@@ -168,7 +216,8 @@ def check_compatibility(
     *,
     uses_hidden_states: bool,
 ) -> LayerPlan:
-    """Pre-flight: tokenizer identity, vocabulary size, depth (proportional map) and hidden size.
+    """Pre-flight: tokenizer identity (vocabulary, special tokens, chat template), embedding size, depth
+    (proportional map) and hidden size.
 
     ``uses_hidden_states``: the method compares hidden states *directly* (``oprd``, ``combined``), so the hidden
     sizes must match; ``oprd_bridge`` compares them through its bank and passes False (its bank is checked by
@@ -183,6 +232,22 @@ def check_compatibility(
         raise CompatibilityError(
             f"tokenizers differ ({len(sv)} vs {len(tv)} entries; e.g. student-only {only_s}): the teacher is fed the "
             "student's token ids, so both need the same tokenizer. Pick a teacher of the student's tokenizer family."
+        )
+    s_special, t_special = _special_tokens(student_tok), _special_tokens(teacher_tok)
+    if s_special != t_special:
+        diff = sorted(k for k in s_special.keys() | t_special.keys() if s_special.get(k) != t_special.get(k))
+        shown = ", ".join(f"{k}: {s_special.get(k)!r} vs {t_special.get(k)!r}" for k in diff[:3])
+        raise CompatibilityError(
+            f"tokenizers share a vocabulary but not their special tokens (student vs teacher: {shown}): the "
+            "teacher would read the student's end-of-turn and padding ids differently. Give both the same "
+            "tokenizer files."
+        )
+    s_tpl, t_tpl = student_tok.chat_template, teacher_tok.chat_template
+    if s_tpl and t_tpl and s_tpl != t_tpl:
+        raise CompatibilityError(
+            "chat templates differ: prompts are rendered with the student's template, so the teacher would score "
+            "responses in a format it was not trained on. Give both the same chat template (tokenizer_config.json "
+            "or chat_template.jinja)."
         )
     s_cfg, t_cfg = student.config, teacher.config
     if t_cfg.vocab_size < len(sv) or s_cfg.vocab_size < len(sv):

@@ -58,7 +58,13 @@ from trainer.memory import PeakMemory
 from trainer.methods import method_spec
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
 from trainer.microbatch import accumulate_update, micro_batches
-from trainer.models import check_compatibility, copy_tokenizer_files, load_model, load_tokenizer
+from trainer.models import (
+    check_compatibility,
+    copy_tokenizer_files,
+    has_tokenizer,
+    load_model,
+    load_tokenizer,
+)
 from trainer.objective_bridge import BridgeObjective
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
@@ -115,7 +121,7 @@ class Trainer:
         m = params.models
         self.tokenizer_dir = Path(m.tokenizer or m.student.path)
         self.tokenizer = load_tokenizer(self.tokenizer_dir, m)
-        teacher_tok = load_tokenizer(m.teacher.path, m) if _has_tokenizer(m.teacher.path) else self.tokenizer
+        teacher_tok = load_tokenizer(m.teacher.path, m) if has_tokenizer(m.teacher.path) else self.tokenizer
         self.student = load_model(m.student, m, role="student", trainable=True).to(self.env.device)
         if params.rollout.engine == "vllm":  # pre-flight: a missing vLLM is one clear error before any work
             from trainer.rollout_vllm import require_vllm
@@ -436,11 +442,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _has_tokenizer(path: str) -> bool:
-    p = Path(path)
-    return (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from server.errors import NotFound
 from server.gating import set_policy as _set_policy
 from server.idempotency import run_mutation
 from server.orm import ModelVersion, Policy, RegisteredModel
-from server.policy import PolicySpec
+from server.policy import PolicySpec, policy_digest
 from server.registry import get_model, get_version, lock_or_create_model, retire
 from server.schemas import (
     HealthOut,
@@ -42,10 +42,12 @@ class RetireOut(BaseModel):
 
 
 def _policy_out(model: RegisteredModel, p: Policy) -> PolicyOut:
+    spec = PolicySpec.model_validate(p.spec)
     return PolicyOut(
         model=model.name,
         version=p.version,
-        spec=PolicySpec.model_validate(p.spec),
+        spec=spec,
+        digest=policy_digest(spec),
         reason=p.reason,
         created_by=p.created_by,
         created_at=p.created_at,

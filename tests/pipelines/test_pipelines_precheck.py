@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,18 +12,19 @@ from prefix_grader import prefix_grader_fixture  # noqa: F401 (the prefix_grader
 from pipelines import precheck
 from pipelines.graders import known_graders
 from trainer.config import load_params
-from trainer.export import write_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+EMBEDDED = {"teacher": "teacher", "student": "student-base", "teacher-wide": "teacher-wide"}
 
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project whose pair is a copy of the committed embedded pair (real Qwen2 directories, 4 MB each)."""
     monkeypatch.chdir(tmp_path)
-    for name in ("teacher", "student"):
-        d = tmp_path / "models" / name
-        d.mkdir(parents=True)
-        (d / "config.json").write_text("{}")
-        (d / "model.safetensors").write_bytes(b"w")
-        write_manifest(d)
+    for var in ("OPRD_DATABASE_URL", "OPRD_REGISTRY_URL"):
+        monkeypatch.delenv(var, raising=False)
+    for name, src in EMBEDDED.items():
+        shutil.copytree(REPO / "artifacts/models" / src, tmp_path / "models" / name)
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "1+1?"}) + "\n")
     (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n")
     (tmp_path / "policy.yaml").write_text("suites: {embedded: {floor: 0.1}}\n")
@@ -117,3 +119,68 @@ def test_graders_and_references_are_checked_before_any_stage(
     assert problems == [
         f"task.prompts_file: prompts.jsonl: row 1: unknown grader 'maht' (known: {known}); did you mean 'math'?"
     ]
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+def test_the_pair_is_checked_against_the_method_before_any_stage(project: Path) -> None:
+    """Hidden sizes against the method, the layer plan, special tokens and chat templates: one line each."""
+    wide = {"models.teacher.path": "models/teacher-wide"}
+    (problem,) = precheck.check_params(_params(**wide), check_tracking=False)
+    assert problem.startswith("models (distill.method=oprd): hidden sizes differ (student 128, teacher 160)")
+    assert (
+        precheck.check_params(_params(**wide, **{"distill.method": "oprd_bridge"}), check_tracking=False)
+        == []
+    )
+    (problem,) = precheck.check_params(_params(**{"distill.rep.layers": [1, 9]}), check_tracking=False)
+    assert "models (distill.method=oprd):" in problem and "9" in problem
+
+    # Same vocabulary, another end-of-sequence token: not the same tokenizer.
+    _edit_json(project / "models/student/tokenizer_config.json", eos_token="<pad>")
+    (problem,) = precheck.check_params(_params(), check_tracking=False)
+    assert "special tokens" in problem and "eos_token: '<pad>' vs '</s>'" in problem and "\n" not in problem
+    shutil.copy(
+        project / "models/teacher/tokenizer_config.json", project / "models/student/tokenizer_config.json"
+    )
+    assert precheck.check_params(_params(), check_tracking=False) == []
+
+    for name, turn in (("student", "{{ m.content }}"), ("teacher", "<s>{{ m.content }}</s>")):
+        (project / "models" / name / "chat_template.jinja").write_text(
+            "{% for m in messages %}" + turn + "{% endfor %}"
+        )
+    (problem,) = precheck.check_params(_params(), check_tracking=False)
+    assert "chat templates differ" in problem
+
+
+def test_a_policy_file_that_differs_from_the_installed_one_is_refused(project: Path) -> None:
+    """Read-only from the local registry database: missing -> fine (the gate installs it); equal -> fine;
+    different -> one line naming `oprd-ci policy set`; with gate.install_policy + reason -> fine."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.policy import load_policy_file
+    from server.settings import ServerSettings
+
+    assert precheck.check_params(_params(**{"gate.model_name": "mine"}), check_tracking=False) == []
+    assert not (project / "registry.db").exists()  # reading created nothing
+    settings = ServerSettings(database_url=f"sqlite:///{project}/registry.db", mlflow_enabled=False)
+    spec = load_policy_file(project / "policy.yaml").model_dump(mode="json")
+    with TestClient(create_app(settings, local_actor="t")) as c:
+        r = c.put(
+            "/v1/models/mine/policy",
+            json={"spec": spec, "reason": "first"},
+            headers={"Idempotency-Key": "k1"},
+        )
+        assert r.status_code == 200, r.text
+    (project / "policy.yaml").write_text("# reformatted\nsuites:\n  embedded:\n    floor: 0.10\n")
+    assert precheck.check_params(_params(**{"gate.model_name": "mine"}), check_tracking=False) == []
+    (project / "policy.yaml").write_text("suites: {embedded: {floor: 0.3}}\n")
+    (problem,) = precheck.check_params(_params(**{"gate.model_name": "mine"}), check_tracking=False)
+    assert "differs from the policy installed for mine v1 (suites.embedded.floor: 0.1 -> 0.3)" in problem
+    assert "oprd-ci policy set mine --file policy.yaml --reason" in problem
+    asked = {"gate.model_name": "mine", "gate.install_policy": True, "gate.policy_reason": "stricter"}
+    assert precheck.check_params(_params(**asked), check_tracking=False) == []
