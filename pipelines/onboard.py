@@ -71,6 +71,8 @@ class SuiteInfo:
     name: str
     path: str
     problems: int
+    grader: str = "math"
+    """The suite's grader: the one its rows name when they all name the same, else ``math`` (rows still win)."""
 
 
 @dataclass
@@ -302,7 +304,9 @@ def plan_onboarding(
             loaded = load_suite(EvalSuite(name=suite_name, path=str(path)), base.evaluate.embedded_path)
         except (OSError, ValueError) as exc:
             raise OnboardError(f"--suite {path}: {' '.join(str(exc).split())}") from None
-        infos.append(SuiteInfo(suite_name, _rel(path, root), len(loaded.problems)))
+        graders = {p.grader for p in loaded.problems}
+        grader = graders.pop() if len(graders) == 1 else "math"
+        infos.append(SuiteInfo(suite_name, _rel(path, root), len(loaded.problems), grader))
 
     from server.policy import PolicySpec
 
@@ -368,6 +372,5 @@ def plan_onboarding(
 
 
 def _grader(suite: SuiteInfo) -> dict[str, str]:
-    """``grader: math`` where the config has per-suite graders (``evaluate.suites[].grader``); the math grader
-    (the last ``\\boxed{}`` answer) is what the suites of this project use."""
-    return {"grader": "math"} if "grader" in EvalSuite.model_fields else {}
+    """The suite's ``grader`` (``evaluate.suites[].grader``; docs/tasks.md)."""
+    return {"grader": suite.grader}

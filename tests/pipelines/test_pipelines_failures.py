@@ -204,7 +204,7 @@ def test_decision_markdown_says_fixes_n_of_m(tmp_path):
         def model(self, r):
             return f"#/m/{r}"
 
-    decision = {"verdict": "PROMOTE", "model": "m", "version": 4, "policy_version": 1, "id": 9,
+    decision = {"verdict": "PROMOTE", "model": "m", "version": 4, "policy_version": 1, "policy_digest": "ab" * 32, "id": 9,
                 "champion_version": 3, "criteria": [
                     {"criterion": "fixed_failures", "suite": "prod", "status": "PASS", "observed": 0.5,
                      "threshold": 0.5, "detail": "fixes 2 of 4 failures of v3 (50% >= 50%; ...)"}]}  # fmt: skip

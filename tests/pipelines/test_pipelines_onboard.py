@@ -104,7 +104,9 @@ def test_init_writes_installs_applies_and_prints_the_next_command(project: Path)
     profile = yaml.safe_load((project / "profiles/team-a.yaml").read_text())
     assert profile["models"]["teacher"] == {"path": "mine/teacher", "revision": None}  # repo-relative
     assert profile["distill"] == {"method": "oprd"}
-    assert profile["evaluate"]["suites"] == [{"name": "arith", "path": "mine/arith.jsonl", "limit": None}]
+    assert profile["evaluate"]["suites"] == [
+        {"name": "arith", "path": "mine/arith.jsonl", "limit": None, "grader": "math"}
+    ]
     p = load_params(project / "params.yaml")  # applied and valid
     assert not p.models.embedded and p.gate.model_name == "team-a" and p.gate.policy == "policies/team-a.yaml"
     assert p.task.prompts_file == "mine/prompts.jsonl" and p.distill.bridge.bank == "artifacts/bridge"
