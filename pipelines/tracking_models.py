@@ -39,7 +39,7 @@ from mlflow.entities import (
 )
 from mlflow.exceptions import MlflowException
 
-from pipelines.lineage import LineageEdge, LineageNode, render_lineage, render_lineage_html
+from pipelines.lineage import LineageEdge, LineageNode, render_lineage
 from pipelines.mlflow_globals import process_uris
 from pipelines.tracking import repo_relative, short_commit
 from trainer.export import MANIFEST_NAME, verify_manifest
@@ -430,17 +430,14 @@ def log_lineage(
     edges: Sequence[LineageEdge],
     *,
     title: str = "",
-    footer: str = "",
     artifact_path: str = "lineage",
     client: MlflowClient | None = None,
 ) -> str:
-    """Log the lineage view as run artifacts: ``lineage.html`` (readable, linked cards:
-    :func:`pipelines.lineage.render_lineage_html`) and ``lineage.png`` (a thumbnail). Returns the HTML's
-    artifact path inside the run (``lineage/lineage.html``)."""
+    """Log the lineage picture (:func:`pipelines.lineage.render_lineage`) as the run artifact
+    ``<artifact_path>/lineage.png`` and return that path. MLflow shows images inline; the linked lineage view is
+    the model-version page (an HTML artifact would be shown in a sandboxed frame whose links cannot navigate)."""
     c = _client(client)
     with tempfile.TemporaryDirectory(prefix="oprd-lineage-") as tmp:
-        page = Path(tmp) / "lineage.html"
-        page.write_text(render_lineage_html(nodes, edges, title=title, footer=footer))
         render_lineage(Path(tmp) / "lineage.png", nodes, edges, title=title)
         c.log_artifacts(run_id, tmp, artifact_path)
-    return f"{artifact_path}/lineage.html"
+    return f"{artifact_path}/lineage.png"
