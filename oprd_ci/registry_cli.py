@@ -1,4 +1,5 @@
-"""``oprd-ci`` registry commands: serve, promote, rollback, retire, status, history, lineage, gate, policy.
+"""``oprd-ci`` registry commands: serve, promote, rollback, retire, status, history, lineage, reconcile, gate,
+policy.
 
 Thin typer commands: they gather options, call the registry API and render the answer (rich tables, or
 ``--json`` for scripts). With no server URL (``--url`` / ``$OPRD_REGISTRY_URL``) the same ASGI app runs
@@ -27,6 +28,9 @@ from rich.table import Table
 
 EXIT_REJECTED, EXIT_USAGE, EXIT_AUTH, EXIT_CONFLICT, EXIT_SERVER, EXIT_NOT_FOUND = 1, 2, 3, 4, 5, 6
 _RETRIES = 3
+PENDING_WAIT_S = 10.0
+"""How long a mutating command waits for its MLflow writes before saying they are pending (bounded: an MLflow
+outage must not hang the command; the writes are durable in the registry database either way)."""
 
 UrlOpt = Annotated[
     str | None,
@@ -64,6 +68,8 @@ class RegistryCall:
         # drift as it is instead of racing the reconciler's repair (and starts faster).
         self.url, self.token, self.reconcile = url, token, reconcile
         self._client: Any = None
+        self._pending_models: set[str] = set()
+        """Models whose MLflow writes the server answered as still pending (``OPRD-MLflow: pending``)."""
 
     def __enter__(self) -> RegistryCall:
         if self.url:
@@ -82,11 +88,39 @@ class RegistryCall:
 
     def __exit__(self, *exc: object) -> None:
         if self.url:
-            self._client.close()
+            try:
+                if self._pending_models and not exc[0]:
+                    self._wait_remote_mirror()
+            finally:
+                self._client.close()
             return
         if self.reconcile:
             self._drain_mlflow_writes()
         self._client.__exit__(*exc)
+
+    def _wait_remote_mirror(self, timeout_s: float = PENDING_WAIT_S) -> None:
+        """Over HTTP: the server answered before its reconciler applied this command's MLflow writes. Poll the
+        models' backlog (database only, no MLflow read) for up to ``timeout_s`` and say "pending" only when
+        writes are still waiting then."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        left: dict[str, int] = {}
+        while True:
+            left = {}
+            for name in sorted(self._pending_models):
+                s = self._get_quiet(f"/v1/models/{name}/status?mlflow=false")
+                n = s.get("pending_mlflow_writes", 0) if isinstance(s, dict) else 1
+                if n:
+                    left[name] = n
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        for name, n in left.items():
+            err.print(
+                f"[yellow]MLflow pending: {n} write(s) of {name} not applied after {timeout_s:.0f} s; the registry "
+                "database has them and the service keeps retrying (`oprd-ci status`)[/]"
+            )
 
     def _drain_mlflow_writes(self, timeout_s: float = 60.0) -> None:
         """In-process, this command *is* the registry: its MLflow writes (pending outbox rows) are applied before it
@@ -96,6 +130,11 @@ class RegistryCall:
 
         reconciler = getattr(self._client.app.state, "reconciler", None)
         if reconciler is None or reconciler.mirror is None:
+            if self._pending_models:
+                err.print(
+                    "[yellow]MLflow pending: mirroring is off (OPRD_MLFLOW_ENABLED=false); the registry database "
+                    "has the change (`oprd-ci status`)[/]"
+                )
             return
         deadline = time.monotonic() + timeout_s
         while True:
@@ -151,7 +190,13 @@ class RegistryCall:
             # The status code picks the exit code; the message is the server's reason, not "HTTP 404".
             _fail(code, message)
         mirrored = r.headers.get("OPRD-MLflow")
-        if mirrored:  # committed; MLflow gets it from the reconciler (pending) or refused it (parked)
+        if mirrored == "pending":  # committed; said only if still pending after this command's bounded wait
+            data = r.json()
+            name = _model_of(path, body, data)
+            if name:
+                self._pending_models.add(name)
+            return data
+        if mirrored:  # committed, and MLflow refused a write (parked): waiting cannot change that
             err.print(
                 f"[yellow]MLflow {mirrored}: the registry database has the change; see `oprd-ci status`[/]"
             )
@@ -180,6 +225,17 @@ class RegistryCall:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         r = self._client.request("GET", path, headers=headers)
         return r.json() if r.status_code == 200 else None
+
+
+def _model_of(path: str, body: Any, answer: Any) -> str | None:
+    """The model a mutation touched: ``/v1/models/<name>/...``, else the body's or the answer's ``model``."""
+    parts = path.strip("/").split("/")
+    if len(parts) >= 3 and parts[:2] == ["v1", "models"]:
+        return parts[2]
+    for doc in (body, answer, (answer or {}).get("decision") if isinstance(answer, dict) else None):
+        if isinstance(doc, dict) and isinstance(doc.get("model"), str):
+            return doc["model"]
+    return None
 
 
 def _detail_text(detail: Any) -> str:
@@ -318,56 +374,88 @@ def _short(digest: str | None, n: int = 12) -> str:
     return (digest.rsplit("@", 1)[0] + "@" if "@" in digest else "") + tail[:n]
 
 
+UI_ENV = "OPRD_MLFLOW_UI_URL"
+
+
 def ui_base(explicit: str | None = None) -> str:
-    """The MLflow UI address links point at: ``--mlflow-ui`` / ``$OPRD_MLFLOW_UI_URL``, else an http(s)
-    ``$MLFLOW_TRACKING_URI`` (the server is the UI), else ``mlflow ui``'s default ``http://127.0.0.1:5000``."""
+    """The MLflow UI address links point at: ``--mlflow-ui``, else ``$OPRD_MLFLOW_UI_URL``, else the tracking
+    server when it is http(s) (``$OPRD_MLFLOW_TRACKING_URI``, the registry's, then ``$MLFLOW_TRACKING_URI``: an
+    MLflow server is its own UI). ``""`` when none is configured: a file or database store has no UI address, and
+    guessing one (``mlflow ui``'s default port) prints links that break on any other port."""
     import os
 
-    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    tracking = os.environ.get("OPRD_MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or ""
     base = (
-        explicit or os.environ.get("OPRD_MLFLOW_UI_URL") or (tracking if tracking.startswith("http") else "")
+        explicit
+        or os.environ.get(UI_ENV)
+        or (tracking if tracking.startswith(("http://", "https://")) else "")
     )
-    return (base or "http://127.0.0.1:5000").rstrip("/")
+    return base.rstrip("/")
 
 
 def lineage_chain(out: dict, base: str) -> list[tuple[str, str, str]]:
-    """``(what, identity, MLflow link)`` rows from the version through its models, runs and decision."""
+    """``(what, identity, MLflow link)`` rows for the version: the concepts of
+    :data:`pipelines.lineage.LINK_LABELS`, linked by :func:`pipelines.lineage.lineage_links` (the version page's
+    link plan, so both point at the same pages), then the evaluation datasets. ``base=""`` gives ``#/...`` links
+    relative to the MLflow UI."""
+    from pipelines.lineage import LINK_LABELS, lineage_links
+
     ml = out.get("mlflow") or {}
     runs, models = ml.get("runs", {}), ml.get("logged_models", {})
-    exp = next((r.get("experiment_id") for r in runs.values() if r.get("experiment_id")), None)
     v = out["version"]
     lin = (out.get("evidence") or {}).get("lineage", {})
-    rows = [(f"{out['model']} v{v['version']}", f"sha256 {_short(v['manifest_sha256'])} [{v['status']}]",
-             f"{base}/#/models/{out['model']}/versions/{v['version']}")]  # fmt: skip
-    for role, label, digest in (("teacher", "teacher", lin.get("teacher")),
-                                ("student_base", "student base", lin.get("student_base")),
-                                ("student", "student", v["manifest_sha256"])):  # fmt: skip
-        m = models.get(role)
-        link = f"{base}/#/experiments/{exp}/models/{m['model_id']}" if m and exp else ""
-        short = _short(digest)
-        rows.append((label, short if "@" in short else f"sha256 {short}", link))
-    for name, digest in (lin.get("dataset_digests") or {}).items():
-        rows.append((f"dataset {name}", f"sha256 {_short(digest)}", ""))
+    run_ids = {
+        **(lin.get("mlflow_run_ids") or {}),
+        **{s: r["run_id"] for s, r in runs.items() if r.get("run_id")},
+    }
+    model_ids = {
+        **(lin.get("logged_model_ids") or {}),
+        **{role: m["model_id"] for role, m in models.items() if m.get("model_id")},
+    }
+    exp = next((r.get("experiment_id") for r in runs.values() if r.get("experiment_id")), None)
+    links = lineage_links(
+        base, model_name=out["model"], version=v["version"], experiment_id=exp, run_ids=run_ids,
+        model_ids=model_ids,
+    )  # fmt: skip
+    digests = lin.get("dataset_digests") or {}
+    identity = {
+        "version": f"sha256 {_short(v['manifest_sha256'])} [{v['status']}]",
+        "teacher": _short(lin.get("teacher")),
+        "student_base": f"sha256 {_short(lin.get('student_base'))}",
+        "student": f"sha256 {_short(v['manifest_sha256'])}",
+        "training_data": ", ".join(f"{k} {_short(d)}" for k, d in digests.items() if k.startswith("train"))
+        or "-",
+        "picture": "lineage/lineage.png",
+    }
+    if "@" not in identity["teacher"]:
+        identity["teacher"] = f"sha256 {identity['teacher']}"
     for stage in ("rollout", "distill", "evaluate", "gate"):
-        r = runs.get(stage)
-        if r:
-            state = r.get("status", r.get("error", ""))
-            rows.append(
-                (
-                    f"{stage} run",
-                    f"{r['run_id'][:8]} {state}",
-                    f"{base}/#/experiments/{exp}/runs/{r['run_id']}",
-                )
-            )
+        r = runs.get(stage) or {}
+        rid = run_ids.get(stage)
+        identity[stage] = f"{rid[:8]} {r.get('status', r.get('error', ''))}".strip() if rid else "-"
+    rows = []
+    for concept, label in LINK_LABELS.items():
+        if concept == "picture" and concept not in links:
+            continue
+        what = f"{out['model']} v{v['version']}" if concept == "version" else label
+        rows.append((what, identity[concept], links.get(concept, "")))
+    for name, digest in digests.items():
+        if not name.startswith("train"):
+            rows.append((f"dataset {name}", f"sha256 {_short(digest)}", links.get("evaluate", "")))
     return rows
 
 
-def _render_lineage(out: dict, base: str = "http://127.0.0.1:5000") -> None:
+def _render_lineage(out: dict, base: str) -> None:
     ev = out["evidence"] or {}
     t = Table("what", "identity", "MLflow", title=f"lineage of {out['model']} v{out['version']['version']}")
     for row in lineage_chain(out, base):
         t.add_row(*row)
     console.print(t)
+    if not base:
+        err.print(
+            f"[yellow]links are relative to the MLflow UI: set {UI_ENV} (or --mlflow-ui) to its address, "
+            "e.g. http://127.0.0.1:5000, for full links[/]"
+        )
     cost = ev.get("cost") or {}
     if cost:
         console.print(f"cost: {cost.get('device_hours', 0):.4g} device-hours, ${cost.get('usd', 0):.4g}")
@@ -498,7 +586,8 @@ def status(name: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonO
             "MLflow's aliases disagree with the registry (the registry is authoritative; pending writes: "
             f"{s['pending_mlflow_writes']}): "
             + "; ".join(problems)
-            + ". Restart the registry service (it replays pending writes) or promote again to re-point MLflow.",
+            + f". Run `oprd-ci reconcile {name}` to make MLflow match the registry (a running `oprd-ci serve` also "
+            "repairs it within a few passes).",
         )
 
 
@@ -514,6 +603,138 @@ def _local_status(name: str) -> dict | None:
         return local_status(ServerSettings(), name).model_dump(mode="json")
     except RegistryError:
         return None
+
+
+def reconcile(
+    name: Annotated[
+        str | None, typer.Argument(help="Repair this model's aliases (default: every model's).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Give up after this many seconds (MLflow down).")
+    ] = 60.0,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make MLflow match the registry: apply pending MLflow writes, then re-point MLflow aliases that differ
+    from the registry's (the registry is authoritative). Needs no running server (with --url it asks the
+    server to do it). Exit 0 in sync, 4 MLflow still disagrees (refused writes: see history), 5 MLflow
+    unreachable or too slow."""
+    if url:
+        with RegistryCall(url, token, reconcile=False) as call:
+            out = call("POST", "/v1/reconcile")
+            out |= {"model": name, "timed_out": False, "disagreements": []}
+            if name:
+                out["disagreements"] = alias_disagreements(call("GET", f"/v1/models/{name}/status"))
+    else:
+        out = _reconcile_local(name, timeout)
+    _emit(out, as_json, _render_reconcile)
+    if out["timed_out"] or (out["pending"] and out["errors"]):
+        _fail(
+            EXIT_SERVER,
+            f"MLflow unreachable or too slow ({(out['errors'] or ['no answer within the timeout'])[-1]}); nothing is "
+            f"lost: the registry database keeps {out['pending']} pending write(s); run `oprd-ci reconcile` again",
+        )
+    if out["disagreements"]:
+        _fail(
+            EXIT_CONFLICT,
+            "MLflow still disagrees: "
+            + "; ".join(out["disagreements"])
+            + (
+                f" ({out['parked']} write(s) MLflow refused are parked: `oprd-ci history {name or 'NAME'}` "
+                "says why)"
+                if out["parked"]
+                else ""
+            ),
+        )
+
+
+def _reconcile_local(name: str | None, timeout_s: float) -> dict:
+    """One reconciler pass (``server.reconciler.Reconciler.run_once`` with drift repair) in this process, on the
+    registry database and MLflow store of ``ServerSettings()``, run in a worker thread joined with ``timeout_s``
+    (an unreachable MLflow server retries for minutes; every write is idempotent, so abandoning the pass loses
+    nothing). Then MLflow's aliases of ``name`` are read back (bounded by the request-path guard)."""
+    import threading
+
+    from sqlalchemy import select
+
+    from server.db import Database
+    from server.migrate import upgrade
+    from server.mlflow_guard import MlflowGuard
+    from server.mlflow_mirror import MlflowMirror
+    from server.orm import RegisteredModel
+    from server.reconciler import Reconciler, ReconcileResult
+    from server.settings import ServerSettings
+    from server.status import model_status
+
+    settings = ServerSettings()
+    if not settings.mlflow_enabled:
+        _fail(
+            EXIT_USAGE, "MLflow mirroring is off (OPRD_MLFLOW_ENABLED=false): there is nothing to reconcile"
+        )
+    db = Database(settings)
+    upgrade(db.engine)
+    with db.read() as s:
+        names = list(s.scalars(select(RegisteredModel.name).order_by(RegisteredModel.name)))
+    if name is not None and name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        _fail(
+            EXIT_NOT_FOUND, f"name: no model {name!r}{hint} (known models: {', '.join(names[:20]) or 'none'})"
+        )
+    mirror = MlflowMirror(settings.mlflow_tracking_uri)
+    reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
+    total = ReconcileResult()
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            r = reconciler.run_once(check_drift=True, models=[name] if name else None)
+            total.applied, total.pending, total.parked = r.applied, r.pending, r.parked
+            total.errors, total.drift_fixed = r.errors, r.drift_fixed
+            if r.skipped:
+                total.errors.append(
+                    "another registry process holds the applier lock (it reconciles on its own)"
+                )
+        except Exception as exc:  # reported as one line, like an outage
+            failure.append(exc)
+
+    worker = threading.Thread(target=work, name="oprd-reconcile", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    timed_out = worker.is_alive()
+    if failure:
+        total.errors.append(f"{type(failure[0]).__name__}: {failure[0]}"[:500])
+    disagreements: list[str] = []
+    if not timed_out:
+        if failure:
+            total.pending = reconciler.pending_count()
+        guard = MlflowGuard.from_settings(settings)
+        try:
+            for n in [name] if name else names:
+                st = model_status(db, n, mirror=mirror, guard=guard).model_dump(mode="json")
+                disagreements += alias_disagreements(st)
+        finally:
+            guard.shutdown()
+            db.dispose()
+    return {
+        "model": name,
+        "applied": total.applied,
+        "drift_fixed": total.drift_fixed,
+        "pending": total.pending if not timed_out else reconciler.stats.pending,
+        "parked": total.parked,
+        "errors": total.errors,
+        "timed_out": timed_out,
+        "disagreements": disagreements,
+    }
+
+
+def _render_reconcile(o: dict) -> None:
+    console.print(f"applied {o['applied']} pending MLflow write(s)")
+    for line in o["drift_fixed"]:
+        console.print(f"repaired drift: {line}")
+    if not o["drift_fixed"] and not o["disagreements"] and not o["timed_out"] and not o["errors"]:
+        console.print(f"MLflow agrees with the registry{' for ' + o['model'] if o['model'] else ''}")
 
 
 def history(
@@ -547,7 +768,11 @@ def lineage(
         bool, typer.Option("--evidence", help="With --json: keep the per-problem evidence (large).")
     ] = False,
     mlflow_ui: Annotated[
-        str | None, typer.Option("--mlflow-ui", help="MLflow UI address for the links (default: see docs).")
+        str | None,
+        typer.Option(
+            "--mlflow-ui",
+            help=f"MLflow UI address for the links (default: ${UI_ENV}, else an http(s) tracking URI).",
+        ),
     ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -711,7 +936,7 @@ def policy_set(
 
 def register(app: typer.Typer) -> None:
     """Add the registry commands (and the ``policy`` group) to ``app``."""
-    for fn in (serve, promote, rollback, retire, status, history, lineage, gate):
+    for fn in (serve, promote, rollback, retire, status, history, lineage, reconcile, gate):
         app.command(fn.__name__)(fn)
     app.add_typer(policy_app, name="policy")
 

@@ -1,4 +1,5 @@
-"""Lineage keyed by artifacts: run-ref files written next to stage outputs, and the rendered lineage picture.
+"""Lineage keyed by artifacts: run-ref files written next to stage outputs, the one set of MLflow UI links every
+lineage view uses (:func:`lineage_links`), and the lineage picture.
 
 Stages are separate processes and DVC may skip any of them, so "the latest MLflow run of stage X" is the wrong
 upstream. Instead each stage writes ``<stage>.mlflow.json`` next to its outputs (declare it as a DVC ``out``
@@ -6,12 +7,12 @@ of that stage, ``cache: false`` is fine): the run id plus the sha256 of what it 
 reads that file; when DVC skips the upstream stage (or restores it from the run cache) the file still names
 the run that produced those very bytes.
 
-This module imports neither MLflow nor matplotlib at import time (the picture imports matplotlib lazily).
+This module imports neither MLflow nor matplotlib at import time (the picture imports matplotlib lazily), so the
+CLI and the gate stage share it cheaply.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import tempfile
@@ -20,15 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "LINK_LABELS",
     "REF_SUFFIX",
     "LineageEdge",
     "LineageNode",
     "RunRef",
     "RunRefError",
+    "lineage_links",
     "model_url",
     "read_run_ref",
     "render_lineage",
-    "render_lineage_html",
     "run_url",
     "short_digest",
     "verdict_kind",
@@ -157,6 +159,55 @@ def version_url(base: str, name: str, version: int | str) -> str:
     return f"{_base(base)}#/models/{name}/versions/{version}"
 
 
+LINK_LABELS: dict[str, str] = {
+    "version": "model version",
+    "teacher": "teacher",
+    "student_base": "student base",
+    "student": "student",
+    "training_data": "training data",
+    "rollout": "rollout run",
+    "distill": "distill run",
+    "evaluate": "evaluate run",
+    "gate": "gate run",
+    "picture": "lineage picture",
+}
+"""Every lineage concept that has a page in the MLflow UI, in the order views list them, with its label."""
+
+
+def lineage_links(
+    base: str,
+    *,
+    model_name: str,
+    version: int | str,
+    experiment_id: str | None,
+    run_ids: Mapping[str, str],
+    model_ids: Mapping[str, str],
+) -> dict[str, str]:
+    """``{concept: MLflow UI link}`` for one registered version: the single place that decides where each
+    concept of :data:`LINK_LABELS` points, so the version page (``base=""``: links relative to the UI that
+    renders them) and ``oprd-ci lineage`` (``base`` = the configured UI) never disagree.
+
+    Targets: the version page; the teacher, student base and student LoggedModel pages (``model_ids`` roles
+    ``teacher``, ``student_base``, ``student``); the rollout, distill, evaluate and gate runs (``run_ids`` by
+    stage); the training data is the distill run (the run that trained on it, where MLflow lists the
+    ``train_prompts`` dataset input); the picture is ``lineage/lineage.png`` among the gate run's artifacts.
+    A concept whose id is unknown (or with no ``experiment_id``) is left out rather than linked wrongly.
+    """
+    out = {"version": version_url(base, model_name, version)}
+    if experiment_id:
+        for role in ("teacher", "student_base", "student"):
+            if model_ids.get(role):
+                out[role] = model_url(base, experiment_id, model_ids[role])
+        if run_ids.get("distill"):
+            out["training_data"] = run_url(base, experiment_id, run_ids["distill"])
+        for stage in ("rollout", "distill", "evaluate", "gate"):
+            if run_ids.get(stage):
+                out[stage] = run_url(base, experiment_id, run_ids[stage])
+        if run_ids.get("gate"):
+            out["picture"] = run_url(base, experiment_id, run_ids["gate"], "artifacts/lineage/lineage.png")
+    return {k: out[k] for k in LINK_LABELS if k in out}
+
+
 # ------------------------------------------------------------------------------------------ the picture
 @dataclass(frozen=True)
 class LineageNode:
@@ -168,8 +219,6 @@ class LineageNode:
     """``model | dataset | run | evaluation | gate | promote | reject | inconclusive``: the box colour (a gate
     box is drawn as its verdict: PROMOTE green, REJECT red, INCONCLUSIVE amber)."""
     details: Mapping[str, str] = field(default_factory=dict)
-    url: str | None = None
-    """Where the box links to (:func:`run_url`, :func:`model_url`, :func:`version_url`)."""
 
 
 @dataclass(frozen=True)
@@ -233,75 +282,14 @@ def _columns(nodes: Sequence[LineageNode], edges: Sequence[LineageEdge]) -> dict
     return dict(sorted(columns.items()))
 
 
-def render_lineage_html(
-    nodes: Sequence[LineageNode], edges: Sequence[LineageEdge], *, title: str = "", footer: str = ""
-) -> str:
-    """The lineage graph as one self-contained HTML page (no scripts, no external assets).
-
-    Columns as in :func:`render_lineage`, one card per node with its title (a link when ``url`` is set), its
-    details in a monospace list, and under each card the edges leaving it (``label -> target``). Sized in CSS
-    pixels for the MLflow artifact pane (readable at ~900 px width; wraps into rows when narrower).
-
-    Raises:
-        ValueError: as :func:`_columns`.
-    """
-    esc = html.escape
-    columns = _columns(nodes, edges)
-    titles = {n.key: n.title for n in nodes}
-    out_edges: dict[str, list[LineageEdge]] = {}
-    for e in edges:
-        out_edges.setdefault(e.src, []).append(e)
-
-    def card(n: LineageNode) -> str:
-        head = esc(n.title)
-        if n.url:
-            head = f'<a href="{esc(n.url, quote=True)}" target="_top">{head}</a>'
-        rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in n.details.items())
-        outs = "".join(
-            f"<li>{esc(e.label or 'to')} &rarr; {esc(titles[e.dst])}</li>" for e in out_edges.get(n.key, [])
-        )
-        colour = _COLOURS.get(n.kind, "#f3f4f6")
-        border = _BORDERS.get(n.kind, "#374151")
-        return (
-            f'<div class="card {esc(n.kind)}" id="node-{esc(n.key)}" style="background:{colour};'
-            f'border-color:{border}"><h3>{head}</h3><table>{rows}</table>'
-            + (f'<ul class="edges">{outs}</ul>' if outs else "")
-            + "</div>"
-        )
-
-    cols = "".join(
-        '<div class="col">' + "".join(card(n) for n in members) + "</div>" for members in columns.values()
-    )
-    style = (
-        "body{font:15px/1.4 system-ui,sans-serif;margin:12px;color:#111827}"
-        "h1{font-size:20px;margin:0 0 12px}"
-        ".graph{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}"
-        ".col{display:flex;flex-direction:column;gap:14px;min-width:240px;max-width:320px}"
-        ".card{border:2px solid;border-radius:10px;padding:10px 12px}"
-        ".card h3{font-size:17px;margin:0 0 6px}.card a{color:#1d4ed8}"
-        ".card table{border-collapse:collapse;font:13px/1.35 ui-monospace,monospace}"
-        ".card th{text-align:left;padding-right:8px;font-weight:600;vertical-align:top}"
-        ".edges{margin:6px 0 0;padding-left:18px;font-size:13px;color:#374151}"
-        ".promote h3{color:#166534}.reject h3{color:#991b1b}"
-        "footer{margin-top:14px;font-size:13px;color:#4b5563}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title or 'lineage')}</title>"
-        f"<style>{style}</style></head><body>"
-        + (f"<h1>{esc(title)}</h1>" if title else "")
-        + f'<div class="graph">{cols}</div>'
-        + (f"<footer>{esc(footer)}</footer>" if footer else "")
-        + "</body></html>\n"
-    )
-
-
 def render_lineage(
     path_png: str | Path, nodes: Sequence[LineageNode], edges: Sequence[LineageEdge], *, title: str = ""
 ) -> Path:
     """Draw the lineage graph as a PNG with matplotlib (no graphviz binary) and return its path.
 
-    Layout: :func:`_columns`, stacked within a column. The HTML page (:func:`render_lineage_html`) is the
-    readable, linked view; the PNG is a thumbnail for places that show images only.
+    Layout: :func:`_columns`, stacked within a column. A picture, not a page of links: MLflow shows HTML
+    artifacts in a sandboxed frame whose links cannot navigate, so the linked lineage view is the model-version
+    page (links from :func:`lineage_links`) and ``oprd-ci lineage``.
 
     Raises:
         ValueError: an edge names an unknown node, or the edges form a cycle.

@@ -7,12 +7,14 @@ and a student projector, with a validation split by whole responses (see :mod:`t
 
 Writes into ``distill.bridge.bank`` (default ``artifacts/bridge``): ``bank.safetensors`` + ``bank.json`` (the
 bank), ``pairs.parquet`` (the on-policy pairs: prompt index and response ids), ``bridge.json`` (summary with the
-bank's digest) and ``bridge.mlflow.json`` (the run ref), plus ``metrics/bridge.json``. Logged to MLflow as the
+bank's digest: the record, strings included) and ``bridge.mlflow.json`` (the run ref), plus ``metrics/bridge.json``
+(numbers only, for ``dvc metrics diff``). Logged to MLflow as the
 ``bridge`` run: teacher, student base, pairs digest, rank, validation cosine per layer pair, the fit curve.
 Refuses (exit 2) a bank whose mean validation cosine is below ``distill.bridge.min_val_cosine``.
 
 For every other method the stage is a no-op that only writes ``bridge.json`` = ``{"method": ..., "bank": null}``
-and ``metrics/bridge.json`` (no models loaded, no MLflow run), so the default pipeline stays as cheap as before.
+and ``metrics/bridge.json`` = ``{"bridge/fitted": 0}`` (no models loaded, no MLflow run), so the default pipeline
+stays as cheap as before.
 
     python -m pipelines.stage_bridge --params params.yaml
 """
@@ -174,8 +176,8 @@ def _noop(params: Params, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"method": params.distill.method, "bank": None}
-    write_json(out / SUMMARY, summary)
-    write_json(METRICS, summary)
+    write_json(out / SUMMARY, summary)  # the record (strings); the metrics file holds numbers only
+    write_json(METRICS, {"bridge/fitted": 0})
     return summary
 
 
@@ -238,7 +240,8 @@ def run(params_path: str, overrides: list[str]) -> dict:
             **{f"bridge/val_cosine/{k}": c for k, c in zip(bank.keys, meta.val_cosine, strict=True)},
             **{f"bridge/explained_variance/{k}": v for k, v in summary["explained_variance"].items()},
         }
-        write_json(METRICS, {**metrics, "method": d.method, "bank_sha256": digest, "rank": meta.rank})
+        # numbers only (`dvc metrics diff`): the method, digests and paths are in the record <bank>/bridge.json
+        write_json(METRICS, {"bridge/fitted": 1, "bridge/rank": meta.rank, **metrics})
         run.log_metrics(metrics)
         for row in built.fit.history:  # the fit curve: one MLflow step per epoch
             run.log_metrics(

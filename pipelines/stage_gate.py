@@ -12,8 +12,8 @@
    With ``gate.registry_url`` (or ``$OPRD_REGISTRY_URL``) unset, the same app runs in-process on the local DB.
 4. The record: ``metrics/gate.json`` (numbers only), the gate run's tags (verdict, one ``n/a``/pass/fail tag per
    criterion), ``gate/decision.md`` + ``decision.json`` artifacts, the model version's markdown description
-   (verdict, criteria table, policy, cost, links to every stage run and model; also the gate run's note) and
-   ``lineage/lineage.html`` (linked cards, PROMOTE green).
+   (verdict, criteria table, policy, cost, links to every stage run and model from
+   :func:`pipelines.lineage.lineage_links`; also the gate run's note) and ``lineage/lineage.png`` (a picture).
 """
 
 from __future__ import annotations
@@ -27,15 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipelines.failures_stages import ChampionMoved, failures_evidence, fixes_lines
-from pipelines.lineage import (
-    LineageEdge,
-    LineageNode,
-    model_url,
-    run_url,
-    short_digest,
-    verdict_kind,
-    version_url,
-)
+from pipelines.lineage import LineageEdge, LineageNode, lineage_links, short_digest, verdict_kind
 from pipelines.stage_distill import METRICS as DISTILL_METRICS
 from pipelines.stage_distill import REF as DISTILL_REF
 from pipelines.stage_distill import STUDENT_DIR
@@ -171,7 +163,7 @@ def run(params_path: str, overrides: list[str]) -> int:
         write_json(METRICS, gate_metrics(result))
         _log_decision(run, decision, result)
         run.set_tags(suite_tags(evidence["lineage"]["eval_suites"]))
-        links = StageLinks(run, params)
+        links = stage_links(run, params, int(decision["version"]))
         record = decision_markdown(params, decision, result, evidence, links)
         run.client.log_text(run.run_id, record, "gate/decision.md")
         run.client.log_artifact(run.run_id, str(DECISION), "gate")
@@ -185,41 +177,24 @@ def run(params_path: str, overrides: list[str]) -> int:
                   "oprd.gate.run_id": run.run_id, "oprd.gate.policy_version": str(decision["policy_version"])},
             client=run.client,
         )  # fmt: skip
-        nodes, edges = _lineage_graph(params, evidence, decision, sha, links.absolute())
+        nodes, edges = _lineage_graph(params, evidence, decision, sha)
         log_lineage(
             run.run_id, nodes, edges, client=run.client,
             title=f"{params.gate.model_name} v{decision['version']}: {decision['verdict']}",
-            footer=f"Links point at the MLflow UI at {links.ui_base} (set {UI_ENV} to change it).",
         )  # fmt: skip
     return 0
 
 
-UI_ENV = "OPRD_MLFLOW_UI_URL"
-
-
-class StageLinks:
-    """MLflow UI links of the runs and models of this pipeline execution (relative ``#/...`` links for the
-    markdown that the UI renders itself; :meth:`absolute` for the standalone HTML page)."""
-
-    def __init__(self, run: StageRun, params: Params, base: str = "") -> None:
-        self.run, self.params, self.base = run, params, base
-        self.exp = run.experiment_id
-        uri = run.tracking_uri
-        self.ui_base = os.environ.get(UI_ENV) or (uri if uri.startswith("http") else "http://127.0.0.1:5000")
-
-    def absolute(self) -> StageLinks:
-        return StageLinks(self.run, self.params, self.ui_base)
-
-    def stage(self, stage: str) -> str:
-        run_id = self.run.run_id if stage == "gate" else self.run.upstream[stage].run_id
-        return run_url(self.base, self.exp, run_id)
-
-    def model(self, role: str) -> str:
-        models = {**self.run.upstream["rollout"].models, **self.run.upstream["distill"].models}
-        return model_url(self.base, self.exp, models[role])
-
-    def version(self, version: int) -> str:
-        return version_url(self.base, self.params.gate.model_name, version)
+def stage_links(run: StageRun, params: Params, version: int) -> dict[str, str]:
+    """The version page's links (relative ``#/...``: the MLflow UI renders the description and resolves them
+    against its own address, whatever host and port it is served on), from the one link plan
+    :func:`pipelines.lineage.lineage_links` that ``oprd-ci lineage`` also uses."""
+    runs = {stage: ref.run_id for stage, ref in run.upstream.items()} | {"gate": run.run_id}
+    models = {**run.upstream["rollout"].models, **run.upstream["distill"].models}
+    return lineage_links(
+        "", model_name=params.gate.model_name, version=version, experiment_id=run.experiment_id,
+        run_ids=runs, model_ids=models,
+    )  # fmt: skip
 
 
 def gate_metrics(result: dict) -> dict[str, float]:
@@ -246,7 +221,9 @@ def gate_metrics(result: dict) -> dict[str, float]:
 _STATUS_TEXT = {"PASS": "pass", "FAIL": "**FAIL**", "INCONCLUSIVE": "inconclusive", "NOT_APPLICABLE": "n/a"}
 
 
-def decision_markdown(params: Params, decision: dict, result: dict, evidence: dict, links: StageLinks) -> str:
+def decision_markdown(
+    params: Params, decision: dict, result: dict, evidence: dict, links: dict[str, str]
+) -> str:
     """The gate record as markdown (model-version description and gate run note): verdict, policy, cost, the
     criteria table (criteria that did not apply read "n/a") and links to every stage run and model."""
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
@@ -281,15 +258,18 @@ def decision_markdown(params: Params, decision: dict, result: dict, evidence: di
         f"Method: `{params.distill.method}`.",
         "",
         "Lineage:",
-        f"- teacher: [teacher `{short_digest(lin['teacher'].split('@')[-1])}`]({links.model('teacher')})",
-        f"- student base: [student base `{short_digest(lin['student_base'])}`]({links.model('student_base')})",
-        f"- training data: [{train or 'train prompts'}]({links.stage('distill')}) (dataset inputs of the distill run)",
-        f"- distill run: [distill {params.distill.method}]({links.stage('distill')}), "
-        f"rollout run: [rollout]({links.stage('rollout')})",
-        f"- evaluation: [evaluate run]({links.stage('evaluate')}) on {evals or 'the eval suites'}",
+        f"- teacher: [teacher `{short_digest(lin['teacher'].split('@')[-1])}`]({links['teacher']})",
+        f"- student base: [student base `{short_digest(lin['student_base'])}`]({links['student_base']})",
+        f"- student: [student `{short_digest(result['version']['manifest_sha256'])}`]({links['student']})",
+        f"- training data: [{train or 'train prompts'}]({links['training_data']}) (dataset inputs of the distill run)",
+        f"- distill run: [distill {params.distill.method}]({links['distill']}), "
+        f"rollout run: [rollout]({links['rollout']})",
+        f"- evaluation: [evaluate run]({links['evaluate']}) on {evals or 'the eval suites'}",
         *_grader_lines(lin.get("eval_suites") or {}),
-        f"- gate decision: [gate {decision['verdict']} (decision {decision['id']})]({links.stage('gate')}), "
-        f"lineage view: [lineage.html]({links.stage('gate')}/artifacts/lineage/lineage.html)",
+        f"- gate decision: [gate {decision['verdict']} (decision {decision['id']})]({links['gate']}), "
+        f"lineage picture: [lineage.png]({links['picture']})",
+        "",
+        f"The same links from a terminal: `oprd-ci lineage {decision['model']}/{decision['version']}`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -354,7 +334,9 @@ def _log_decision(run: StageRun, decision: dict, result: dict) -> None:
     })  # fmt: skip
 
 
-def _lineage_graph(params: Params, evidence: dict, decision: dict, sha: str, links: StageLinks):
+def _lineage_graph(params: Params, evidence: dict, decision: dict, sha: str):
+    """Nodes and edges of the lineage picture (no links: the picture is an image; the links are on the version
+    page)."""
     eval_tree = json.loads(EVAL_METRICS.read_text()) if EVAL_METRICS.is_file() else {}
     acc = {role: m["avg_at_k"] for roles in eval_tree.values() for role, m in roles.items()}
     lin = evidence["lineage"]
@@ -362,24 +344,19 @@ def _lineage_graph(params: Params, evidence: dict, decision: dict, sha: str, lin
     cost = evidence.get("cost") or {}
     nodes = [
         LineageNode("teacher", "teacher", "model", {"sha256": short_digest(lin["teacher"].split("@")[-1]),
-                    "avg@k": f"{acc.get('teacher', float('nan')):.3f}"}, url=links.model("teacher")),
+                    "avg@k": f"{acc.get('teacher', float('nan')):.3f}"}),
         LineageNode("base", "student base", "model", {"sha256": short_digest(lin["student_base"]),
-                    "avg@k": f"{acc.get('student_base', float('nan')):.3f}"}, url=links.model("student_base")),
+                    "avg@k": f"{acc.get('student_base', float('nan')):.3f}"}),
         LineageNode("data", "train prompts", "dataset",
-                    {k: short_digest(v) for k, v in digests.items() if k.startswith("train")},
-                    url=links.stage("rollout")),
+                    {k: short_digest(v) for k, v in digests.items() if k.startswith("train")}),
         LineageNode("distill", f"distill run ({params.distill.method})", "run",
-                    {"cost $": f"{cost.get('usd', 0.0):.4g}", "device-h": f"{cost.get('device_hours', 0.0):.3g}"},
-                    url=links.stage("distill")),
+                    {"cost $": f"{cost.get('usd', 0.0):.4g}", "device-h": f"{cost.get('device_hours', 0.0):.3g}"}),
         LineageNode("student", f"student v{decision['version']}", "model", {
-            "sha256": short_digest(sha), "avg@k": f"{acc.get('student', float('nan')):.3f}"},
-            url=links.version(decision["version"])),
+            "sha256": short_digest(sha), "avg@k": f"{acc.get('student', float('nan')):.3f}"}),
         LineageNode("eval", "evaluate", "evaluation",
-                    {k: short_digest(v) for k, v in digests.items() if k.startswith("eval")},
-                    url=links.stage("evaluate")),
+                    {k: short_digest(v) for k, v in digests.items() if k.startswith("eval")}),
         LineageNode("gate", f"gate: {decision['verdict']}", verdict_kind(decision["verdict"]),
-                    {"decision": str(decision["id"]), "policy": f"v{decision['policy_version']}"},
-                    url=links.stage("gate")),
+                    {"decision": str(decision["id"]), "policy": f"v{decision['policy_version']}"}),
     ]  # fmt: skip
     edges = [
         LineageEdge("teacher", "distill", "distilled_from"),

@@ -6,7 +6,9 @@
   ``error`` verbosity without advisory warnings, no Hugging Face Hub / weight-loading progress bars, no tokenizers
   fork warning;
 * Python warnings: each distinct warning once per process (``"once"``) instead of once per call site and step;
-  the MLflow / alembic / httpx loggers at WARNING;
+  the library warnings of :data:`LIBRARY_WARNINGS` (SQLAlchemy deprecations inside MLflow's store, DCP's
+  single-process notice) not at all, here and in child processes (``PYTHONWARNINGS``); the MLflow / alembic /
+  httpx loggers at WARNING;
 * an fd-level stderr filter (:class:`StderrFilter`): the PyTorch profiler (kineto) prints ``USDT: ...`` /
   ``STAGE: ...`` lines from C++ each time the actor-update memory is measured, which no Python setting reaches.
   Lines matching :data:`NOISE` are dropped; everything else (tracebacks, our ``error:`` lines, tqdm redraws) is
@@ -18,6 +20,7 @@ Set ``OPRD_VERBOSE_LOGS=1`` to keep everything.
 from __future__ import annotations
 
 import atexit
+import builtins
 import contextlib
 import logging
 import os
@@ -26,7 +29,7 @@ import sys
 import threading
 import warnings
 
-__all__ = ["NOISE", "StderrFilter", "quiet_third_party"]
+__all__ = ["LIBRARY_WARNINGS", "NOISE", "StderrFilter", "quiet_third_party"]
 
 NOISE = re.compile(
     rb"(?:USDT:|STAGE:\d|\[W\d+ [^\n]*(?:Profiler|kineto|CUPTI)|[^\r\n]*ActivityProfilerController|"
@@ -34,6 +37,17 @@ NOISE = re.compile(
 )
 """Start of noise: kineto's start/stop chatter and weight-loading progress bars. A line is cut from the match
 to its end (kineto writes right after a progress-bar frame, without a newline; the frame is kept)."""
+
+LIBRARY_WARNINGS: tuple[tuple[str, str, str], ...] = (
+    # MLflow's SQL store on SQLAlchemy 2: "The ``noload`` loader strategy is deprecated" and its kin, per process
+    ("", "DeprecationWarning", "mlflow.store.tracking.sqlalchemy_store"),
+    ("", "DeprecationWarning", "mlflow.store.model_registry.sqlalchemy_store"),
+    # DCP on one process (the default distill stage): "... assuming the intent is to save/load in a single process"
+    ("torch.distributed is disabled", "UserWarning", ""),
+)
+"""``(message prefix, category, module)`` of warnings that say nothing about this run; ignored unless verbose.
+The ``-W`` / ``PYTHONWARNINGS`` syntax: the message matches at the start (no commas: they separate entries), the
+module exactly, ``""`` = any."""
 
 _ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
@@ -101,6 +115,16 @@ def quiet_third_party(*, fd_filter: bool = True) -> None:
     for k, v in _ENV.items():
         os.environ.setdefault(k, v)
     warnings.simplefilter("once")
+    for message, category, module in LIBRARY_WARNINGS:  # after "once": these filters are matched first
+        warnings.filterwarnings(
+            "ignore",
+            message=re.escape(message),
+            category=getattr(builtins, category),
+            module=re.escape(module) + r"\Z" if module else "",
+        )
+    inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    ours = [f"ignore:{m}:{c}:{mod}" for m, c, mod in LIBRARY_WARNINGS]
+    os.environ["PYTHONWARNINGS"] = ",".join([*inherited, *(w for w in ours if w not in inherited)])
     for name in ("mlflow", "alembic", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if _installed is None and fd_filter:

@@ -39,7 +39,7 @@ from mlflow.entities import (
 )
 from mlflow.exceptions import MlflowException
 
-from pipelines.lineage import LineageEdge, LineageNode, render_lineage, render_lineage_html
+from pipelines.lineage import LineageEdge, LineageNode, render_lineage
 from pipelines.mlflow_globals import process_uris
 from pipelines.tracking import repo_relative, short_commit
 from trainer.export import MANIFEST_NAME, verify_manifest
@@ -149,7 +149,8 @@ def log_logged_model(
 
     The directory's manifest is verified first (``trainer.export.verify_manifest``; raises ``ManifestError``
     on any mismatch). Tags: ``oprd.role``, ``oprd.manifest_sha256``, ``oprd.path`` (repo-relative),
-    ``oprd.weights`` (``copied`` or ``reference``) plus ``tags``. ``weights="copy"`` uploads the whole
+    ``oprd.weights`` (``copied`` or ``reference``) plus ``tags``. Params (what the LoggedModel page shows in its
+    Parameters table; the UI lists tags nowhere): ``path`` and ``sha256``, the same two values. ``weights="copy"`` uploads the whole
     directory, ``"reference"`` only ``config.json``/``generation_config.json``/``manifest.json`` (the weights
     stay at ``oprd.path``, identified by the sha256), ``"auto"`` copies up to ``copy_max_mb``.
 
@@ -178,6 +179,7 @@ def log_logged_model(
         if ready:
             if tags:
                 c.set_logged_model_tags(ready[0].model_id, {k: str(v) for k, v in tags.items()})
+            _ensure_identity_params(c, ready[0])
             return ready[0].model_id
     copy = weights == "copy" or (weights == "auto" and _dir_bytes(d) <= copy_max_mb * 1024 * 1024)
     all_tags = {
@@ -188,8 +190,9 @@ def log_logged_model(
         **{k: str(v) for k, v in (tags or {}).items()},
     }
     model = c.create_logged_model(
-        experiment_id, name=name, source_run_id=run_id, tags=all_tags, model_type="transformers-dir"
-    )
+        experiment_id, name=name, source_run_id=run_id, tags=all_tags, model_type="transformers-dir",
+        params=_identity_params(all_tags),
+    )  # fmt: skip
     try:
         if copy:
             c.log_model_artifacts(model.model_id, str(d))
@@ -205,6 +208,21 @@ def log_logged_model(
         raise
     c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return model.model_id
+
+
+def _identity_params(tags: Mapping[str, str]) -> dict[str, str]:
+    """``path`` and ``sha256`` as LoggedModel params: the UI's model page shows params, not tags."""
+    return {"path": tags["oprd.path"], "sha256": tags[SHA_TAG]}
+
+
+def _ensure_identity_params(c: MlflowClient, model: Any) -> None:
+    """Give a LoggedModel logged before params were written (same role and sha256, reused) its ``path`` and
+    ``sha256`` params; params are write-once, so only missing ones are logged."""
+    if "oprd.path" not in model.tags or SHA_TAG not in model.tags:
+        return
+    missing = {k: v for k, v in _identity_params(model.tags).items() if k not in (model.params or {})}
+    if missing:
+        c.log_model_params(model.model_id, missing)
 
 
 def find_logged_model(client: MlflowClient, experiment_id: str, role: str, sha256: str) -> str | None:
@@ -238,6 +256,9 @@ def ensure_source_models(
     c = _client(client)
     shas = {role: verify_manifest(Path(d)) for role, d in models.items()}
     ids = {role: find_logged_model(c, experiment_id, role, sha) for role, sha in shas.items()}
+    for mid in ids.values():
+        if mid is not None:
+            _ensure_identity_params(c, c.get_logged_model(mid))
     missing = [role for role, mid in ids.items() if mid is None]
     if not missing:
         return {role: str(mid) for role, mid in ids.items()}
@@ -430,17 +451,14 @@ def log_lineage(
     edges: Sequence[LineageEdge],
     *,
     title: str = "",
-    footer: str = "",
     artifact_path: str = "lineage",
     client: MlflowClient | None = None,
 ) -> str:
-    """Log the lineage view as run artifacts: ``lineage.html`` (readable, linked cards:
-    :func:`pipelines.lineage.render_lineage_html`) and ``lineage.png`` (a thumbnail). Returns the HTML's
-    artifact path inside the run (``lineage/lineage.html``)."""
+    """Log the lineage picture (:func:`pipelines.lineage.render_lineage`) as the run artifact
+    ``<artifact_path>/lineage.png`` and return that path. MLflow shows images inline; the linked lineage view is
+    the model-version page (an HTML artifact would be shown in a sandboxed frame whose links cannot navigate)."""
     c = _client(client)
     with tempfile.TemporaryDirectory(prefix="oprd-lineage-") as tmp:
-        page = Path(tmp) / "lineage.html"
-        page.write_text(render_lineage_html(nodes, edges, title=title, footer=footer))
         render_lineage(Path(tmp) / "lineage.png", nodes, edges, title=title)
         c.log_artifacts(run_id, tmp, artifact_path)
-    return f"{artifact_path}/lineage.html"
+    return f"{artifact_path}/lineage.png"

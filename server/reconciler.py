@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select, text, update
@@ -160,15 +161,16 @@ class Reconciler:
             passes += 1
 
     # ----------------------------------------------------------------------------------- one pass
-    def run_once(self, *, check_drift: bool = False) -> _PassResult:
-        """Apply pending rows in id order (parking refused ones) until an outage; optionally repair drift."""
+    def run_once(self, *, check_drift: bool = False, models: Collection[str] | None = None) -> _PassResult:
+        """Apply pending rows in id order (parking refused ones) until an outage; optionally repair drift (of
+        ``models`` only, when given; pending rows of every model are applied, in order)."""
         result = _PassResult()
         if self.mirror is not None:
             with self._lock, self._cluster_lock() as acquired:
                 if acquired:
                     self._apply_pending(result)
                     if check_drift and not result.outage:
-                        self._repair_drift(result)
+                        self._repair_drift(result, models)
                 else:
                     result.skipped = True
         stats = self.refresh_stats()
@@ -281,7 +283,7 @@ class Reconciler:
                 self._settled.popitem(last=False)
             self._applied.notify_all()
 
-    def _repair_drift(self, result: ReconcileResult) -> None:
+    def _repair_drift(self, result: ReconcileResult, models: Collection[str] | None = None) -> None:
         """Make MLflow's aliases equal the database's, skipping models with writes not yet applied or parked:
         there MLflow is behind by design, not drifted (the applier lock is held, so nothing is applied while
         this runs and the snapshot below stays consistent with MLflow)."""
@@ -293,7 +295,7 @@ class Reconciler:
             )
         by_model: dict[str, dict[str, int]] = {}
         for name, alias, version in rows:
-            if name not in unsettled:
+            if name not in unsettled and (models is None or name in models):
                 by_model.setdefault(name, {})[alias] = version
         for name, want in by_model.items():
             have = self.mirror.aliases(name)

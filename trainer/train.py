@@ -281,6 +281,8 @@ class Trainer:
             "optim/lr": self.scheduler.get_last_lr()[0],
             "optim/grad_norm": self._last_grad_norm,
         }
+        if hasattr(self.engine, "syncs"):  # vLLM: weight syncs so far (one per step, +1 after a resume)
+            out["rollout/weight_syncs"] = float(self.engine.syncs)
         if measure and mem.peak_bytes is not None:
             out["mem/actor_update_delta_peak_GiB"] = mem.peak_bytes / 2**30
         return out

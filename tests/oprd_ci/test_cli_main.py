@@ -35,15 +35,16 @@ def test_lineage_chain_has_short_hashes_and_mlflow_links():
         "model": "stud",
         "version": {"version": 3, "manifest_sha256": "ab" * 32, "status": "READY"},
         "evidence": {"lineage": {"teacher": "teacher@" + "cd" * 32, "student_base": "ef" * 32,
-                                 "dataset_digests": {"train_prompts": "12" * 32}}},
+                                 "dataset_digests": {"train_prompts": "12" * 32},
+                                 "mlflow_run_ids": {"rollout": "o" * 32, "distill": "r" * 32}}},
         "mlflow": {"runs": {"distill": {"run_id": "r" * 32, "status": "FINISHED", "experiment_id": "7"}},
                    "logged_models": {"teacher": {"model_id": "m-t"}}},
     }  # fmt: skip
-    rows = {what: (ident, url) for what, ident, url in lineage_chain(out, "http://ui:5000")}
-    assert rows["stud v3"] == ("sha256 abababababab [READY]", "http://ui:5000/#/models/stud/versions/3")
-    assert rows["teacher"] == ("teacher@cdcdcdcdcdcd", "http://ui:5000/#/experiments/7/models/m-t")
-    assert (
-        rows["student base"][0] == "sha256 efefefefefef"
-        and rows["dataset train_prompts"][0] == "sha256 121212121212"
-    )
-    assert rows["distill run"] == ("rrrrrrrr FINISHED", "http://ui:5000/#/experiments/7/runs/" + "r" * 32)
+    rows = {what: (ident, url) for what, ident, url in lineage_chain(out, "http://ui:5123")}
+    assert rows["stud v3"] == ("sha256 abababababab [READY]", "http://ui:5123/#/models/stud/versions/3")
+    assert rows["teacher"] == ("teacher@cdcdcdcdcdcd", "http://ui:5123/#/experiments/7/models/m-t")
+    assert rows["student base"] == ("sha256 efefefefefef", "")  # no LoggedModel id known: no guessed link
+    assert rows["distill run"] == ("rrrrrrrr FINISHED", "http://ui:5123/#/experiments/7/runs/" + "r" * 32)
+    # the training data is linked where the version page links it: the run that trained on it
+    assert rows["training data"] == ("train_prompts 121212121212", rows["distill run"][1])
+    assert rows["rollout run"][1] == "http://ui:5123/#/experiments/7/runs/" + "o" * 32

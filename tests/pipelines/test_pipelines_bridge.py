@@ -50,6 +50,10 @@ def test_stage_writes_bank_digest_and_lineage(tiny_pair, wide_teacher, tmp_path,
     assert run.data.metrics["bridge/val_cosine/s2_t3"] == pytest.approx(summary["val_cosine"]["s2_t3"])
     metrics = json.loads((tmp_path / "metrics" / "bridge.json").read_text())
     assert metrics["bridge/val_cosine_mean"] == pytest.approx(summary["val_cosine_mean"])
+    assert (metrics["bridge/fitted"], metrics["bridge/rank"]) == (1, 4)
+    assert all(isinstance(v, (int, float)) for v in metrics.values()), (
+        metrics
+    )  # numbers only; strings: record
 
 
 def test_stage_refuses_a_poor_bank(tiny_pair, wide_teacher, tmp_path, monkeypatch, capsys):
@@ -70,3 +74,4 @@ def test_other_methods_are_a_cheap_no_op(tiny_pair, tmp_path, monkeypatch):
     out = tmp_path / "artifacts" / "bridge"
     assert sorted(p.name for p in out.iterdir()) == ["bridge.json"]
     assert json.loads((out / "bridge.json").read_text()) == {"bank": None, "method": "oprd"}
+    assert json.loads((tmp_path / "metrics" / "bridge.json").read_text()) == {"bridge/fitted": 0}

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -60,10 +61,12 @@ def _merge(base: dict, over: dict) -> dict:
     return base
 
 
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "MLFLOW_TRACKING_URI": ""}  # fmt: skip
     env.pop("MLFLOW_TRACKING_URI")
+    env.pop("OPRD_MLFLOW_UI_URL", None)
+    env.update(extra_env)
     out = subprocess.run(
         cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
     )  # shared 2-core CI
@@ -154,6 +157,27 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
         assert tags.items() <= by_stage[stage][0].data.tags.items(), stage
     note = by_stage["gate"][0].data.tags["mlflow.note.content"]
     assert f"- suite embedded: graded by `math` v{version} on file `{digest[:12]}`" in note
+    # the distill run's model inputs are the teacher and student base its rollout logged; its output the student
+    rollout_ref = json.loads((project / "artifacts/rollout/rollout.mlflow.json").read_text())
+    distill_ref = json.loads((project / "artifacts/distill/distill.mlflow.json").read_text())
+    distill_run = client.get_run(distill.info.run_id)
+    assert distill_ref["run_id"] == distill.info.run_id
+    inputs = {m.model_id for m in distill_run.inputs.model_inputs}
+    assert inputs == {rollout_ref["models"]["teacher"], rollout_ref["models"]["student_base"]}
+    assert {client.get_logged_model(m).tags["oprd.role"] for m in inputs} == {"teacher", "student_base"}
+    assert [m.model_id for m in distill_run.outputs.model_outputs] == [distill_ref["models"]["student"]]
+    # one link target per concept: `oprd-ci lineage` (a UI on a non-default port) links what the version page links
+    version = gate["decision"]["version"]
+    page = set(
+        re.findall(r"\]\((#/[^)]+)\)", client.get_model_version("oprd-student", str(version)).description)
+    )
+    assert len(page) >= 8, page
+    ui = "http://127.0.0.1:5123"
+    shown = _run([sys.executable, "-m", "oprd_ci", "lineage", f"oprd-student/{version}", "--json"], project,
+                 OPRD_MLFLOW_UI_URL=ui)  # fmt: skip
+    cli = {row["url"] for row in json.loads(shown.stdout)["links"] if row["url"]}
+    assert {f"{ui}/{href}" for href in page} <= cli
+    assert cli - {f"{ui}/{href}" for href in page} == {f"{ui}/#/models/oprd-student/versions/{version}"}
 
 
 @pytest.mark.slow

@@ -41,3 +41,40 @@ def test_distill_progress_bar_fields() -> None:
     hist = [{"loss/total": 2.0, "val/accuracy": 0.25}, {"loss/total": 1.23456, "rep/cosine/mean": 0.9}]
     assert _bar_fields(hist) == {"loss": "1.235", "cos": "0.9", "val": "0.25"}
     assert _bar_fields([]) == {}
+
+
+LIBRARY_SCRIPT = textwrap.dedent(
+    r"""
+    import subprocess, sys, warnings
+    tmp, mode = sys.argv[1], sys.argv[2]
+    if mode == "stage":
+        from pipelines.stage_logs import quiet_third_party
+        quiet_third_party(fd_filter=False)
+    else:  # the control: what stage logs showed before these warnings were filtered
+        warnings.simplefilter("once")
+    from mlflow import MlflowClient
+    MlflowClient(f"sqlite:///{tmp}/mlflow.db").search_experiments()  # MLflow's SQL store on SQLAlchemy 2
+    child = "import sys, torch, torch.distributed.checkpoint as dcp; dcp.save({'w': torch.zeros(2)}, checkpoint_id=sys.argv[1])"
+    subprocess.run([sys.executable, "-c", child, f"{tmp}/ckpt"], check=True)  # a DCP save in one process (a child)
+    warnings.warn("keep: a warning about this run")
+    """
+)
+
+
+def test_library_warnings_are_filtered_here_and_in_children(tmp_path) -> None:
+    """Real SQLAlchemy (through MLflow's store) and DCP warnings: shown by the control, gone from a stage's log
+    (also from its child processes, as torchrun workers), while other warnings still show."""
+    env = {
+        k: v for k, v in __import__("os").environ.items() if k not in ("OPRD_VERBOSE_LOGS", "PYTHONWARNINGS")
+    }
+    logs = {}
+    for mode in ("control", "stage"):
+        (tmp_path / mode).mkdir()
+        out = subprocess.run([sys.executable, "-c", LIBRARY_SCRIPT, str(tmp_path / mode), mode], cwd=REPO,
+                             env=env, capture_output=True, timeout=300)  # fmt: skip
+        logs[mode] = out.stderr.decode()
+        assert out.returncode == 0, logs[mode][-3000:]
+    for noise in ("SADeprecationWarning", "torch.distributed is disabled"):
+        assert noise in logs["control"], (noise, logs["control"][-3000:])  # the warnings are real
+        assert noise not in logs["stage"], (noise, logs["stage"][-3000:])
+    assert "keep: a warning about this run" in logs["stage"]

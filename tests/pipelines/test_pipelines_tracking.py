@@ -24,10 +24,9 @@ from pipelines.lineage import (
     LineageEdge,
     LineageNode,
     RunRefError,
+    lineage_links,
     read_run_ref,
     render_lineage,
-    render_lineage_html,
-    run_url,
     verdict_kind,
     write_run_ref,
 )
@@ -54,7 +53,7 @@ from pipelines.tracking_models import (
 )
 from pipelines.tracking_server import LeanMlflowServer, free_port
 from trainer.config import Params, TrackingConfig, load_params
-from trainer.export import ManifestError, write_manifest
+from trainer.export import ManifestError, verify_manifest, write_manifest
 from trainer.metrics import MetricLogger
 
 
@@ -345,20 +344,29 @@ def test_render_and_log_lineage(store: str, project: Path, tmp_path: Path) -> No
         render_lineage(
             tmp_path / "x.png", nodes[:2], [LineageEdge("teacher", "base"), LineageEdge("base", "teacher")]
         )
-    linked = [
-        *nodes[:4],
-        LineageNode("gate", "gate: PROMOTE", verdict_kind("PROMOTE"), url=run_url("", "1", "r9")),
-    ]
-    page = render_lineage_html(linked, edges, title="oprd-student v1 <b>", footer="f")
-    assert 'href="#/experiments/1/runs/r9"' in page and "&lt;b&gt;" in page  # linked, escaped
-    assert 'class="card promote"' in page and "#bbf7d0" in page  # PROMOTE is green
-    assert page.index("node-teacher") < page.index("node-student") < page.index("node-gate")  # columns
-    assert "distilled_from &rarr; distilled student" in page
+    pic = [*nodes[:4], LineageNode("gate", "gate: PROMOTE", verdict_kind("PROMOTE"))]
     with StageRun("gate", params_for(store, "exp-pic"), root=project) as run:
-        rel = log_lineage(run.run_id, linked, edges, client=run.client)
-    assert rel == "lineage/lineage.html"
+        rel = log_lineage(run.run_id, pic, edges, client=run.client)
+    assert rel == "lineage/lineage.png"
     listed = {f.path for f in MlflowClient(store).list_artifacts(run.run_id, "lineage")}
-    assert listed == {"lineage/lineage.html", "lineage/lineage.png"}
+    assert listed == {"lineage/lineage.png"}  # no HTML page: MLflow's sandboxed frame cannot follow its links
+
+
+def test_one_link_target_per_concept_relative_on_the_version_page_absolute_in_the_cli() -> None:
+    runs = {"rollout": "ro", "distill": "di", "evaluate": "ev", "gate": "ga"}
+    models = {"teacher": "m-t", "student_base": "m-b", "student": "m-s"}
+    kw = dict(model_name="stud", version=4, experiment_id="3", run_ids=runs, model_ids=models)
+    page, cli = lineage_links("", **kw), lineage_links("http://ui:5123/", **kw)
+    assert list(page) == list(cli) and len(page) == 10
+    assert all(cli[k] == "http://ui:5123/" + page[k] for k in page) and all(
+        v.startswith("#/") for v in page.values()
+    )
+    assert page["training_data"] == page["distill"] == "#/experiments/3/runs/di"
+    assert (
+        page["student_base"] == "#/experiments/3/models/m-b" and page["version"] == "#/models/stud/versions/4"
+    )
+    assert page["picture"] == "#/experiments/3/runs/ga/artifacts/lineage/lineage.png"
+    assert "teacher" not in lineage_links("", **{**kw, "model_ids": {}})  # unknown: left out, not guessed
 
 
 def test_source_models_eval_metrics_and_version_record(store: str, project: Path) -> None:
@@ -381,6 +389,32 @@ def test_source_models_eval_metrics_and_version_record(store: str, project: Path
     assert src.info.run_id != run.run_id and src.data.tags["oprd.stage"] == "bootstrap"
     assert src.info.run_name.startswith("bootstrap ") and src.data.metrics["teacher/val_acc"] == 0.9
     assert c.get_logged_model(ids["student_base"]).source_run_id == src.info.run_id
+    for role, rel in (
+        ("teacher", "artifacts/models/teacher"),
+        ("student_base", "artifacts/models/student-base"),
+    ):
+        # the LoggedModel page shows params (not tags): where the model lives and which bytes it is
+        lm = c.get_logged_model(ids[role])
+        assert lm.params == {"path": lm.tags["oprd.path"], "sha256": verify_manifest(models[role])}
+        assert lm.params["path"].endswith(rel)
+    # a model logged before params existed (tags only) gets them when a later stage reuses it
+    old = c.create_logged_model(
+        run.experiment_id,
+        name="teacher",
+        tags={
+            "oprd.role": "teacher",
+            "oprd.path": "artifacts/models/teacher",
+            "oprd.manifest_sha256": "ab" * 32,
+        },
+    )
+    c.finalize_logged_model(old.model_id, LoggedModelStatus.READY)
+    from pipelines.tracking_models import _ensure_identity_params
+
+    _ensure_identity_params(c, c.get_logged_model(old.model_id))
+    assert c.get_logged_model(old.model_id).params == {
+        "path": "artifacts/models/teacher",
+        "sha256": "ab" * 32,
+    }
     log_model_metrics(run.run_id, ids["teacher"], {"embedded/avg_at_k": 0.9}, dataset_name="eval_embedded",
                       dataset_digest="ab" * 32, client=c)  # fmt: skip
     (metric,) = c.get_logged_model(ids["teacher"]).metrics

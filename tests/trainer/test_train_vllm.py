@@ -71,7 +71,7 @@ def _mean(rows: list[dict], key: str, sl: slice) -> float:
 
 def test_distill_trend_matches_hf(tmp_path):
     """Sampled rollouts (temperature 1): with either engine the OPRD loss falls by a similar factor and the
-    per-layer cosine rises; the vLLM run synced after every step."""
+    per-layer cosine rises; the vLLM engine received exactly one weight sync per optimizer step."""
     sets = {"distill.steps": 10, "distill.prompts_per_step": 8, "distill.n_responses": 2, "optim.lr": 3e-3}
     runs = {e: _run(tmp_path / e, e, **sets) for e in ("hf", "vllm")}
     drop = {}
@@ -81,7 +81,9 @@ def test_distill_trend_matches_hf(tmp_path):
         assert drop[engine] < 0.8, (engine, drop)
         assert _mean(rows, "rep/cosine/mean", last) > _mean(rows, "rep/cosine/mean", first), engine
     assert abs(drop["vllm"] - drop["hf"]) < 0.25, drop
-    assert all(r["perf/sync_seconds"] > 1e-3 for r in runs["vllm"])
+    # one full weight sync per optimizer step, counted by the engine (not inferred from a timing)
+    assert [r["rollout/weight_syncs"] for r in runs["vllm"]] == [float(r["step"]) for r in runs["vllm"]]
+    assert [r["step"] for r in runs["vllm"]] == list(range(1, 11))
 
 
 def test_fsdp2_two_ranks_greedy_equals_hf(tmp_path):
