@@ -195,21 +195,19 @@ def test_recorded_failures_and_fixes_lines(tmp_path):
 
 
 def test_decision_markdown_says_fixes_n_of_m(tmp_path):
+    from pipelines.lineage import lineage_links
     from pipelines.stage_gate import decision_markdown
 
-    class Links:
-        def stage(self, s):
-            return f"#/{s}"
-
-        def model(self, r):
-            return f"#/m/{r}"
+    stages = ("rollout", "distill", "evaluate", "gate")
+    links = lineage_links("", model_name="m", version=4, experiment_id="1", run_ids={s: s for s in stages},
+                          model_ids={r: r for r in ("teacher", "student_base", "student")})  # fmt: skip
 
     decision = {"verdict": "PROMOTE", "model": "m", "version": 4, "policy_version": 1, "policy_digest": "ab" * 32, "id": 9,
                 "champion_version": 3, "criteria": [
                     {"criterion": "fixed_failures", "suite": "prod", "status": "PASS", "observed": 0.5,
                      "threshold": 0.5, "detail": "fixes 2 of 4 failures of v3 (50% >= 50%; ...)"}]}  # fmt: skip
     evidence = {"cost": {}, "lineage": {"teacher": "t@abc", "student_base": "def", "dataset_digests": {}}}
-    md = decision_markdown(Params(), decision, {}, evidence, Links())
+    md = decision_markdown(Params(), decision, {"version": {"manifest_sha256": "cd" * 32}}, evidence, links)
     assert "Failure bank:\n- suite `prod`: fixes 2 of 4 failures of v3" in md
 
 
