@@ -188,7 +188,9 @@ def run_tests(
         try:  # the launcher enforces wall_s itself (and cleans up); this is the backstop
             _, stderr = proc.communicate(json.dumps(job).encode(), timeout=limits.wall_s + 10)
         except subprocess.TimeoutExpired:
-            reason = f"timed out after {limits.wall_s:g} s and the launcher did not stop it (killed by the grader)"
+            reason = (
+                f"timed out after {limits.wall_s:g} s and the launcher did not stop it (killed by the grader)"
+            )
             return SandboxResult(False, reason, time.monotonic() - start, ids)
         if proc.returncode == 124:
             return SandboxResult(False, f"timed out after {limits.wall_s:g} s", time.monotonic() - start, ids)
