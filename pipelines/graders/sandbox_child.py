@@ -6,7 +6,7 @@ after it is hidden):
 ``launch`` (started by the grader, as the grader's user; it never runs response code)
     Reads the job (JSON on stdin), makes itself a child subreaper, and, when it runs as root: enters new mount and
     network namespaces, mounts fresh tmpfs over /tmp, /var/tmp, /dev/shm and over every hidden path (the project,
-    the virtual environment, $HOME, /work), and bind-mounts the interpreter's prefix read-only at /tmp/.python.
+    the virtual environment, the project's parent, $HOME), and bind-mounts the interpreter's prefix read-only at /tmp/.python.
     It sets the resource limits, forks the **candidate** and the **checker**, waits for the checker at most
     ``wall_s`` seconds (exit status 124 when it did not finish), then kills every descendant (orphans are
     re-parented to it) and every process of the two sandbox uids, and reaps them all before it exits.
