@@ -19,8 +19,9 @@ namespaces (no interface but a down loopback), fresh tmpfs over /tmp, /var/tmp a
 virtual environment, the project's parent directory and $HOME hidden under empty read-only mounts, and checker and candidate under two fresh random
 uids, so the candidate cannot signal, ptrace or read the checker, ``RLIMIT_NPROC`` counts only its own processes,
 and every process of both uids is killed at the end (a child that calls ``setsid`` or ignores SIGTERM included).
-Without root, the namespaces and uid separation are skipped (``sandbox_mode()`` says which) and a child that leaves
-the session can outlive the run.
+Without root, the namespaces and uid separation are skipped (``sandbox_mode()`` says which); the launcher still
+reaps every descendant (it is a child subreaper), unless the candidate kills it first (same uid), after which a
+child that left the session can outlive the run.
 """
 
 from __future__ import annotations
