@@ -20,10 +20,6 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-import jsonschema
-from jsonschema.exceptions import SchemaError, best_match
-from jsonschema.validators import validator_for
-
 from pipelines.graders.base import Grader, GradeResult, InvalidReference
 from pipelines.graders.json_values import extract_json, json_equal
 
@@ -32,7 +28,8 @@ __all__ = ["JsonSchemaGrader"]
 _KEYS = {"schema", "expected"}
 
 
-def _path(error: jsonschema.ValidationError) -> str:
+def _path(error: Any) -> str:
+    """``$.a[0].b``: where in the response's JSON a ``jsonschema.ValidationError`` points."""
     return "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
 
 
@@ -42,6 +39,9 @@ class JsonSchemaGrader(Grader):
     structured = True
 
     def _validator(self, reference: Any) -> Any:
+        from jsonschema.exceptions import SchemaError  # imported here: jsonschema costs ~0.3 s at start-up
+        from jsonschema.validators import validator_for
+
         if not isinstance(reference, dict) or "schema" not in reference:
             raise InvalidReference(
                 'json_schema reference must be an object {"schema": <JSON Schema>, "expected": <optional>}, '
@@ -68,6 +68,8 @@ class JsonSchemaGrader(Grader):
         return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
     def check_reference(self, reference: Any) -> None:
+        from jsonschema.exceptions import best_match
+
         validator = self._validator(reference)
         if "expected" in reference:
             error = best_match(validator.iter_errors(reference["expected"]))
@@ -77,6 +79,8 @@ class JsonSchemaGrader(Grader):
                 )
 
     def grade(self, response: str, reference: Any) -> GradeResult:
+        from jsonschema.exceptions import best_match
+
         validator = self._validator(reference)
         try:
             value, source = extract_json(response)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.graders.base import Grader, GradeResult
-from pipelines.grading import extract_last_boxed, grade_answer
 
 __all__ = ["MathGrader"]
 
@@ -15,6 +14,8 @@ class MathGrader(Grader):
     version = "1"
 
     def grade(self, response: str, reference: Any) -> GradeResult:
+        from pipelines.grading import extract_last_boxed, grade_answer  # math-verify/sympy: ~1.5 s to import
+
         if grade_answer(response, str(reference)):
             return GradeResult(True)
         if extract_last_boxed(response) is None:

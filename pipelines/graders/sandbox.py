@@ -16,11 +16,12 @@ Enforced always: the wall timeout (the whole session killed), ``RLIMIT_CPU``/``A
 an audit hook that refuses sockets before the response's code runs, an empty environment, the temp directory
 removed afterwards. Enforced when the grader runs as root (this project's CI container): new mount and network
 namespaces (no interface but a down loopback), fresh tmpfs over /tmp, /var/tmp and /dev/shm, the project, the
-virtual environment and $HOME hidden under empty read-only mounts, and checker and candidate under two fresh random
+virtual environment, the project's parent directory and $HOME hidden under empty read-only mounts, and checker and candidate under two fresh random
 uids, so the candidate cannot signal, ptrace or read the checker, ``RLIMIT_NPROC`` counts only its own processes,
 and every process of both uids is killed at the end (a child that calls ``setsid`` or ignores SIGTERM included).
-Without root, the namespaces and uid separation are skipped (``sandbox_mode()`` says which) and a child that leaves
-the session can outlive the run.
+Without root, the namespaces and uid separation are skipped (``sandbox_mode()`` says which); the launcher still
+reaps every descendant (it is a child subreaper), unless the candidate kills it first (same uid), after which a
+child that left the session can outlive the run.
 """
 
 from __future__ import annotations
@@ -94,11 +95,31 @@ def _interpreter() -> tuple[str, str]:
     return python, os.path.realpath(sys.base_prefix)
 
 
+_SYSTEM_DIRS = {
+    "/",
+    "/usr",
+    "/usr/local",
+    "/usr/lib",
+    "/lib",
+    "/lib64",
+    "/bin",
+    "/sbin",
+    "/etc",
+    "/opt",
+    "/var",
+}
+
+
 def _hidden_paths() -> list[str]:
-    paths = {str(_PROJECT_ROOT), os.path.realpath(sys.prefix), os.path.expanduser("~"), "/work"}
+    """What the candidate must not see: the project and its sibling checkouts (its parent directory), the virtual
+    environment and the project it belongs to (the venv's parent), the user's home. Never a system directory or the
+    interpreter's prefix (which the launcher bind-mounts elsewhere before hiding anything)."""
+    paths = {str(_PROJECT_ROOT), str(_PROJECT_ROOT.parent), os.path.expanduser("~")}
+    if sys.prefix != sys.base_prefix:
+        venv = os.path.realpath(sys.prefix)
+        paths |= {venv, os.path.dirname(venv)}
     _python, base = _interpreter()
-    # never hide the interpreter's own prefix (it is bind-mounted elsewhere first, so hiding a parent is fine)
-    return sorted(p for p in paths if p and p != "/" and os.path.isdir(p) and p != base)
+    return sorted(p for p in paths if p and p not in _SYSTEM_DIRS and p != base and os.path.isdir(p))
 
 
 def _processes_of(uids: set[int]) -> list[int]:

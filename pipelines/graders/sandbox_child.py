@@ -3,11 +3,13 @@
 Three roles, one file (the source is re-executed with ``-c`` so that nothing has to be read from the project
 after it is hidden):
 
-``launch`` (started by the grader, as the grader's user)
-    Reads the job (JSON on stdin), sets resource limits, and, when it runs as root: enters new mount and network
-    namespaces, mounts fresh tmpfs over /tmp, /var/tmp, /dev/shm and over every hidden path (the project, the
-    virtual environment, $HOME), and bind-mounts the interpreter's prefix read-only at /tmp/.python. It then forks
-    the **candidate** process and becomes the **checker**.
+``launch`` (started by the grader, as the grader's user; it never runs response code)
+    Reads the job (JSON on stdin), makes itself a child subreaper, and, when it runs as root: enters new mount and
+    network namespaces, mounts fresh tmpfs over /tmp, /var/tmp, /dev/shm and over every hidden path (the project,
+    the virtual environment, the project's parent, $HOME), and bind-mounts the interpreter's prefix read-only at /tmp/.python.
+    It sets the resource limits, forks the **candidate** and the **checker**, waits for the checker at most
+    ``wall_s`` seconds (exit status 124 when it did not finish), then kills every descendant (orphans are
+    re-parented to it) and every process of the two sandbox uids, and reaps them all before it exits.
 ``candidate`` (uid ``candidate_uid`` when root)
     A fresh interpreter (``execve``: it inherits no memory of the launcher) with only two pipe ends and /dev/null
     as stdio. An audit hook refuses sockets before any response code runs. It receives the response's code,
