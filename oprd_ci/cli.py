@@ -99,7 +99,7 @@ def results(
     for col in ("suite", "model", "Avg@k %", "95% CI", "pass@k %", "len mean", "len p95", "Dist-4g"):
         table.add_column(col, justify="left" if col in ("suite", "model") else "right")
     for suite, roles in data["eval"].items():
-        for role in ("teacher", "student_base", "student", "student_final"):
+        for role in ("teacher", "student_base", "student", "student_final", "champion"):
             m = roles.get(role)
             if m is None:
                 continue
