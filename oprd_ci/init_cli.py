@@ -81,7 +81,7 @@ def init(
                     raise OnboardError(
                         f"{path.relative_to(root)} exists (init ran for {name} before); pass --force to rewrite it"
                     )
-        new_params, changes, _ = merge_profile(params, ob.profile, f"profiles/{name}.yaml")
+        new_params, changes, merged = merge_profile(params, ob.profile, f"profiles/{name}.yaml")
     except (OnboardError, ProfileError) as exc:
         _fail(EXIT_USAGE, " ".join(str(exc).split("\n")[:1]))
         return
@@ -91,6 +91,7 @@ def init(
     )
     old_params = params.read_text()
     written: list[Path] = []
+    url = url or merged.gate.registry_url  # the registry the gate stage will use
     with RegistryCall(url, token) as call:
         current = call("GET", f"/v1/models/{name}/policy", missing_ok=True)
         installed = PolicySpec.model_validate(current["spec"]) if current else None

@@ -242,7 +242,7 @@ def test_own_pair_from_init_to_a_gated_first_version(pair, tmp_path, engine):
     failed = _fails(["dvc", "repro"], root)
     said = failed.stdout + failed.stderr
     assert re.search(r"models \(distill.method=oprd\): tokenizers differ \(4096 vs 4096 entries", said), said
-    assert "Running stage 'rollout'" not in failed.stdout and _snapshot(root) == before
+    assert re.findall(r"Running stage '(\w+)'", failed.stdout) == ["precheck"] and _snapshot(root) == before
     _run(["git", "checkout", "params.yaml"], root)  # docs/own-pair.md "Going back"
 
     # --- a policy file changed without installing it: refused at precheck with one line naming the fix
@@ -254,7 +254,7 @@ def test_own_pair_from_init_to_a_gated_first_version(pair, tmp_path, engine):
     )
     assert "suites.AIME24.floor: 0.1 -> 0.15" in line
     assert f"`oprd-ci policy set {NAME} --file policies/{NAME}.yaml --reason '<why>'`" in line
-    assert "Running stage" not in failed.stdout and _snapshot(root) == before
+    assert re.findall(r"Running stage '(\w+)'", failed.stdout) == ["precheck"] and _snapshot(root) == before
     # ... until params ask the gate to install it (docs/own-pair.md "Changing the policy"): an audited v2
     (root / "profiles/policy-change.yaml").write_text(
         'gate: {install_policy: true, policy_reason: "floor 0.15 after the first run"}\n'
