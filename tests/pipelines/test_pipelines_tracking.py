@@ -383,20 +383,20 @@ def test_source_models_eval_metrics_and_version_record(store: str, project: Path
             models, experiment_id=run.experiment_id, embedded=True,
             bootstrap_record=project / "artifacts/bootstrap.json", client=c,
         )  # fmt: skip
+        for role, rel in (
+            ("teacher", "artifacts/models/teacher"),
+            ("student_base", "artifacts/models/student-base"),
+        ):
+            # as created, not back-filled: the model page shows params (not tags): where it lives, which bytes
+            lm = c.get_logged_model(ids[role])
+            assert lm.params == {"path": lm.tags["oprd.path"], "sha256": verify_manifest(models[role])}
+            assert lm.params["path"].endswith(rel)
         again = ensure_source_models(models, experiment_id=run.experiment_id, embedded=True, client=c)
     assert again == ids  # logged once, reused by every later stage
     src = c.get_run(c.get_logged_model(ids["teacher"]).source_run_id)
     assert src.info.run_id != run.run_id and src.data.tags["oprd.stage"] == "bootstrap"
     assert src.info.run_name.startswith("bootstrap ") and src.data.metrics["teacher/val_acc"] == 0.9
     assert c.get_logged_model(ids["student_base"]).source_run_id == src.info.run_id
-    for role, rel in (
-        ("teacher", "artifacts/models/teacher"),
-        ("student_base", "artifacts/models/student-base"),
-    ):
-        # the LoggedModel page shows params (not tags): where the model lives and which bytes it is
-        lm = c.get_logged_model(ids[role])
-        assert lm.params == {"path": lm.tags["oprd.path"], "sha256": verify_manifest(models[role])}
-        assert lm.params["path"].endswith(rel)
     # a model logged before params existed (tags only) gets them when a later stage reuses it
     old = c.create_logged_model(
         run.experiment_id,

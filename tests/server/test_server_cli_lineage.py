@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
 import typer
-from conftest import evidence, free_port, server_env
+from conftest import ADMIN, LiveServer, evidence, free_port, server_env
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from typer.testing import CliRunner
@@ -167,3 +168,42 @@ def test_promote_says_mlflow_pending_only_when_it_still_is(cli, tmp_path, make_a
     r = _run(cli, ["rollback", "student", "--reason", "canary"])
     assert r.exit_code == 0 and "-> v1" in r.output and "MLflow pending" not in r.output, r.output
     assert str(ml.get_model_version_by_alias("student", "champion").version) == "1"
+
+
+def test_over_http_mlflow_pending_is_said_only_when_it_still_is(cli, tmp_path, make_artifact):
+    """Against `oprd-ci serve` (uvicorn) answering before its writes reach MLflow (sync wait 0 s): the CLI waits
+    (bounded) for the server's reconciler and stays silent when MLflow has caught up."""
+    env = server_env(tmp_path, OPRD_SYNC_WAIT_S="0")
+    ml = MlflowClient(env["OPRD_MLFLOW_TRACKING_URI"])
+    ml.search_experiments()  # create the store's tables now: their one-time migration is not what is measured
+    srv = LiveServer(env, tmp_path / "server.log")
+    try:
+        base = ["--url", srv.url, "--token", ADMIN]
+        r = _run(cli, ["policy", "set", "student", "--file", POLICY_FILE, "--reason", "initial", *base])
+        assert r.exit_code == 0, r.output
+        for i, acc in ((1, 0.5), (2, 0.55)):
+            f = tmp_path / f"ev{i}.json"
+            f.write_text(json.dumps(evidence("student", make_artifact(f"v{i}"), acc, n=60, seed=1)))
+            r = _run(cli, ["gate", "--evidence", str(f), *base])
+            assert r.exit_code == 0 and "PROMOTE" in r.output, r.output
+            if (
+                i == 1
+            ):  # the server's first MLflow write opens (migrates) its stores: seconds on a busy machine
+                for _ in range(600):
+                    if (
+                        httpx.get(
+                            f"{srv.url}/v1/models/student/status",
+                            params={"mlflow": "false"},
+                            headers={"Authorization": f"Bearer {ADMIN}"},
+                        ).json()["pending_mlflow_writes"]
+                        == 0
+                    ):
+                        break  # fmt: skip
+                    time.sleep(0.2)
+            else:
+                assert "MLflow pending" not in r.output, r.output
+        r = _run(cli, ["rollback", "student", "--reason", "canary", *base])
+        assert r.exit_code == 0 and "-> v1" in r.output and "MLflow pending" not in r.output, r.output
+        assert str(ml.get_model_version_by_alias("student", "champion").version) == "1"
+    finally:
+        srv.stop()
