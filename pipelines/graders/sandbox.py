@@ -110,16 +110,30 @@ _SYSTEM_DIRS = {
 }
 
 
+SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+"""Replaced by fresh tmpfs in the sandbox (sandbox_child._isolate), which hides whatever lived under them."""
+
+
+def _under_scratch(path: str) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in SCRATCH_DIRS)
+
+
 def _hidden_paths() -> list[str]:
     """What the candidate must not see: the project and its sibling checkouts (its parent directory), the virtual
     environment and the project it belongs to (the venv's parent), the user's home. Never a system directory or the
-    interpreter's prefix (which the launcher bind-mounts elsewhere before hiding anything)."""
+    interpreter's prefix (which the launcher bind-mounts elsewhere before hiding anything), and never a scratch dir
+    or a path under one: the fresh tmpfs already hides those, and hiding ``/tmp`` itself (a checkout in
+    ``/tmp/<clone>`` has it as its parent) would cover the interpreter's mount at ``/tmp/.python``."""
     paths = {str(_PROJECT_ROOT), str(_PROJECT_ROOT.parent), os.path.expanduser("~")}
     if sys.prefix != sys.base_prefix:
         venv = os.path.realpath(sys.prefix)
         paths |= {venv, os.path.dirname(venv)}
     _python, base = _interpreter()
-    return sorted(p for p in paths if p and p not in _SYSTEM_DIRS and p != base and os.path.isdir(p))
+    return sorted(
+        p
+        for p in paths
+        if p and p not in _SYSTEM_DIRS and p != base and not _under_scratch(p) and os.path.isdir(p)
+    )
 
 
 def _processes_of(uids: set[int]) -> list[int]:

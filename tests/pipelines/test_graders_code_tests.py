@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -299,3 +300,23 @@ def test_grade_many_keeps_order_and_leaves_nothing(own_tempdir):
 def test_invalid_references(ref, message):
     with pytest.raises(InvalidReference, match=message):
         check_reference("code_tests", ref)
+
+
+@needs_root
+def test_a_project_checked_out_under_tmp_still_grades_and_stays_hidden(monkeypatch, own_tempdir):
+    """CI may clone the project into /tmp/<clone>: its parent is then /tmp itself, which must not be hidden over
+    the fresh tmpfs (that would cover the interpreter's mount at /tmp/.python and no test could run), while the
+    checkout stays invisible (the fresh tmpfs over /tmp hides it)."""
+    from pipelines.graders import sandbox
+
+    clone = Path(tempfile.mkdtemp(prefix="oprd-clone-", dir="/tmp"))
+    try:
+        (clone / "secret.txt").write_text("x")
+        monkeypatch.setattr(sandbox, "_PROJECT_ROOT", clone)
+        assert "/tmp" not in sandbox._hidden_paths()
+        assert grade_result("code_tests", "def add(a, b):\n    return a + b\n", add_ref()).correct
+        code = probe(f"return 'isolated' if not os.path.exists({str(clone / 'secret.txt')!r}) else 'seen'")
+        result = run_tests(code, PROBE_TESTS, "probe")
+        assert result.passed, result.reason
+    finally:
+        shutil.rmtree(clone)
