@@ -21,7 +21,16 @@ from trainer.config import ConfigError, Params
 from trainer.export import file_sha256  # dataset digests: content hashes, passed explicitly to MLflow
 from trainer.models import CompatibilityError
 
-__all__ = ["TASK_DIR", "TASK_DIRS", "USER_ERRORS", "file_sha256", "prompts_file", "stage_cli", "val_file", "write_json"]
+__all__ = [
+    "TASK_DIR",
+    "TASK_DIRS",
+    "USER_ERRORS",
+    "file_sha256",
+    "prompts_file",
+    "stage_cli",
+    "val_file",
+    "write_json",
+]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
