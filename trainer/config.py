@@ -50,6 +50,7 @@ __all__ = [
     "RolloutConfig",
     "TaskConfig",
     "TinyModelSpec",
+    "ToolCallModelSpec",
     "ToolCallTaskConfig",
     "TrackingConfig",
     "VLLMConfig",
@@ -84,6 +85,13 @@ class TinyModelSpec(_Section):
     tie_word_embeddings: bool = True
 
 
+class ToolCallModelSpec(TinyModelSpec):
+    """:class:`TinyModelSpec` with room for the tool-call task's sequences (a partial ``models.tiny_toolcall``
+    keeps 128 positions instead of falling back to 64)."""
+
+    max_position_embeddings: PosInt = 128
+
+
 class ModelSource(_Section):
     """Where one model comes from: a local Hugging Face directory (safetensors only)."""
 
@@ -113,7 +121,7 @@ class ModelsConfig(_Section):
     """The embedded *wider and deeper* teacher (``bootstrap_wide`` stage, ``artifacts/models/teacher-wide``): the
     same task and tokenizer trained from scratch at another width and depth, so the student base and it differ in
     hidden size (128 vs 160) and depth (4 vs 6), the OPRD-Bridge setting (oprd-method.md §5)."""
-    tiny_toolcall: TinyModelSpec = TinyModelSpec(max_position_embeddings=128)
+    tiny_toolcall: ToolCallModelSpec = ToolCallModelSpec()
     """Architecture of the embedded tool-call pair (``bootstrap_toolcall`` stage, ``artifacts/toolcall/models``):
     ``models.tiny`` with room for the task's longest prompt (33 tokens) plus 64 new tokens."""
 
