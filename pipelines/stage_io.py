@@ -22,6 +22,7 @@ from trainer.export import file_sha256  # dataset digests: content hashes, passe
 from trainer.models import CompatibilityError
 
 __all__ = [
+    "BOOTSTRAP_RECORDS",
     "TASK_DIR",
     "TASK_DIRS",
     "USER_ERRORS",
@@ -43,6 +44,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 TASK_DIR = Path("artifacts/task")
 TASK_DIRS = {"arithmetic": TASK_DIR, "toolcall": Path("artifacts/toolcall/task")}
 """Where each embedded task's splits live (``task.name`` -> the bootstrap stage's ``task`` output)."""
+BOOTSTRAP_RECORDS = {
+    "arithmetic": Path("artifacts/bootstrap.json"),
+    "toolcall": Path("artifacts/toolcall/bootstrap.json"),
+}
+"""The record of the bootstrap stage that built each embedded task's pair (its MLflow source run logs it)."""
 
 
 def prompts_file(params: Params) -> Path:

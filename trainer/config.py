@@ -138,9 +138,9 @@ class ToolCallTaskConfig(_Section):
     num_val: PosInt = 200
     num_eval: PosInt = 500
     teacher_steps: PosInt = 1500
-    student_base_step: PosInt = 300
+    student_base_step: PosInt = 100
     teacher_lr: Annotated[float, Field(gt=0.0)] = 2.0e-3
-    teacher_batch_size: PosInt = 64
+    teacher_batch_size: PosInt = 32
     teacher_warmup_steps: int = Field(default=100, ge=0)
     teacher_min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
     teacher_target_acc: Annotated[float, Field(gt=0.0, le=1.0)] = 0.97
