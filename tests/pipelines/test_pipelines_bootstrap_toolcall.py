@@ -5,12 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipelines.bootstrap_toolcall import main, make_sft_batch, run_bootstrap_toolcall
 from pipelines.stage_io import val_file
 from pipelines.task_toolcall import MAX_NEW_TOKENS, build_tokenizer, check_response, make_splits
-from trainer.config import ConfigError, load_params
+from server.policy import PolicySpec
+from trainer.config import ConfigError, EvalSuite, load_params
 from trainer.export import verify_manifest
 
 torch.set_num_threads(1)
@@ -127,3 +129,61 @@ def test_val_file_follows_task_name(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert val_file(load_params(None, {"task.name": "toolcall"})) == Path("artifacts/toolcall/task/val.jsonl")
     with pytest.raises(ConfigError, match=r"task\.name"):
         load_params(None, {"task.name": "chess"})
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _deep_merge(base: dict, overlay: dict) -> dict:
+    """What `oprd-ci params apply` does: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def test_committed_pair_matches_the_profile_and_the_policy_rejects_the_base() -> None:
+    """profiles/toolcall.yaml points at the committed tool-call pair and splits, names the policy's suite, and
+    leaves every key a bootstrap stage depends on alone; the policy's floor and teacher gap fail the committed
+    student base (its greedy val accuracy from bootstrap.json) while the teacher clears them."""
+    profile = yaml.safe_load((REPO / "profiles" / "toolcall.yaml").read_text())
+    record = json.loads((REPO / "artifacts" / "toolcall" / "bootstrap.json").read_text())
+    for path in (
+        profile["models"]["teacher"]["path"], profile["models"]["student"]["path"],
+        profile["task"]["prompts_file"], profile["evaluate"]["embedded_path"],
+    ):  # fmt: skip
+        assert (REPO / path).exists(), path
+    assert record["teacher"]["dir"] == profile["models"]["teacher"]["path"]
+    assert record["student_base"]["dir"] == profile["models"]["student"]["path"]
+    stage_keys = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in ("bootstrap", "bootstrap_wide", "bootstrap_toolcall"):
+        for key in stage_keys[stage]["params"]:
+            node = profile
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            assert node is None, f"the profile sets {key}, which re-runs {stage}"
+    policy = PolicySpec.model_validate(yaml.safe_load((REPO / profile["gate"]["policy"]).read_text()))
+    (suite,) = profile["evaluate"]["suites"]
+    rule = policy.suites[suite["name"]]
+    base, teacher = record["student_base"]["val_acc"], record["teacher"]["val_acc"]
+    assert base < rule.floor < teacher
+    assert teacher - base > rule.max_teacher_gap
+
+
+def test_profile_merged_into_params_selects_the_tool_call_task(tmp_path: Path) -> None:
+    """params.yaml deep-merged with the profile validates and selects the task, its val split and its grader."""
+    if "grader" not in EvalSuite.model_fields:
+        pytest.skip("evaluate.suites[].grader arrives with the suites change (issue 17 item 2)")
+    merged = _deep_merge(
+        yaml.safe_load((REPO / "params.yaml").read_text()),
+        yaml.safe_load((REPO / "profiles" / "toolcall.yaml").read_text()),
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merged))
+    params = load_params(tmp_path / "params.yaml")
+    assert params.task.name == "toolcall" and params.gate.model_name == "oprd-toolcall"
+    assert params.evaluate.suites[0].grader == "tool_call"
+    assert params.task.toolcall == load_params(REPO / "params.yaml").task.toolcall
