@@ -44,6 +44,9 @@ BOOTSTRAP_OUTS = (
     Path("artifacts/task"),
     Path("artifacts/models/teacher"),
     Path("artifacts/models/student-base"),
+    Path("artifacts/toolcall/task"),  # bootstrap_toolcall (task.name: toolcall)
+    Path("artifacts/toolcall/models/teacher"),
+    Path("artifacts/toolcall/models/student-base"),
 )
 
 

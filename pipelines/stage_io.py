@@ -21,7 +21,17 @@ from trainer.config import ConfigError, Params
 from trainer.export import file_sha256  # dataset digests: content hashes, passed explicitly to MLflow
 from trainer.models import CompatibilityError
 
-__all__ = ["TASK_DIR", "USER_ERRORS", "file_sha256", "prompts_file", "stage_cli", "val_file", "write_json"]
+__all__ = [
+    "BOOTSTRAP_RECORDS",
+    "TASK_DIR",
+    "TASK_DIRS",
+    "USER_ERRORS",
+    "file_sha256",
+    "prompts_file",
+    "stage_cli",
+    "val_file",
+    "write_json",
+]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -32,6 +42,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 """Problems the user fixes (config, inputs, data): one ``error:`` line and exit 2, no traceback."""
 
 TASK_DIR = Path("artifacts/task")
+TASK_DIRS = {"arithmetic": TASK_DIR, "toolcall": Path("artifacts/toolcall/task")}
+"""Where each embedded task's splits live (``task.name`` -> the bootstrap stage's ``task`` output)."""
+BOOTSTRAP_RECORDS = {
+    "arithmetic": Path("artifacts/bootstrap.json"),
+    "toolcall": Path("artifacts/toolcall/bootstrap.json"),
+}
+"""The record of the bootstrap stage that built each embedded task's pair (its MLflow source run logs it)."""
 
 
 def prompts_file(params: Params) -> Path:
@@ -40,8 +57,9 @@ def prompts_file(params: Params) -> Path:
 
 
 def val_file(params: Params) -> Path | None:
-    """Validation problems for checkpoint selection (embedded task only; ``None`` for external prompts)."""
-    path = TASK_DIR / "val.jsonl"
+    """Validation problems for checkpoint selection: the val split of the embedded task ``task.name`` names
+    (``None`` for external prompts)."""
+    path = TASK_DIRS[params.task.name] / "val.jsonl"
     return path if params.models.embedded and path.is_file() else None
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from pipelines.preflight import AlignmentError, check_alignment, measure_alignment, sample_rollouts
-from pipelines.stage_io import file_sha256, prompts_file, stage_cli, write_json
+from pipelines.stage_io import BOOTSTRAP_RECORDS, file_sha256, prompts_file, stage_cli, write_json
 from pipelines.tracking import StageRun, TrackingUnreachable
 from pipelines.tracking_models import ensure_source_models, log_dataset, log_model_inputs
 from trainer.config import load_params
@@ -33,7 +33,7 @@ OUT_DIR = Path("artifacts/rollout")
 METRICS = Path("metrics/rollout.json")
 REF = OUT_DIR / "rollout.mlflow.json"
 LAYER_PLAN = OUT_DIR / "layer_plan.json"
-BOOTSTRAP_RECORD = Path("artifacts/bootstrap.json")
+BOOTSTRAP_RECORD = BOOTSTRAP_RECORDS["arithmetic"]
 
 
 def run(params_path: str, overrides: list[str]) -> dict:
@@ -57,7 +57,7 @@ def run(params_path: str, overrides: list[str]) -> dict:
         # Logged once, by the run that produced them (bootstrap or "register external"), not by this consumer.
         model_ids = ensure_source_models(
             {"teacher": m.teacher.path, "student_base": m.student.path},
-            experiment_id=run.experiment_id, embedded=m.embedded, bootstrap_record=BOOTSTRAP_RECORD,
+            experiment_id=run.experiment_id, embedded=m.embedded, bootstrap_record=BOOTSTRAP_RECORDS[params.task.name],
             copy_max_mb=params.tracking.copy_weights_max_mb, client=run.client,
         )  # fmt: skip
         log_model_inputs(run.run_id, list(model_ids.values()), client=run.client)

@@ -51,6 +51,8 @@ __all__ = [
     "RolloutConfig",
     "TaskConfig",
     "TinyModelSpec",
+    "ToolCallModelSpec",
+    "ToolCallTaskConfig",
     "TrackingConfig",
     "VLLMConfig",
     "load_params",
@@ -85,6 +87,13 @@ class TinyModelSpec(_Section):
     tie_word_embeddings: bool = True
 
 
+class ToolCallModelSpec(TinyModelSpec):
+    """:class:`TinyModelSpec` with room for the tool-call task's sequences (a partial ``models.tiny_toolcall``
+    keeps 128 positions instead of falling back to 64)."""
+
+    max_position_embeddings: PosInt = 128
+
+
 class ModelSource(_Section):
     """Where one model comes from: a local Hugging Face directory (safetensors only)."""
 
@@ -114,12 +123,42 @@ class ModelsConfig(_Section):
     """The embedded *wider and deeper* teacher (``bootstrap_wide`` stage, ``artifacts/models/teacher-wide``): the
     same task and tokenizer trained from scratch at another width and depth, so the student base and it differ in
     hidden size (128 vs 160) and depth (4 vs 6), the OPRD-Bridge setting (oprd-method.md §5)."""
+    tiny_toolcall: ToolCallModelSpec = ToolCallModelSpec()
+    """Architecture of the embedded tool-call pair (``bootstrap_toolcall`` stage, ``artifacts/toolcall/models``):
+    ``models.tiny`` with room for the task's longest prompt (33 tokens) plus 64 new tokens."""
 
 
 # ----------------------------------------------------------------------------------------------------- task
-class TaskConfig(_Section):
-    """The embedded synthetic reasoning task (multi-step arithmetic with a worked chain and ``\\boxed{}``)."""
+class ToolCallTaskConfig(_Section):
+    """The embedded tool-call task (``pipelines.task_toolcall``) and its pair's from-scratch SFT run
+    (``bootstrap_toolcall`` stage). The keys mean what the same keys of ``task`` mean for arithmetic; they are a
+    section of their own so that selecting the task (``profiles/toolcall.yaml``) never changes a key the committed
+    arithmetic ``bootstrap`` stage depends on."""
 
+    seed: int = 0
+    num_train: PosInt = 5000
+    num_val: PosInt = 200
+    num_eval: PosInt = 500
+    teacher_steps: PosInt = 1500
+    student_base_step: PosInt = 100
+    teacher_lr: Annotated[float, Field(gt=0.0)] = 2.0e-3
+    teacher_batch_size: PosInt = 32
+    teacher_warmup_steps: int = Field(default=100, ge=0)
+    teacher_min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    teacher_target_acc: Annotated[float, Field(gt=0.0, le=1.0)] = 0.97
+    eval_every: PosInt = 100
+    num_threads: int = Field(default=1, ge=0)
+
+
+class TaskConfig(_Section):
+    """The embedded synthetic tasks: multi-step arithmetic with a worked chain and ``\\boxed{}`` (the default; the
+    flat keys below) and tool calls (``toolcall``)."""
+
+    name: Literal["arithmetic", "toolcall"] = "arithmetic"
+    """Which embedded task the pipeline runs on: selects the validation split the distill stage reads
+    (``artifacts/task`` or ``artifacts/toolcall/task``) and what ``precheck`` expects a bootstrap stage to write.
+    Select ``toolcall`` with ``oprd-ci params apply profiles/toolcall.yaml``, which also points the model paths,
+    prompts, eval suite and gate at the tool-call artifacts."""
     seed: int = 0
     num_train: PosInt = 5000
     num_val: PosInt = 200
@@ -152,6 +191,7 @@ class TaskConfig(_Section):
     num_threads: int = Field(default=1, ge=0)
     """torch intra-op threads for the bootstrap (0 = torch's default). Weights are byte-identical for one seed
     and one thread count; 1 avoids OpenMP oversubscription on shared 2-core machines."""
+    toolcall: ToolCallTaskConfig = ToolCallTaskConfig()
 
 
 # -------------------------------------------------------------------------------------------------- rollout

@@ -25,12 +25,17 @@ from tiny_pair import assert_resumed
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
     "task": {"num_train": 300, "num_val": 50, "num_eval": 50, "teacher_steps": 40, "student_base_step": 20,
-             "eval_every": 20, "teacher_warmup_steps": 5, "teacher_batch_size": 32},
+             "eval_every": 20, "teacher_warmup_steps": 5, "teacher_batch_size": 32,
+             # the bootstrap_toolcall stage (the second embedded task) at a micro size
+             "toolcall": {"num_train": 30, "num_val": 8, "num_eval": 12, "teacher_steps": 6, "student_base_step": 3,
+                          "eval_every": 3, "teacher_warmup_steps": 2, "teacher_batch_size": 8}},
     "models": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                         "num_attention_heads": 2, "num_key_value_heads": 2},
                # the bootstrap_wide stage's teacher: wider and deeper than the student base, as by default
                "tiny_wide": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
-                             "num_attention_heads": 2, "num_key_value_heads": 2}},
+                             "num_attention_heads": 2, "num_key_value_heads": 2},
+               "tiny_toolcall": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 2, "num_key_value_heads": 2}},
     "rollout": {"num_prompts": 8, "min_cosine": -1.0},
     "distill": {"steps": 4, "prompts_per_step": 4, "n_responses": 2, "eval_every": 2, "memory_every": 2},
     "evaluate": {"k": 2, "batch_size": 64},
@@ -99,8 +104,10 @@ def project(tmp_path_factory) -> Path:
 @pytest.mark.timeout(1800)  # two full (tiny) repros; seen past 900 s on a shared 2-core machine at load 22
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     first = _run(["dvc", "repro"], project)
-    for stage in ("precheck", "bootstrap", "bootstrap_wide", "rollout", "distill", "evaluate", "gate"):
+    for stage in ("precheck", "bootstrap", "bootstrap_wide", "bootstrap_toolcall", "rollout", "distill", "evaluate",
+                  "gate"):  # fmt: skip
         assert f"Running stage '{stage}'" in first.stdout
+    assert json.loads((project / "artifacts/toolcall/bootstrap.json").read_text())["steps_run"] == 6
     gate = json.loads((project / "artifacts/gate/decision.json").read_text())
     for name in ("gate", "distill", "rollout", "eval"):  # metrics files hold numbers only
         doc = json.loads((project / f"metrics/{name}.json").read_text())
@@ -123,7 +130,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     second = _run(["dvc", "repro"], project)
     assert "Running stage 'gate'" in second.stdout  # always_changed
     assert "Running stage 'precheck'" in second.stdout  # always_changed, same output: nothing else re-runs
-    for stage in ("bootstrap", "bootstrap_wide", "rollout", "distill", "evaluate"):
+    for stage in ("bootstrap", "bootstrap_wide", "bootstrap_toolcall", "rollout", "distill", "evaluate"):
         assert f"Running stage '{stage}'" not in second.stdout
     shown = _run(["dvc", "metrics", "show", "--json"], project)
     assert "avg_at_k" in shown.stdout

@@ -82,7 +82,7 @@ def _project(root: Path, pair: Path) -> Path:
     for name in ("dvc.yaml", ".dvcignore", "params.yaml"):
         shutil.copy(REPO / name, root / name)
     for name in ("artifacts/task", "artifacts/models/teacher", "artifacts/models/student-base",
-                 "artifacts/models/teacher-wide"):  # fmt: skip
+                 "artifacts/models/teacher-wide", "artifacts/toolcall"):  # fmt: skip
         shutil.copytree(REPO / name, root / name)  # the committed bootstrap outputs of a fresh clone
     for name in (
         "artifacts/bootstrap.json",
@@ -101,7 +101,7 @@ def _project(root: Path, pair: Path) -> Path:
     _run(["dvc", "init", "-q"], root)
     _run(["dvc", "config", "core.analytics", "false"], root)
     # Record the committed embedded outputs under the default params (what the repository's dvc.lock holds).
-    _run(["dvc", "commit", "-f", "bootstrap", "bootstrap_wide"], root)
+    _run(["dvc", "commit", "-f", "bootstrap", "bootstrap_wide", "bootstrap_toolcall"], root)
     _run(["git", "add", "-A"], root)
     _run(["git", "commit", "-qm", "fresh clone"], root)
     return root
@@ -150,6 +150,7 @@ def test_own_pair_from_init_to_a_gated_first_version(pair, tmp_path, engine):
     out = outputs["repro"]
     assert "Stage 'bootstrap' didn't change, skipping" in out
     assert "Stage 'bootstrap_wide' didn't change, skipping" in out
+    assert "Stage 'bootstrap_toolcall' didn't change, skipping" in out
     assert verify_manifest(root / "artifacts/models/teacher") == embedded_sha  # nothing deleted or rebuilt
     for stage in ("rollout", "distill", "evaluate", "gate"):
         assert f"Running stage '{stage}'" in out
