@@ -337,7 +337,10 @@ def test_lineage_is_reachable_by_links_from_the_champion_version_page(project, t
         version_href = re.search(r'href="(#/models/oprd-student/versions/\d+)"', row).group(1)
 
         dom, links = b.visit(version_href, "PROMOTE")
-        assert "criterion" in dom and "n/a" in dom  # the gate's criteria table; no-champion criteria are n/a
+        # the gate's criteria table; with no champion before it, the champion-relative criteria read n/a (the
+        # failure-bank test, earlier in this module, may have promoted a second version over the first)
+        assert "criterion" in dom
+        assert "n/a" in dom or "champion before: v" in dom, dom[-3000:]
         version_page = links
 
         dom, _ = b.visit(_follow(version_page, "teacher"), "embedded/avg_at_k")

@@ -61,7 +61,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def grid_project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("grid")
-    for name in ("pipelines", "trainer", "policies"):
+    for name in ("pipelines", "trainer", "policies", "failures"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)

@@ -77,7 +77,7 @@ def pair(tmp_path_factory) -> Path:
 
 
 def _project(root: Path, pair: Path) -> Path:
-    for name in ("pipelines", "trainer", "policies", "profiles"):
+    for name in ("pipelines", "trainer", "policies", "profiles", "failures"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", "params.yaml"):
         shutil.copy(REPO / name, root / name)
