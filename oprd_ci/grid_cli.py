@@ -126,7 +126,9 @@ def queue_cmd(
 def collect(
     spec: SpecOpt = Path("benchmarks/methods/grid.yaml"),
     repo: RepoOpt = Path("."),
-    out: Annotated[Path, typer.Option(help="Where results.{json,md,png} go.")] = Path("benchmarks/methods"),
+    out: Annotated[
+        Path | None, typer.Option(help="Where results.{json,md,png} go (default: the spec's directory).")
+    ] = None,
     peer: Annotated[
         list[Path] | None,
         typer.Option(help="A peer row JSON (e.g. scripts/trl_peer.py's output); repeatable."),
@@ -139,6 +141,9 @@ def collect(
     from pipelines.grid import collect as collect_grid
 
     s = _spec(spec)
+    out = (
+        out if out is not None else spec.parent
+    )  # a grid's results live next to its spec, never another grid's
     recorded = _recorded(s, spec, results, fresh)
     missing = [str(p) for p in peer or [] if not p.is_file()]
     if missing:

@@ -424,3 +424,32 @@ def test_profile_overrides_reproduce_the_profile_through_dvcs_own_override_parse
     with pytest.raises(ValueError, match="must not override what the grid varies"):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"optim": {"lr": 0.1}}))
         GridSpec.model_validate({"profile": str(tmp_path / "bad.yaml"), "methods": SPEC["methods"]})
+
+
+def test_collect_writes_next_to_its_spec_not_into_another_grids_results(tmp_path: Path) -> None:
+    """`oprd-ci grid collect --spec benchmarks/<grid>/grid.yaml` writes that grid's results beside its spec: the
+    default once was benchmarks/methods/, so collecting the tool-call grid overwrote the arithmetic table."""
+    from typer.testing import CliRunner
+
+    from oprd_ci.cli import app
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
+    other = tmp_path / "benchmarks/methods-other"
+    other.mkdir(parents=True)
+    (other / "grid.yaml").write_text(
+        yaml.safe_dump({"prefix": "o", "seeds": [0], "methods": SPEC["methods"]})
+    )
+    r = CliRunner().invoke(app, ["grid", "collect", "--spec", str(other / "grid.yaml"), "--repo", str(repo)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in other.iterdir()) == [
+        "grid.yaml",
+        "results.json",
+        "results.md",
+        "results.png",
+    ]
+    assert (
+        json.loads((other / "results.json").read_text())["complete"] is False
+    )  # no cell ran: a partial table
