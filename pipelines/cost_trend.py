@@ -73,6 +73,10 @@ def render_trend(path: Path, rows: list[dict[str, Any]], candidate: int | None, 
                            zorder=3, label=f"v{candidate} (this gate)")  # fmt: skip
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    axes[0].scatter([], [], c="tab:grey", s=36, label="not promoted")  # legend entries only
+    axes[0].scatter(
+        [], [], c="white", edgecolors="tab:red", linewidths=1.5, s=36, label="cost/length flagged"
+    )
     axes[0].legend(loc="best", fontsize=8)
     axes[-1].set_xlabel("registry version")
     axes[-1].xaxis.get_major_locator().set_params(integer=True)
