@@ -162,27 +162,27 @@ def model_lineage(
     if ev is not None:
         run_ids.update(ev.lineage.mlflow_run_ids)
         model_ids.update(ev.lineage.logged_model_ids)
-    deadline = guard.deadline()
-    out.mlflow = _mlflow_lineage(reconciler.mirror, guard, deadline, name, mv.version, run_ids, model_ids)
-    out.mlflow_read = mlflow_read_out(deadline if reconciler.mirror is not None else None)
+    out.mlflow, deadline = _mlflow_lineage(reconciler.mirror, guard, name, mv.version, run_ids, model_ids)
+    out.mlflow_read = mlflow_read_out(deadline)
     return out
 
 
 def _mlflow_lineage(
     mirror: MlflowMirror | None,
     guard: MlflowGuard,
-    deadline: Deadline,
     name: str,
     version: int,
     runs: dict[str, str],
     models: dict[str, str],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Deadline | None]:
     """The model version, the linked runs and LoggedModels as MLflow reports them, read concurrently through
     ``guard`` within ONE ``deadline`` for all of them: an entry whose read did not answer in time (or was skipped
-    when the budget ran out, or refused by the open breaker) carries an ``error`` instead."""
+    when the budget ran out, or refused by the open breaker) carries an ``error`` instead. Returns the entries and
+    the deadline (``None``: mirroring is off, nothing was read)."""
     if mirror is None:
-        return {"error": "MLflow mirroring is disabled"}
-    c = mirror.client
+        return {"error": "MLflow mirroring is disabled"}, None
+    c = mirror.client  # imports mlflow on first use (local CPU, once per process): before the budget starts
+    deadline = guard.deadline()
     calls: dict[tuple[str, str], tuple[Any, tuple[object, ...]]] = {
         ("model_version", ""): (c.get_model_version, (name, str(version)))
     }
@@ -226,4 +226,4 @@ def _mlflow_lineage(
             out["model_version"] = entry
         else:
             out[kind][stage] = entry
-    return out
+    return out, deadline
