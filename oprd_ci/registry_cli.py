@@ -162,6 +162,7 @@ class RegistryCall:
                 why = f"MLflow did not answer within {t:g} s" if isinstance(exc, MlflowSkipped) else str(exc)
                 self._say_pending(reconciler.pending_count(), why)
                 return
+        reconciler.mirror.client  # noqa: B018 - imports mlflow here (local CPU), not on the clock of the join below
         outcome: list[Any] = []
 
         def drain() -> None:
