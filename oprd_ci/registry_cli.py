@@ -131,12 +131,13 @@ class RegistryCall:
         """In-process, this command *is* the registry: its pending MLflow writes (outbox rows) are applied before it
         exits, or nobody would apply them until the next registry process. Bounded, never waiting on MLflow past
         its settings: when rows are pending, one read first checks that MLflow answers within
-        ``OPRD_MLFLOW_REQUEST_TIMEOUT_S``; then the reconciler's passes run on a daemon thread joined for at most
+        ``OPRD_MLFLOW_REQUEST_TIMEOUT_S`` (remote stores only); then the reconciler's passes run on a daemon thread joined for at most
         ``OPRD_MLFLOW_EXIT_DRAIN_S`` (an abandoned pass cannot hold up the exit; every write is idempotent and the
         rows it did not mark stay pending). Whatever is left is said on one line; nothing is lost: the rows stay in
         the registry database for the next registry process (``oprd-ci status`` / ``oprd-ci reconcile``)."""
         import threading
         import time
+        from urllib.parse import urlsplit
 
         from server.mlflow_guard import MlflowSkipped, MlflowUnavailable
 
@@ -151,17 +152,24 @@ class RegistryCall:
             return
         if not reconciler.pending_count():
             return  # nothing to write: no MLflow call at all
-        probe = guard.deadline(settings.mlflow_request_timeout_s)
-        try:
-            guard.call(
-                reconciler.mirror.aliases, next(iter(self._pending_models), "oprd-probe"), deadline=probe
-            )
-        except Exception as exc:  # an MLflow answer (an error code) is fine: it is up
-            if isinstance(exc, MlflowUnavailable):
-                t = settings.mlflow_request_timeout_s
-                why = f"MLflow did not answer within {t:g} s" if isinstance(exc, MlflowSkipped) else str(exc)
-                self._say_pending(reconciler.pending_count(), why)
-                return
+        if urlsplit(settings.mlflow_tracking_uri).scheme not in ("", "file", "sqlite"):
+            # A remote store may accept and never answer: ask one bounded read first. (A local store is skipped:
+            # a fresh SQLite store runs its migrations on first use, seconds, and it cannot be a black hole.)
+            probe = guard.deadline(settings.mlflow_request_timeout_s)
+            try:
+                guard.call(
+                    reconciler.mirror.aliases, next(iter(self._pending_models), "oprd-probe"), deadline=probe
+                )
+            except Exception as exc:  # an MLflow answer (an error code) is fine: it is up
+                if isinstance(exc, MlflowUnavailable):
+                    t = settings.mlflow_request_timeout_s
+                    why = (
+                        f"MLflow did not answer within {t:g} s"
+                        if isinstance(exc, MlflowSkipped)
+                        else str(exc)
+                    )
+                    self._say_pending(reconciler.pending_count(), why)
+                    return
         reconciler.mirror.client  # noqa: B018 - imports mlflow here (local CPU), not on the clock of the join below
         outcome: list[Any] = []
 

@@ -52,10 +52,10 @@ class ServerSettings(BaseSettings):
     the budget does not reach are skipped and the answer says ``mlflow_read.state: partial`` (or ``unavailable``)."""
     mlflow_read_concurrency: int = Field(default=8, ge=1)
     """MLflow reads in flight at once in one process (``lineage`` reads its runs concurrently up to this)."""
-    mlflow_exit_drain_s: float = Field(default=10.0, ge=0)
+    mlflow_exit_drain_s: float = Field(default=30.0, ge=0)
     """An in-process CLI command (no ``--url``) applies its pending MLflow writes before it exits for at most this
-    long (after a first read shows MLflow answers within ``mlflow_request_timeout_s``); what is left stays in the
-    outbox for the next registry process."""
+    long (for a remote store, after a first read shows MLflow answers within ``mlflow_request_timeout_s``); what is
+    left stays in the outbox for the next registry process."""
     mlflow_breaker_failures: int = Field(default=3, ge=1)
     """Consecutive failed MLflow reads in requests that open the circuit breaker."""
     mlflow_breaker_open_s: float = Field(default=10.0, gt=0)
