@@ -11,13 +11,15 @@
 # yet), with the project's environment active:
 #   bash benchmarks/failure_bank_cycle.sh
 # Registry in-process on SQLite (registry.db), MLflow on the local SQLite store (mlflow.db): the defaults.
-# It edits params.yaml (profiles applied) and fills failures/bank.jsonl (git-added). In a project of your own you
-# commit the bank; in this repository do not: the arithmetic default pipeline reads the same failures.bank, so the
-# committed bank stays empty and the run's copy is kept as $RUN/bank.jsonl.
+# It edits params.yaml (profiles applied) and fills failures/bank.jsonl. In a project of your own you would now
+# `git add failures/bank.jsonl && git commit`; in this repository do not: the default arithmetic pipeline reads
+# the same failures.bank, so the committed bank stays empty and the run's copy is kept as $RUN/bank.jsonl.
 #
-# Expected duration on 2 shared CPU cores (measured 2026-12-03, load average 1-2): about 10 min per `dvc repro`
-# (rollout ~1 min, distill ~4.5 min, evaluate ~3 min for four models x 500 requests x 4 samples, gate ~0.5 min),
-# the collection evaluate ~1 min: about 25 min in all. Step wall times land in $RUN/timings.tsv.
+# Expected duration on 2 CPU cores (measured 2026-12-03, docs/tasks.md): cycle 0's `dvc repro` 9 min at load
+# average 1-7 (distill 4.6 min, evaluate 2.8 min for four models x 500 requests x 4 samples); the collection
+# evaluate 1 min; cycle 1's 35 min at load average 12-24 (distill 24 min, evaluate 8 min: it also scores the
+# regression suite for champion and students). On a quiet machine about 25 min in all. Step wall times land in
+# $RUN/timings.tsv, each stage's in the MLflow runs (the report lists both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +44,7 @@ snapshot() { # snapshot DIR: the files the report reads, copied before the next 
   if [ "$1" != "$RUN/collect" ]; then
     cp metrics/distill.json metrics/gate.json "$1/"
     cp artifacts/gate/decision.json "$1/decision.json"
+    cp artifacts/eval/per_problem.jsonl "$1/per_problem.jsonl"
   fi
 }
 uptime >"$RUN/loadavg-start.txt"
@@ -82,8 +85,7 @@ python -m oprd_ci failures add "$COLLECTED" --suite "$SUITE" --grader tool_call 
   --source "champion v$V1 on fresh tool-call requests (seed 1)"
 python -m oprd_ci failures show
 python -m oprd_ci failures show --json >"$RUN/bank.json"
-cp failures/bank.jsonl "$RUN/bank.jsonl"
-git add failures/bank.jsonl
+cp failures/bank.jsonl "$RUN/bank.jsonl"   # (your own project: git add failures/bank.jsonl && git commit)
 
 # --- cycle 1: the bank's training share in distill, its regression suite in evaluate and the gate --------------
 python -m oprd_ci policy set "$MODEL" --file policies/toolcall-failures.yaml \

@@ -62,6 +62,37 @@ def _cpu() -> str:
     return platform.processor()
 
 
+def stage_seconds(root: Path = Path(".")) -> list[dict[str, Any]]:
+    """Every MLflow stage run of the local store (``mlflow.db``, experiment ``oprd-ci``) in start order: its name
+    (stage, method or verdict, commit) and wall seconds (start to end, as MLflow recorded them)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(root / 'mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("oprd-ci")
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    return [
+        {"run": r.info.run_name, "seconds": round((r.info.end_time - r.info.start_time) / 1000, 1)}
+        for r in runs
+        if r.info.end_time
+    ]
+
+
+def share_at_least(per_problem: Path, threshold: float = 0.5) -> dict[str, dict[str, list[int]]]:
+    """``{suite: {role: [problems with Avg@k >= threshold, problems]}}`` from a ``per_problem.jsonl`` snapshot:
+    how often a model "fixes" a request by the policy's default ``fixed_min_avg_at_k``."""
+    out: dict[str, dict[str, list[int]]] = {}
+    if not per_problem.is_file():
+        return out
+    for line in per_problem.read_text().splitlines():
+        r = json.loads(line)
+        cell = out.setdefault(r["suite"], {}).setdefault(r["role"], [0, 0])
+        cell[0] += r["n_correct"] / r["k"] >= threshold
+        cell[1] += 1
+    return out
+
+
 def build(run: Path) -> dict[str, Any]:
     c0, col, c1 = run / "cycle0", run / "collect", run / "cycle1"
     e0, ec, e1 = _json(c0 / "eval.json"), _json(col / "eval.json"), _json(c1 / "eval.json")
@@ -114,9 +145,11 @@ def build(run: Path) -> dict[str, Any]:
             "champion_scored": _json(c1 / "champion.json"),
             "decision": _decision(d1),
             "fixes": [c["detail"] for c in fixed],
+            "avg_at_k_at_least_0.5": share_at_least(c1 / "per_problem.jsonl"),
             "champion_after": (_json(c1 / "status.json") or {}).get("champion"),
         },
         "wall_seconds": timings,
+        "stage_run_seconds": stage_seconds(),
         "machine": {
             "cpu": _cpu(),
             "cores": os.cpu_count(),
