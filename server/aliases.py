@@ -33,6 +33,21 @@ def get_alias(s: Session, model: RegisteredModel, alias: str, *, lock: bool = Fa
     return s.scalar(stmt.with_for_update() if lock else stmt)
 
 
+def stale_revision(model: RegisteredModel, alias: str, current: int, expected: int) -> Conflict:
+    return Conflict(f"expected_revision: {model.name}@{alias} is at revision {current}, not {expected}")
+
+
+def revision_passed(s: Session, model: RegisteredModel, alias: str, expected_revision: int) -> int | None:
+    """The alias's revision when it is already past ``expected_revision`` in this (read) snapshot, else None.
+
+    Revisions only grow (one per move, rows are never deleted), so such a move is certain to lose its
+    compare-and-set: the routes refuse it from a read snapshot, without hashing the artifact or queueing on the
+    model lock (under load most moves are such lost races)."""
+    row = get_alias(s, model, alias)
+    current = row.revision if row is not None else 0
+    return current if current > expected_revision else None
+
+
 def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, move: Move) -> Alias:
     """CAS the alias from ``move.expected_revision`` to ``revision + 1``; write the audit and outbox rows.
 
@@ -41,9 +56,7 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
     row = get_alias(s, model, alias, lock=True)
     current = row.revision if row is not None else 0
     if move.expected_revision != current:
-        raise Conflict(
-            f"expected_revision: {model.name}@{alias} is at revision {current}, not {move.expected_revision}"
-        )
+        raise stale_revision(model, alias, current, move.expected_revision)
     from_version = row.version if row is not None else None
     if from_version == move.to_version:
         raise Conflict(f"version: {model.name}@{alias} already points to v{move.to_version}")
@@ -86,9 +99,15 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
 
 
 def current_policy(s: Session, model: RegisteredModel) -> Policy | None:
-    return s.scalar(
+    """The newest policy of ``model``. The row stays referenced by the session (``s.info``) so that later
+    ``s.get(Policy, id)`` calls in the same transaction (submit, the decision view) hit the identity map, which
+    only holds objects someone references, instead of the database."""
+    policy = s.scalar(
         select(Policy).where(Policy.model_id == model.id).order_by(Policy.version.desc()).limit(1)
     )
+    if policy is not None:
+        s.info.setdefault("oprd.policies", {})[policy.id] = policy
+    return policy
 
 
 def check_promotable(
