@@ -29,8 +29,31 @@ class Move:
 
 
 def get_alias(s: Session, model: RegisteredModel, alias: str, *, lock: bool = False) -> Alias | None:
+    """The alias row; ``lock`` takes its row lock, once per transaction (a locked row is remembered in the session
+    and cannot change under us, so later lock requests reuse it without a round trip)."""
     stmt = select(Alias).where(Alias.model_id == model.id, Alias.alias == alias)
-    return s.scalar(stmt.with_for_update() if lock else stmt)
+    locked = s.info.setdefault("oprd.locked_aliases", {})
+    if (model.id, alias) in locked:
+        return locked[(model.id, alias)]
+    if not lock:
+        return s.scalar(stmt)
+    row = s.scalar(stmt.with_for_update())
+    if row is not None:
+        locked[(model.id, alias)] = row
+    return row
+
+
+def check_revision(s: Session, model: RegisteredModel, alias: str, expected_revision: int) -> None:
+    """Lock the alias and raise the compare-and-set's Conflict when it is not at ``expected_revision``.
+
+    Called right after the model lock, before the other reads of a move: under load most moves lose the race,
+    and each of them used to hold the model lock for four more statements before failing, which lengthened the
+    queue of every writer of the model. A stale revision is therefore reported before a missing version or a
+    policy refusal (the client re-reads, then gets those)."""
+    row = get_alias(s, model, alias, lock=True)
+    current = row.revision if row is not None else 0
+    if expected_revision != current:
+        raise stale_revision(model, alias, current, expected_revision)
 
 
 def stale_revision(model: RegisteredModel, alias: str, current: int, expected: int) -> Conflict:
@@ -158,6 +181,7 @@ def promote(
     override: bool,
 ) -> Alias:
     model = get_model(s, name, lock=True)
+    check_revision(s, model, alias, expected_revision)
     mv = get_version(s, model, version)
     decision, policy = check_promotable(s, who, model, mv, override=override)
     return move_alias(
@@ -236,6 +260,7 @@ def rollback(
     decision_id: int | None = None,
 ) -> Alias:
     model = get_model(s, name, lock=True)
+    check_revision(s, model, alias, expected_revision)
     target = rollback_target(s, model, alias, to_version)
     return move_alias(
         s,

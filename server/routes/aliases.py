@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -38,17 +37,14 @@ def _refuse_lost_race(
     model: RegisteredModel,
     alias: str,
     expected_revision: int,
-    check_first: Callable[[], object] = lambda: None,
 ) -> None:
     """Raise the 409 the write transaction would raise when the alias is already past ``expected_revision`` in
     this read snapshot (``ops.revision_passed``), unless the Idempotency-Key is on record (the transaction
-    replays that answer). ``check_first`` runs the checks the transaction makes before its compare-and-set, so
-    the first error is the one the transaction would give. The alias is read before the key: under READ
-    COMMITTED a move seen committed by the first read has its key record visible to the second (both commit
-    together). The artifact hash check comes after this one now (a lost race is refused without hashing)."""
+    replays that answer). The alias is read before the key: under READ COMMITTED a move seen committed by the
+    first read has its key record visible to the second (both commit together). Checked first, like the
+    transaction's compare-and-set (``ops.check_revision``): a lost race is refused without hashing."""
     current = ops.revision_passed(s, model, alias, expected_revision)
     if current is not None and not has_record(s, request, who):
-        check_first()
         raise ops.stale_revision(model, alias, current, expected_revision)
 
 
@@ -59,17 +55,9 @@ def _verify_before_move(
     # write lock).
     with db.read() as s:
         model = get_model(s, name)
+        _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
         mv = get_version(s, model, body.version)
         ensure_ready(mv)
-        _refuse_lost_race(
-            s,
-            request,
-            who,
-            model,
-            alias,
-            body.expected_revision,
-            lambda: ops.check_promotable(s, who, model, mv, override=body.override),
-        )
     verify_registered(mv)
 
 
@@ -103,8 +91,8 @@ def rollback(
     """Move the alias back to the previously promoted version, or to ``to_version`` from its history."""
     with db.read() as s:  # one snapshot: target, lost race, the target's row
         model = get_model(s, name)
-        target = ops.rollback_target(s, model, alias, body.to_version)
         _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
+        target = ops.rollback_target(s, model, alias, body.to_version)
         mv = get_version(s, model, target)
         ensure_ready(mv)
     verify_registered(mv)
