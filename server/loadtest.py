@@ -160,6 +160,8 @@ def _client_loop(
             t0 = time.perf_counter()
             r = c.get(f"/v1/models/{model}/status", params={"mlflow": "false"})
             ops.append(Op("status", r.status_code, time.perf_counter() - t0))
+            if r.status_code != 200:
+                raise RuntimeError(f"status answered {r.status_code}: {r.text[:500]}")
             a = next(a for a in r.json()["aliases"] if a["alias"] == "champion")
             return a["revision"], a["version"]
 
