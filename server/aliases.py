@@ -47,8 +47,8 @@ def check_revision(s: Session, model: RegisteredModel, alias: str, expected_revi
     """Lock the alias and raise the compare-and-set's Conflict when it is not at ``expected_revision``.
 
     Called right after the model lock, before the other reads of a move: under load most moves lose the race,
-    and each of them used to hold the model lock for four more statements before failing, which lengthened the
-    queue of every writer of the model. A stale revision is therefore reported before a missing version or a
+    and each of them used to read the version, the policy and the decision under the model lock before failing,
+    which lengthened the queue of every writer of the model. A stale revision is therefore reported before a missing version or a
     policy refusal (the client re-reads, then gets those)."""
     row = get_alias(s, model, alias, lock=True)
     current = row.revision if row is not None else 0

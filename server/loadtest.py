@@ -1,12 +1,15 @@
 """Concurrent promote/rollback/gate load against a live registry, with the reliability checks and latencies.
 
 Used by ``tests/server/test_server_concurrency.py`` (which asserts the checks) and runnable by hand to
-produce the latency table of docs/registry.md::
+produce the throughput and latency tables of docs/registry.md::
 
     python -m server.loadtest --database-url sqlite:///$PWD/tmp/load.db
-    python -m server.loadtest --database-url postgresql+psycopg://postgres@127.0.0.1:5432/oprd_load
+    python -m server.loadtest --database-url postgresql+psycopg://postgres@127.0.0.1:5432/oprd_load \
+        --clients 1,8,32 --json benchmarks/registry-load.json [--profile]
 
-(the command starts its own uvicorn + a sqlite MLflow store in a temporary directory).
+(the command starts its own uvicorn + a sqlite MLflow store in a temporary directory, and runs each client count
+against a fresh model; give it an empty database). ``--profile`` serves with the timing hooks of
+``server.load_profile`` and prints where each request kind spends its time.
 
 Each client repeats: with the alias revision it last saw, promote a random other version or roll back
 (50/50), re-reading the status after a 409; every ``gate_every``-th op submits a gate decision instead.
