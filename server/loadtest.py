@@ -366,9 +366,7 @@ def _client_counts(text: str) -> list[int]:
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(
-            f"--clients: a comma-separated list of positive integers, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"a comma-separated list of positive integers, got {text!r}")
     return counts
 
 
