@@ -17,7 +17,7 @@ from server.db import Database
 from server.decision import ChampionEvidence, decide
 from server.drift import needed_k
 from server.errors import Conflict
-from server.orm import AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
+from server.orm import Alias, AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
 from server.policy import PolicySpec
 from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
 from server.schemas import Criterion, EvidenceBody, Verdict
@@ -128,11 +128,10 @@ class Planned:
 
 
 def champion_evidence(
-    s: Session, model: RegisteredModel, alias: str
+    s: Session, model: RegisteredModel, row: Alias | None
 ) -> tuple[ChampionEvidence | None, int | None]:
-    """The champion's version with its latest stored evidence (empty suites if it has none: fail closed), and
-    that evidence's id."""
-    row = get_alias(s, model, alias)
+    """The champion's version (``row``: its alias row, as read by the caller) with its latest stored evidence
+    (empty suites if it has none: fail closed), and that evidence's id."""
     if row is None:
         return None, None
     mv = s.scalar(
@@ -167,7 +166,7 @@ def plan_decision(
     spec = PolicySpec.model_validate(policy.spec)
     champ_row = get_alias(s, model, alias)
     is_champion = champ_row is not None and version is not None and champ_row.version == version
-    champ, champ_ev_id = (None, None) if is_champion else champion_evidence(s, model, alias)
+    champ, champ_ev_id = (None, None) if is_champion else champion_evidence(s, model, champ_row)
     recent = recent_promoted(s, model, spec, alias, exclude=version) if needed_k(spec) else ()
     verdict, criteria = decide(spec, body, champ, recent)
     return Planned(

@@ -11,13 +11,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server import aliases as ops
-from server.auth import CurrentPrincipal
+from server.auth import CurrentPrincipal, Principal
 from server.cost_history import CostHistoryRow, cost_history
 from server.db import Database
 from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep
 from server.errors import Conflict
 from server.gating import latest_evidence
-from server.idempotency import run_mutation
+from server.idempotency import has_record, run_mutation
 from server.mlflow_guard import Deadline, MlflowGuard
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
@@ -31,11 +31,33 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models/{name}", tags=["aliases"])
 
 
-def _verify_before_move(db: Database, name: str, version: int) -> None:
-    # Hash check outside the write transaction (large artifacts must not hold the write lock).
+def _refuse_lost_race(
+    s: Session,
+    request: Request,
+    who: Principal,
+    model: RegisteredModel,
+    alias: str,
+    expected_revision: int,
+) -> None:
+    """Raise the 409 the write transaction would raise when the alias is already past ``expected_revision`` in
+    this read snapshot (``ops.revision_passed``), unless the Idempotency-Key is on record (the transaction
+    replays that answer). The alias is read before the key: under READ COMMITTED a move seen committed by the
+    first read has its key record visible to the second (both commit together). Checked first, like the
+    transaction's compare-and-set (``ops.check_revision``): a lost race is refused without hashing."""
+    current = ops.revision_passed(s, model, alias, expected_revision)
+    if current is not None and not has_record(s, request, who):
+        raise ops.stale_revision(model, alias, current, expected_revision)
+
+
+def _verify_before_move(
+    db: Database, request: Request, who: Principal, name: str, alias: str, body: PromoteIn
+) -> None:
+    # Refuse a lost race and check the hashes outside the write transaction (large artifacts must not hold the
+    # write lock).
     with db.read() as s:
         model = get_model(s, name)
-        mv = get_version(s, model, version)
+        _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
+        mv = get_version(s, model, body.version)
         ensure_ready(mv)
     verify_registered(mv)
 
@@ -45,7 +67,7 @@ def promote(
     name: ModelName, alias: AliasName, body: PromoteIn, request: Request, db: DbDep, who: CurrentPrincipal
 ) -> JSONResponse:
     """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision)."""
-    _verify_before_move(db, name, body.version)
+    _verify_before_move(db, request, who, name, alias, body)
 
     def work(s: Session) -> AliasOut:
         row = ops.promote(
@@ -68,9 +90,13 @@ def rollback(
     name: ModelName, alias: AliasName, body: RollbackIn, request: Request, db: DbDep, who: CurrentPrincipal
 ) -> JSONResponse:
     """Move the alias back to the previously promoted version, or to ``to_version`` from its history."""
-    with db.read() as s:
-        target = ops.rollback_target(s, get_model(s, name), alias, body.to_version)
-    _verify_before_move(db, name, target)
+    with db.read() as s:  # one snapshot: target, lost race, the target's row
+        model = get_model(s, name)
+        _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
+        target = ops.rollback_target(s, model, alias, body.to_version)
+        mv = get_version(s, model, target)
+        ensure_ready(mv)
+    verify_registered(mv)
 
     def work(s: Session) -> AliasOut:
         row = ops.rollback(
