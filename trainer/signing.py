@@ -120,7 +120,9 @@ def generate_key_pair(private_path: Path) -> tuple[Path, Path]:
 
 
 def _spki_pem(public_key) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def public_pem(pem: bytes) -> bytes:
@@ -160,7 +162,9 @@ def _hash_for(key) -> hashes.HashAlgorithm:
     return {256: hashes.SHA256(), 384: hashes.SHA384(), 521: hashes.SHA512()}[key.curve.key_size]
 
 
-def sign_directory(directory: Path, private_key: Path, predicate: dict[str, Any], subject_sha256: str) -> Path:
+def sign_directory(
+    directory: Path, private_key: Path, predicate: dict[str, Any], subject_sha256: str
+) -> Path:
     """Sign ``directory`` with ``private_key`` (model-signing, key mode) and write its attestation: an in-toto
     Statement with subject ``{"sha256": subject_sha256}`` (the manifest digest) and ``predicate``, in DSSE.
 
@@ -170,10 +174,16 @@ def sign_directory(directory: Path, private_key: Path, predicate: dict[str, Any]
 
     directory, private_key = Path(directory), Path(private_key)
     if not private_key.is_file():
-        raise FileNotFoundError(f"{private_key}: no signing key (set ${KEY_ENV} or run `oprd-ci keys generate`)")
+        raise FileNotFoundError(
+            f"{private_key}: no signing key (set ${KEY_ENV} or run `oprd-ci keys generate`)"
+        )
     for name in SIGNATURE_FILES:  # a stale signature must not survive a failed re-sign
         (directory / name).unlink(missing_ok=True)
-    cfg = signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(_hashing_config())
+    cfg = (
+        signing.Config()
+        .use_elliptic_key_signer(private_key=private_key)
+        .set_hashing_config(_hashing_config())
+    )
     cfg.sign(directory, directory / SIGNATURE_NAME)
     statement = {
         "_type": STATEMENT_TYPE,
@@ -189,7 +199,10 @@ def sign_directory(directory: Path, private_key: Path, predicate: dict[str, Any]
     sig = key.sign(_pae(PAYLOAD_TYPE, payload), ec.ECDSA(_hash_for(key.public_key())))
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,
-        "verificationMaterial": {"publicKey": {"hint": fingerprint(_spki_pem(key.public_key()))}, "tlogEntries": []},
+        "verificationMaterial": {
+            "publicKey": {"hint": fingerprint(_spki_pem(key.public_key()))},
+            "tlogEntries": [],
+        },
         "dsseEnvelope": {
             "payload": base64.b64encode(payload).decode(),
             "payloadType": PAYLOAD_TYPE,
@@ -240,7 +253,9 @@ def read_attestation(directory: Path, trusted: dict[str, bytes]) -> tuple[str, d
         )
         statement = json.loads(payload)
     except (InvalidSignature, ValueError) as exc:
-        raise SignatureError(f"attestation signature: does not verify with key {bundle['_hint'][:16]}...") from exc
+        raise SignatureError(
+            f"attestation signature: does not verify with key {bundle['_hint'][:16]}..."
+        ) from exc
     if env["payloadType"] != PAYLOAD_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
         raise SignatureError(f"attestation: not a {PREDICATE_TYPE} in-toto statement")
     try:
@@ -265,7 +280,11 @@ def verify_directory(directory: Path, trusted: dict[str, bytes]) -> Verified:
     with tempfile.NamedTemporaryFile(suffix=".pub") as f:
         f.write(pem)
         f.flush()
-        cfg = verifying.Config().use_elliptic_key_verifier(public_key=f.name).set_hashing_config(_hashing_config())
+        cfg = (
+            verifying.Config()
+            .use_elliptic_key_verifier(public_key=f.name)
+            .set_hashing_config(_hashing_config())
+        )
         try:
             cfg.verify(directory, sig_path)
         except ValueError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -13,9 +14,9 @@ from sqlalchemy.orm import Session
 from server import aliases as ops
 from server.auth import CurrentPrincipal
 from server.db import Database
-from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep
+from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep, SettingsDep
 from server.errors import Conflict
-from server.gating import latest_evidence
+from server.gating import latest_evidence, verify_signing
 from server.idempotency import run_mutation
 from server.mlflow_guard import MlflowGuard
 from server.mlflow_mirror import MlflowMirror
@@ -23,6 +24,7 @@ from server.names import NAME_PATTERN
 from server.orm import Alias, AuditEvent, Decision, RegisteredModel
 from server.registry import ensure_ready, get_model, get_version, verify_registered
 from server.schemas import AliasOut, AuditOut, LineageOut, PromoteIn, RollbackIn, StatusOut
+from server.settings import ServerSettings
 from server.status import model_status as status_query
 from server.views import alias_out, audit_out, decision_out, version_out
 
@@ -30,21 +32,37 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models/{name}", tags=["aliases"])
 
 
-def _verify_before_move(db: Database, name: str, version: int) -> None:
+def _verify_before_move(
+    db: Database, name: str, version: int, settings: ServerSettings | None = None
+) -> None:
     # Hash check outside the write transaction (large artifacts must not hold the write lock).
     with db.read() as s:
         model = get_model(s, name)
         mv = get_version(s, model, version)
         ensure_ready(mv)
+        evidence = latest_evidence(s, mv.id) if settings is not None else None
     verify_registered(mv)
+    if (
+        settings is not None
+    ):  # promote: the policy's signing rule again, against the version's latest evidence
+        verify_signing(
+            db, settings, name, Path(mv.artifact_path), mv.manifest_sha256, evidence, error=Conflict
+        )
 
 
 @router.post("/aliases/{alias}/promote", name="promote", response_model=AliasOut)
 def promote(
-    name: ModelName, alias: AliasName, body: PromoteIn, request: Request, db: DbDep, who: CurrentPrincipal
+    name: ModelName,
+    alias: AliasName,
+    body: PromoteIn,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    who: CurrentPrincipal,
 ) -> JSONResponse:
-    """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision)."""
-    _verify_before_move(db, name, body.version)
+    """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision);
+    the artifact's hashes and, when the policy requires it, its signature and attestation are re-verified."""
+    _verify_before_move(db, name, body.version, settings)
 
     def work(s: Session) -> AliasOut:
         row = ops.promote(
