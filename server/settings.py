@@ -18,7 +18,7 @@ def _default_mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
-def _default_keyring() -> Path:
+def default_keyring() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "oprd-ci" / "trusted-keys"
 
 
@@ -58,7 +58,7 @@ class ServerSettings(BaseSettings):
     """Token lookups are cached this long (a rotated or revoked token keeps working at most this long)."""
     public_docs: bool | None = None
     """Serve ``/openapi.json``, ``/docs`` and ``/redoc`` without a token. Default: only when no token is configured."""
-    trusted_keys_dir: Path = Field(default_factory=_default_keyring)
+    trusted_keys_dir: Path = Field(default_factory=default_keyring)
     """The registry's keyring: public keys (``*.pub`` PEM) artifacts may be signed by; a policy's
     ``signing.trusted_keys`` picks among them by fingerprint. Admin-managed (``oprd-ci keys add``); default
     ``~/.config/oprd-ci/trusted-keys`` (``bash scripts/setup.sh`` adds the local development key)."""
