@@ -42,9 +42,8 @@ def _verify_before_move(
         ensure_ready(mv)
         evidence = latest_evidence(s, mv.id) if settings is not None else None
     verify_registered(mv)
-    if (
-        settings is not None
-    ):  # promote: the policy's signing rule again, against the version's latest evidence
+    # Promote: the policy's signing rule again, against the version's latest evidence.
+    if settings is not None:
         verify_signing(
             db, settings, name, Path(mv.artifact_path), mv.manifest_sha256, evidence, error=Conflict
         )
