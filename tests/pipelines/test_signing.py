@@ -173,3 +173,35 @@ def test_keys_cli_generate_add_list(tmp_path):
     assert r.exit_code == 0, r.output
     fp = r.output.split()[2]
     assert runner.invoke(app, ["keys", "list", "--keyring", str(ring)]).output.strip() == fp
+
+
+def test_the_signed_edge_agrees_with_the_evidence_the_gate_stage_builds(signed, tmp_path, monkeypatch):
+    """What distill signs and what the gate stage submits are computed apart; under a required policy they must
+    agree field by field (teacher ``name@sha``, student base, method, train digests, eval suites)."""
+    from pipelines.stage_gate import build_evidence, freeze_student
+    from server.schemas import EvidenceBody, EvidenceIn
+    from server.signatures import evidence_mismatches
+
+    monkeypatch.chdir(tmp_path)
+    rows = [
+        {"suite": "embedded", "role": role, "problem_id": f"p{i}", "k": 2, "n_correct": 1, "mean_length": 5.0}
+        for role in ("student", "teacher") for i in range(3)
+    ]  # fmt: skip
+    (tmp_path / "pp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "suites.json").write_text(json.dumps(SUITES))
+    stored, sha = freeze_student(signed["student"], tmp_path / "store")
+    ev = build_evidence(signed["params"], stored, tmp_path / "pp.jsonl", tmp_path / "suites.json")
+    ev["lineage"]["dataset_digests"] = {
+        **TRAIN,
+        "eval_embedded": SUITES["embedded"]["digest"],
+    }  # as run() fills it
+    body = EvidenceIn.model_validate(ev)
+    v = verify_directory(stored, _keyring())  # the stored copy carries the signatures
+    assert evidence_mismatches(v, sha, EvidenceBody(suites=body.suites, lineage=body.lineage)) == []
+
+    # re-signed after an earlier freeze of the same bytes: the store gets the current signatures
+    before = (stored / SIGNATURE_NAME).read_bytes()
+    sign_student(signed["params"], signed["student"], TRAIN, SUITES, commit="1" * 40)
+    assert freeze_student(signed["student"], tmp_path / "store") == (stored, sha)
+    assert (stored / SIGNATURE_NAME).read_bytes() != before
+    assert verify_directory(stored, _keyring()).predicate["code"]["commit"] == "1" * 40
