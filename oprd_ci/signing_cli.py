@@ -114,18 +114,34 @@ def list_keys(keyring: KeyringOpt = None) -> None:
 
 def verify(
     directory: Annotated[
-        Path, typer.Argument(help="A signed model directory (e.g. registry-store/<sha256>).")
-    ],
+        Path | None, typer.Argument(help="A signed model directory (e.g. registry-store/<sha256>).")
+    ] = None,
+    champion: Annotated[
+        str | None,
+        typer.Option(
+            "--champion", help="Verify MODEL's champion: its stored directory, plus its gate decision."
+        ),
+    ] = None,
     keyring: KeyringOpt = None,
     key: Annotated[
         Path | None, typer.Option("--key", help="Trust only this public key PEM instead of the keyring.")
     ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Registry URL for --champion (default: in-process).")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token for --champion.")] = None,
 ) -> None:
     """Verify DIR's manifest, model signature and distillation attestation; print the chain it attests."""
     from server.signatures import load_keyring
     from trainer.export import ManifestError, verify_manifest
     from trainer.signing import SignatureError, fingerprint, verify_directory
 
+    decision = None
+    if (directory is None) == (champion is None):
+        _fail("give a directory or --champion MODEL (one of them)")
+    if champion is not None:
+        directory, decision = _champion(champion, url, token)
+    assert directory is not None
     if not directory.is_dir():
         _fail(f"{directory}: not a directory")
     try:
@@ -140,7 +156,26 @@ def verify(
         _fail(
             f"{directory}: attestation subject {v.subject_sha256[:16]}... is not this directory ({manifest_sha})"
         )
-    typer.echo("\n".join(chain_lines(directory, manifest_sha, v)))
+    lines = chain_lines(directory, manifest_sha, v)
+    if decision is not None:  # the registry's link: the decision that made this version the champion
+        lines[-1] = (
+            f"  gate decision  {decision['id']}: {decision['verdict']} of {decision['model']} v{decision['version']} "
+            f"under policy v{decision['policy_version']} (registry record; not part of the signed attestation)"
+        )
+    typer.echo("\n".join(lines))
+
+
+def _champion(name: str, url: str | None, token: str | None) -> tuple[Path, dict | None]:
+    """The champion's stored directory and its decision, from the registry (in-process by default)."""
+    from oprd_ci.registry_cli import RegistryCall, _local_status
+
+    status = _local_status(name) if not url else None
+    if status is None:
+        with RegistryCall(url, token, reconcile=False) as call:
+            status = call("GET", f"/v1/models/{name}/status")
+    if not status.get("champion"):
+        _fail(f"{name}: has no champion yet")
+    return Path(status["champion"]["artifact_path"]), status.get("champion_decision")
 
 
 def chain_lines(directory: Path, manifest_sha: str, v) -> list[str]:

@@ -13,9 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ADMIN, CI, POLICY, auth, evidence
+from conftest import ADMIN, CI, POLICY, auth, evidence, server_env
 from tiny_pair import tiny_params
+from typer.testing import CliRunner
 
+from oprd_ci.cli import app
 from pipelines.attestation import distillation_predicate
 from trainer.export import verify_manifest, write_manifest
 from trainer.signing import (
@@ -97,12 +99,25 @@ def _tamper_one_weight(d: Path) -> None:
     write_manifest(d)  # the forger rewrites the manifest: only the signature can tell
 
 
-def test_signed_student_is_gated_and_promoted(client_no_mlflow, pair, tmp_path):
+def test_signed_student_is_gated_and_promoted_and_verified_as_champion(
+    client_no_mlflow, pair, tmp_path, monkeypatch
+):
     c = client_no_mlflow
     _policy(c)
     r = _gate(c, _evidence(pair, _student(pair, tmp_path, "ok")))
     assert r.status_code == 200, r.text
     assert r.json()["decision"]["verdict"] == "PROMOTE" and r.json()["promoted"]["version"] == 1
+
+    # `oprd-ci verify --champion`: the in-process registry on the same database names the stored directory
+    for k, v in server_env(tmp_path, OPRD_MLFLOW_ENABLED="false").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("OPRD_REGISTRY_URL", raising=False)
+    out = CliRunner().invoke(app, ["verify", "--champion", NAME])
+    assert out.exit_code == 0, out.output
+    teacher = json.loads((pair["teacher"] / "manifest.json").read_text())["sha256"]
+    assert f"teacher        teacher manifest {teacher}" in out.output
+    assert f"student        ok manifest {r.json()['version']['manifest_sha256']}" in out.output
+    assert f"gate decision  {r.json()['decision']['id']}: PROMOTE of {NAME} v1" in out.output
 
 
 @pytest.mark.parametrize(
