@@ -58,7 +58,11 @@ fi
 # keyring (~/.config/oprd-ci/trusted-keys, or $OPRD_TRUSTED_KEYS_DIR). A team replaces both with its own keys.
 oprd-ci keys generate --if-missing
 KEY="${OPRD_SIGNING_KEY:-${XDG_CONFIG_HOME:-$HOME/.config}/oprd-ci/keys/signing.pem}"
-oprd-ci keys add "${KEY%.*}.pub"
+if [ -f "${KEY%.*}.pub" ]; then
+  oprd-ci keys add "${KEY%.*}.pub"
+else  # a team key from $OPRD_SIGNING_KEY: its registry admin trusts the public half (oprd-ci keys add)
+  echo "setup.sh: no ${KEY%.*}.pub next to the signing key; trust its public key with 'oprd-ci keys add PUB'" >&2
+fi
 
 python - <<'PY'
 import torch, transformers, mlflow
