@@ -20,7 +20,6 @@ from server.policy import PolicySpec
 from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
 from server.schemas import Criterion, EvidenceBody, Verdict
 from server.settings import ServerSettings
-from server.signatures import SigningRefused, check_signed, load_keyring
 
 log = logging.getLogger(__name__)
 SYSTEM = Principal(name="system:auto-rollback", role="admin")
@@ -124,6 +123,11 @@ def verify_signing(
     if policy is None:
         return
     rule = PolicySpec.model_validate(policy.spec).signing
+    if not rule.required:
+        return
+    # Imported here: the crypto stack (~50 ms) stays out of every CLI start-up that never checks a signature.
+    from server.signatures import SigningRefused, check_signed, load_keyring
+
     try:
         check_signed(path, manifest_sha256, rule, load_keyring(settings.trusted_keys_dir), evidence)
     except SigningRefused as exc:
