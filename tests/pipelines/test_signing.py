@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from oprd_ci.cli import app
 from pipelines.attestation import SigningKeyMissing, sign_student
-from pipelines.precheck import check_signing_key
+from pipelines.precheck import check_params, check_signing_key
 from server.signatures import load_keyring
 from trainer.export import verify_manifest, write_manifest
 from trainer.signing import (
@@ -149,6 +149,7 @@ def test_missing_key_is_a_precheck_problem_and_stops_signing(signed, monkeypatch
     monkeypatch.setenv(KEY_ENV, str(tmp_path / "nowhere.pem"))
     line = check_signing_key(signed["params"])
     assert line and line.startswith("signing: no private key at") and KEY_ENV in line
+    assert line in check_params(signed["params"], check_tracking=False)  # what the precheck stage prints
     with pytest.raises(SigningKeyMissing, match="no private key"):
         sign_student(signed["params"], signed["student"], TRAIN, SUITES, commit="c")
     off = signed["params"].model_copy(
