@@ -740,13 +740,53 @@ def _render_reconcile(o: dict) -> None:
 def history(
     name: str,
     limit: Annotated[int, typer.Option(min=1)] = 1000,
+    cost: Annotated[
+        bool,
+        typer.Option(
+            "--cost",
+            help="Per version: accuracy, tokens/response, device-hours, cost, $/point and what the gate flagged.",
+        ),
+    ] = False,
+    alias: Annotated[
+        str, typer.Option("--alias", help="With --cost: the alias whose promotions count.")
+    ] = "champion",
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The audit log of NAME (every alias move, retirement and policy change)."""
+    """The audit log of NAME (every alias move, retirement and policy change); with --cost, cost over time (the
+    ``limit`` most recent versions, at most 10,000)."""
+    if cost:
+        with RegistryCall(url, token, reconcile=False) as call:
+            rows = call(
+                "GET", f"/v1/models/{name}/cost-history", params={"alias": alias, "limit": min(limit, 10_000)}
+            )
+        _emit(rows, as_json, render_cost_history)
+        return
     with RegistryCall(url, token) as call:
         _emit(call("GET", f"/v1/models/{name}/history", params={"limit": limit}), as_json, _render_history)
+
+
+def render_cost_history(rows: list) -> None:
+    """The ``history --cost`` table: one row per version, suites as columns (Avg@k in %)."""
+    suites = sorted({s for r in rows for s in r["accuracy"]})
+    t = Table("version", "status", *(f"{s} %" for s in suites), "tokens/resp", "device-h", "cost $", "$/point",
+              "flagged")  # fmt: skip
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    colors = {"champion": "bold green", "promoted": "green", "rejected": "red", "retired": "dim"}
+    for r in rows:
+        style = colors.get(r["status"], "")
+        t.add_row(
+            f"v{r['version']}",
+            f"[{style}]{r['status']}[/]" if style else r["status"],
+            *(fmt(100 * r["accuracy"][s] if s in r["accuracy"] else None, ".1f") for s in suites),
+            fmt(r["tokens_per_response"], ".1f"),
+            fmt(r["device_hours"], ".4g"),
+            fmt(r["usd"], ".4g"),
+            fmt(r["usd_per_point"], ".4g"),
+            ", ".join(r["flagged"]) if r["flagged"] else "",
+        )
+    console.print(t)
 
 
 def parse_target(target: str) -> tuple[str, dict[str, Any]]:

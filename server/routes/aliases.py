@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from server import aliases as ops
 from server.auth import CurrentPrincipal
+from server.cost_history import CostHistoryRow, cost_history
 from server.db import Database
 from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep, SettingsDep
 from server.errors import Conflict
@@ -134,6 +135,20 @@ def model_history(
             .limit(limit)
         ).all()
         return [audit_out(e) for e in reversed(rows)]
+
+
+@router.get("/cost-history", name="model_cost_history", response_model=list[CostHistoryRow])
+def model_cost_history(
+    name: ModelName,
+    db: DbDep,
+    _: CurrentPrincipal,
+    alias: str = Query(default="champion", pattern=NAME_PATTERN, max_length=128),
+    limit: int = Query(default=100, ge=1, le=10_000),
+) -> list[CostHistoryRow]:
+    """Per version (the ``limit`` most recent, oldest first): accuracy per suite, tokens per response, cost, USD
+    per accuracy point and the cost/length criteria its latest decision flagged (``server.cost_history``)."""
+    with db.read() as s:
+        return cost_history(s, get_model(s, name), alias, limit=limit)
 
 
 @router.get("/lineage", name="model_lineage", response_model=LineageOut)
