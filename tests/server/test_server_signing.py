@@ -229,3 +229,12 @@ def test_promote_reverifies(client_no_mlflow, pair, tmp_path, case, reason):
     r = _promote(c, 2, rev)
     assert r.status_code == 409, r.text
     assert re.search(reason, r.json()["detail"]), r.json()["detail"]
+
+
+def test_the_signing_block_at_its_default_keeps_a_policys_digest():
+    """Policies stored before the block existed keep their digest; turning it on changes it."""
+    from server.policy import PolicySpec, policy_digest
+
+    plain = policy_digest(PolicySpec.model_validate(POLICY))
+    assert policy_digest(PolicySpec.model_validate({**POLICY, "signing": {"required": False}})) == plain
+    assert policy_digest(PolicySpec.model_validate(SIGNED_POLICY)) != plain
