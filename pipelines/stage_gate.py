@@ -42,6 +42,7 @@ from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params, re
 from pipelines.tracking_models import log_lineage, registry_fields, set_version_record
 from trainer.config import Params, load_params
 from trainer.export import verify_manifest
+from trainer.signing import SIGNATURE_FILES
 
 STORE = Path("registry-store")
 PER_PROBLEM = Path("artifacts/eval/per_problem.jsonl")
@@ -65,6 +66,12 @@ def freeze_student(student_dir: Path = STUDENT_DIR, store: Path = STORE) -> tupl
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(student_dir, tmp)
         tmp.rename(dest)
+    # The signature files are outside the manifest identity: the same bytes signed again (or signed now, after
+    # an unsigned run) carry the current signatures into the stored copy the registry verifies.
+    for name in SIGNATURE_FILES:
+        src, dst = student_dir / name, dest / name
+        if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
+            shutil.copyfile(src, dst)
     verify_manifest(dest)
     return dest.resolve(), sha
 
@@ -101,6 +108,7 @@ def build_evidence(
         "lineage": {
             "teacher": f"{params.models.teacher.revision or Path(params.models.teacher.path).name}@{teacher_sha}",
             "student_base": _dir_sha(Path(params.models.student.path)),
+            "method": params.distill.method,  # a signed attestation's method must equal it (docs/signing.md)
             "dataset_digests": {},
             "mlflow_run_ids": {},
             "logged_model_ids": {},

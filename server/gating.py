@@ -16,11 +16,12 @@ from server.cost_history import recent_promoted
 from server.db import Database
 from server.decision import ChampionEvidence, decide
 from server.drift import needed_k
-from server.errors import Conflict
+from server.errors import Conflict, RegistryError
 from server.orm import Alias, AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
 from server.policy import PolicySpec
 from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
 from server.schemas import Criterion, EvidenceBody, Verdict
+from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 SYSTEM = Principal(name="system:auto-rollback", role="admin")
@@ -103,6 +104,36 @@ def prepare_decision(
         )
         return plan
     return replace(plan, rollback_target=target_mv.version)
+
+
+def verify_signing(
+    db: Database,
+    settings: ServerSettings,
+    name: str,
+    path: Path,
+    manifest_sha256: str,
+    evidence: EvidenceBody | None,
+    *,
+    error: type[RegistryError],
+) -> None:
+    """Apply the model's current ``signing`` rule to the artifact at ``path`` with ``evidence`` (outside any
+    transaction: it hashes every file). Raises ``error`` (422 at gate, 409 at promote) naming the mismatch. A
+    model without a policy is not checked here: the gate refuses it for that."""
+    with db.read() as s:
+        model = s.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+        policy = current_policy(s, model) if model is not None else None
+    if policy is None:
+        return
+    rule = PolicySpec.model_validate(policy.spec).signing
+    if not rule.required:
+        return
+    # Imported here: the crypto stack (~50 ms) stays out of every CLI start-up that never checks a signature.
+    from server.signatures import SigningRefused, check_signed, load_keyring
+
+    try:
+        check_signed(path, manifest_sha256, rule, load_keyring(settings.trusted_keys_dir), evidence)
+    except SigningRefused as exc:
+        raise error(str(exc)) from exc
 
 
 def latest_evidence(s: Session, mv_id: int) -> EvidenceBody | None:

@@ -70,6 +70,21 @@ class Bootstrap(_Strict):
     """One-sided confidence of the non-inferiority bound."""
 
 
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+"""sha256 hex of a public key's SubjectPublicKeyInfo PEM (``oprd-ci keys list``; model-signing's key hint)."""
+
+
+class SigningRule(_Strict):
+    """Signed distillation attestations (docs/signing.md). With ``required`` the registry refuses, at gate and
+    at promote, an artifact that is unsigned, signed by a key it does not trust, changed after signing, or whose
+    attestation disagrees with the evidence (teacher, student base, method, training data, eval suites)."""
+
+    required: bool = False
+    trusted_keys: list[Fingerprint] = Field(default_factory=list, max_length=64)
+    """Fingerprints of the keys this model's artifacts may be signed by; each must be in the registry's keyring
+    (``OPRD_TRUSTED_KEYS_DIR``, ``oprd-ci keys add``). Empty: every key in the keyring."""
+
+
 class PolicySpec(_Strict):
     """A promotion policy. ``suites`` names every suite the evidence must contain."""
 
@@ -81,6 +96,8 @@ class PolicySpec(_Strict):
     bootstrap: Bootstrap = Bootstrap()
     auto_rollback: bool = False
     """Roll the champion back when new evidence about it fails this policy (also needs OPRD_AUTO_ROLLBACK)."""
+    signing: SigningRule = SigningRule()
+    """Whether artifacts must carry a verified signature and distillation attestation, and by which keys."""
 
 
 def load_policy_file(path: str | Path) -> PolicySpec:
@@ -99,6 +116,8 @@ def policy_digest(spec: PolicySpec) -> str:
         for added, default in _ADDED_DEFAULTS.items():
             if data[key].get(added, default) == default:
                 data[key].pop(added, None)
+    if data.get("signing") == SigningRule().model_dump(mode="json"):
+        data.pop("signing")  # added later too: a policy that does not use it keeps its digest
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 

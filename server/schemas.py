@@ -103,6 +103,8 @@ class Lineage(_In):
     teacher: ShortStr | None = None
     """Teacher identity (name@sha256 or artifact sha256); ``retire --teacher`` matches it exactly."""
     student_base: ShortStr | None = None
+    method: ShortStr | None = None
+    """Distillation method (``distill.method``); compared with a signed attestation's ``method``."""
     dataset_digests: dict[Name, ShortStr] = Field(default_factory=dict, max_length=64)
     eval_suites: dict[SuiteName, EvalSuiteRecord] = Field(default_factory=dict, max_length=64)
     """Suite -> what its scores are comparable by (file digest, grader names and versions). Optional: evidence

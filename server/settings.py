@@ -18,6 +18,10 @@ def _default_mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+def default_keyring() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "oprd-ci" / "trusted-keys"
+
+
 class ServerSettings(BaseSettings):
     """Registry service settings; every field maps to ``OPRD_<FIELD>``."""
 
@@ -64,6 +68,10 @@ class ServerSettings(BaseSettings):
     """Token lookups are cached this long (a rotated or revoked token keeps working at most this long)."""
     public_docs: bool | None = None
     """Serve ``/openapi.json``, ``/docs`` and ``/redoc`` without a token. Default: only when no token is configured."""
+    trusted_keys_dir: Path = Field(default_factory=default_keyring)
+    """The registry's keyring: public keys (``*.pub`` PEM) artifacts may be signed by; a policy's
+    ``signing.trusted_keys`` picks among them by fingerprint. Admin-managed (``oprd-ci keys add``); default
+    ``~/.config/oprd-ci/trusted-keys`` (``bash scripts/setup.sh`` adds the local development key)."""
     sqlite_busy_timeout_ms: int = Field(default=30_000, gt=0)
     db_pool_size: int = Field(default=20, gt=0)
 

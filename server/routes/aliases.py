@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,9 +15,9 @@ from server import aliases as ops
 from server.auth import CurrentPrincipal, Principal
 from server.cost_history import CostHistoryRow, cost_history
 from server.db import Database
-from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep
+from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep, SettingsDep
 from server.errors import Conflict
-from server.gating import latest_evidence
+from server.gating import latest_evidence, verify_signing
 from server.idempotency import has_record, run_mutation
 from server.mlflow_guard import Deadline, MlflowGuard
 from server.mlflow_mirror import MlflowMirror
@@ -24,6 +25,7 @@ from server.names import NAME_PATTERN
 from server.orm import Alias, AuditEvent, Decision, RegisteredModel
 from server.registry import ensure_ready, get_model, get_version, verify_registered
 from server.schemas import AliasOut, AuditOut, LineageOut, PromoteIn, RollbackIn, StatusOut
+from server.settings import ServerSettings
 from server.status import model_status as status_query
 from server.views import alias_out, audit_out, decision_out, mlflow_read_out, version_out
 
@@ -50,24 +52,43 @@ def _refuse_lost_race(
 
 
 def _verify_before_move(
-    db: Database, request: Request, who: Principal, name: str, alias: str, body: PromoteIn
+    db: Database,
+    request: Request,
+    who: Principal,
+    name: str,
+    alias: str,
+    body: PromoteIn,
+    settings: ServerSettings | None = None,
 ) -> None:
-    # Refuse a lost race and check the hashes outside the write transaction (large artifacts must not hold the
-    # write lock).
+    # Refuse a lost race and check the hashes (and, when the policy requires it, the signature) outside the write
+    # transaction (large artifacts must not hold the write lock).
     with db.read() as s:
         model = get_model(s, name)
         _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
         mv = get_version(s, model, body.version)
         ensure_ready(mv)
+        evidence = latest_evidence(s, mv.id) if settings is not None else None
     verify_registered(mv)
+    # Promote: the policy's signing rule again, against the version's latest evidence.
+    if settings is not None:
+        verify_signing(
+            db, settings, name, Path(mv.artifact_path), mv.manifest_sha256, evidence, error=Conflict
+        )
 
 
 @router.post("/aliases/{alias}/promote", name="promote", response_model=AliasOut)
 def promote(
-    name: ModelName, alias: AliasName, body: PromoteIn, request: Request, db: DbDep, who: CurrentPrincipal
+    name: ModelName,
+    alias: AliasName,
+    body: PromoteIn,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    who: CurrentPrincipal,
 ) -> JSONResponse:
-    """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision)."""
-    _verify_before_move(db, request, who, name, alias, body)
+    """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision);
+    the artifact's hashes and, when the policy requires it, its signature and attestation are re-verified."""
+    _verify_before_move(db, request, who, name, alias, body, settings)
 
     def work(s: Session) -> AliasOut:
         row = ops.promote(

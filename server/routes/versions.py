@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from server.auth import CurrentPrincipal
 from server.deps import AliasQuery, DbDep, ModelName, ReasonQuery, SettingsDep, VersionPath
-from server.errors import NotFound
-from server.gating import prepare_decision, promote_on_verdict
+from server.errors import Invalid, NotFound
+from server.gating import prepare_decision, promote_on_verdict, verify_signing
 from server.gating import submit_evidence as _submit
 from server.idempotency import run_mutation
 from server.orm import Alias, Decision, ModelVersion, RegisteredModel
@@ -110,6 +110,8 @@ def gate(
     )
     verified, source = prepare_registration(settings, reg)
     evidence = EvidenceBody(suites=body.suites, cost=body.cost, lineage=body.lineage)
+    # The policy's signing rule: signature, attestation and its agreement with this evidence (422 naming it).
+    verify_signing(db, settings, body.model, verified.path, verified.sha256, evidence, error=Invalid)
     auto = settings.auto_rollback
     # Outside the transaction: integrity of the stored bytes the alias may move to, and the decision itself.
     plan = prepare_decision(
