@@ -17,6 +17,11 @@ from server.names import SuiteName
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Ratio = Annotated[float, Field(gt=0.0, le=1000.0)]
+MAX_PROBLEMS = 10_000
+"""Problems per suite and role in evidence (``schemas`` imports it). A ``min_problems`` above it could never be met."""
+MAX_SEED = 2**63 - 1
+"""Bootstrap seeds are in [0, 2**63): ``numpy.random.default_rng`` refuses negative seeds (a stored policy with one
+made every later gate a 500), and a signed 64-bit integer survives any JSON column and client."""
 
 
 class _Strict(BaseModel):
@@ -33,7 +38,11 @@ class SuiteRule(_Strict):
     per-problem difference (candidate - champion) is above ``-margin``."""
     max_teacher_gap: Fraction | None = None
     """``teacher_mean - candidate_mean`` must not exceed this."""
-    min_problems: int = Field(default=1, ge=1)
+    min_gap_closed: Fraction | None = None
+    """Share of the teacher-base gap the candidate closes, ``(candidate_mean - base_mean) / (teacher_mean -
+    base_mean)``, must be at least this (needs the suite's ``teacher`` and ``base`` results; missing -> FAIL). It
+    binds whatever the teacher scores: 0.75 asks for three quarters of what distillation could transfer."""
+    min_problems: int = Field(default=1, ge=1, le=MAX_PROBLEMS)
     """Fewer (paired) problems than this makes the statistical criteria INCONCLUSIVE."""
     min_fixed_fraction: Fraction | None = None
     """Failure-bank regression suites: of the M problems recorded as failures of the champion version (the
@@ -46,12 +55,12 @@ class SuiteRule(_Strict):
 class Budget(_Strict):
     """An absolute cap and/or a cap relative to the champion's value of the same metric."""
 
-    max: float | None = Field(default=None, ge=0.0)
+    max: float | None = Field(default=None, ge=0.0, le=1e12)
     max_ratio_to_champion: Ratio | None = None
 
 
 class Bootstrap(_Strict):
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     n_resamples: int = Field(default=2000, ge=100, le=10_000)
     """At most 10,000: with ``schemas.MAX_PROBLEMS`` problems that is 1e8 draws per criterion (about a second)."""
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
@@ -69,6 +78,26 @@ class PolicySpec(_Strict):
     bootstrap: Bootstrap = Bootstrap()
     auto_rollback: bool = False
     """Roll the champion back when new evidence about it fails this policy (also needs OPRD_AUTO_ROLLBACK)."""
+
+
+def stored_policy(spec: object, model: str, version: int) -> PolicySpec:
+    """Parse a policy as stored in the ``policies`` table. A row stored before a bound existed (a negative seed,
+    say) raises ``InvalidStoredPolicy`` naming it, instead of a pydantic error that would be a 500 in every gate."""
+    from pydantic import ValidationError
+
+    try:
+        return PolicySpec.model_validate(spec)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise InvalidStoredPolicy(
+            f"policy: v{version} of {model} is no longer valid ({where}: {first['msg']}); "
+            "an admin must set a new one (oprd-ci policy set)"
+        ) from exc
+
+
+class InvalidStoredPolicy(ValueError):
+    """A stored policy version fails today's ``PolicySpec`` bounds."""
 
 
 def load_policy_file(path: str | Path) -> PolicySpec:
