@@ -24,6 +24,11 @@ MAX_SEED = 2**63 - 1
 made every later gate a 500), and a signed 64-bit integer survives any JSON column and client."""
 
 
+ADDED_AFTER_DIGESTS = ("min_gap_closed",)
+"""``SuiteRule`` fields that ``policy_digest`` omits while unset (issue 19 added them after decisions, MLflow tags and
+gate runs had recorded digests of policies without them)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -111,7 +116,14 @@ def policy_digest(spec: PolicySpec) -> str:
     import hashlib
     import json
 
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    doc = spec.model_dump(mode="json")
+    for rule in doc[
+        "suites"
+    ].values():  # unset fields added after digests were first recorded are left out, so
+        for key in ADDED_AFTER_DIGESTS:  # every digest recorded before them still names the same policy
+            if rule.get(key) is None:
+                rule.pop(key, None)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -118,3 +118,24 @@ def test_gate_installs_compares_refuses_and_installs_on_request(cli, tmp_path, m
     assert [e["reason"] for e in change][-1] == "floor 0.6 after review"
     shown = json.loads(_run(cli, ["policy", "show", "student", "--json"]).output)
     assert shown["digest"] == policy_digest(PolicySpec.model_validate(shown["spec"]))
+
+
+def test_digests_recorded_before_min_gap_closed_still_name_the_same_policy():
+    """A field added later (``min_gap_closed``) does not change the digest of a policy that leaves it unset: the
+    pre-issue-19 default policy keeps the digest its decisions and gate runs recorded."""
+    before = PolicySpec.model_validate(
+        {
+            "suites": {"embedded": {"floor": 0.2, "non_inferiority_margin": 0.05, "max_teacher_gap": 0.8,
+                                    "min_problems": 50}},
+            "length_tokens": {"max": 64, "max_ratio_to_champion": 1.5},
+            "cost_usd": {"max_ratio_to_champion": 1.5},
+            "device_hours": {"max": 24},
+            "bootstrap": {"seed": 0, "n_resamples": 2000, "confidence": 0.95},
+            "auto_rollback": True,
+        }
+    )  # fmt: skip
+    assert policy_digest(before) == "sha256:e6907bf2f4a69f75fcdf42897527c6bf3c9af6a0d4949d0962c0eaa4059516ee"
+    with_gap = before.model_copy(
+        update={"suites": {"embedded": before.suites["embedded"].model_copy(update={"min_gap_closed": 0.75})}}
+    )
+    assert policy_digest(with_gap) != policy_digest(before)
