@@ -136,7 +136,8 @@ def verify_artifact(path: Path, expected_files: dict[str, str] | None = None) ->
     missing. Raises ``ArtifactError`` naming the first mismatch.
     """
     try:
-        raw = read_regular_file(path / MANIFEST_NAME, path, "artifact: manifest.json", MAX_MANIFEST_BYTES)
+        root = path.resolve()  # files must resolve inside the directory itself, wherever a link to it points
+        raw = read_regular_file(path / MANIFEST_NAME, root, "artifact: manifest.json", MAX_MANIFEST_BYTES)
         manifest = json.loads(raw.decode("utf-8"))
     except FileNotFoundError as exc:
         raise ArtifactError("artifact: manifest.json is missing") from exc
@@ -171,7 +172,7 @@ def verify_artifact(path: Path, expected_files: dict[str, str] | None = None) ->
         if rel not in on_disk or file.is_symlink() or not file.resolve().is_relative_to(path):
             raise ArtifactError(f"artifact: {rel} is missing or not a regular file inside the directory")
         try:
-            digest = hash_regular_file(file, path, f"artifact: {rel}")
+            digest = hash_regular_file(file, root, f"artifact: {rel}")
         except FileNotFoundError as exc:
             raise ArtifactError(
                 f"artifact: {rel} is missing or not a regular file inside the directory"
