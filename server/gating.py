@@ -12,8 +12,10 @@ from sqlalchemy.orm import Session
 from server.aliases import Move, current_policy, get_alias, move_alias, rollback_target
 from server.artifacts import ArtifactError, verify_artifact
 from server.auth import Principal
+from server.cost_history import recent_promoted
 from server.db import Database
 from server.decision import ChampionEvidence, decide
+from server.drift import needed_k
 from server.errors import Conflict
 from server.orm import AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
 from server.policy import InvalidStoredPolicy, PolicySpec, stored_policy
@@ -166,7 +168,8 @@ def plan_decision(
     champ_row = get_alias(s, model, alias)
     is_champion = champ_row is not None and version is not None and champ_row.version == version
     champ, champ_ev_id = (None, None) if is_champion else champion_evidence(s, model, alias)
-    verdict, criteria = decide(spec, body, champ)
+    recent = recent_promoted(s, model, spec, alias, exclude=version) if needed_k(spec) else ()
+    verdict, criteria = decide(spec, body, champ, recent)
     return Planned(
         policy_id=policy.id,
         champion_version=champ_row.version if champ_row else None,

@@ -24,11 +24,6 @@ MAX_SEED = 2**63 - 1
 made every later gate a 500), and a signed 64-bit integer survives any JSON column and client."""
 
 
-ADDED_AFTER_DIGESTS = ("min_gap_closed",)
-"""``SuiteRule`` fields that ``policy_digest`` omits while unset (issue 19 added them after decisions, MLflow tags and
-gate runs had recorded digests of policies without them)."""
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -58,10 +53,24 @@ class SuiteRule(_Strict):
 
 
 class Budget(_Strict):
-    """An absolute cap and/or a cap relative to the champion's value of the same metric."""
+    """An absolute cap and/or a cap relative to the champion's value of the same metric, and/or one relative to
+    the median of the last ``recent_k`` promoted versions (catches a slow drift that stays under the per-step
+    ratio; ``server.drift``)."""
 
     max: float | None = Field(default=None, ge=0.0, le=1e12)
     max_ratio_to_champion: Ratio | None = None
+    max_ratio_to_recent_median: Ratio | None = None
+    """candidate / median(value of the last ``recent_k`` promoted versions) must not exceed this; NOT_APPLICABLE
+    while fewer than 2 promoted versions have the value on record."""
+    recent_k: int = Field(default=5, ge=2, le=100)
+    """How many of the most recently promoted versions (distinct, not retired) the median is taken over."""
+
+
+_ADDED_DEFAULTS = {"max_ratio_to_recent_median": None, "recent_k": 5}
+"""Budget keys added after policies were first stored: left out of the canonical form while at their default, so
+the digest of a policy that does not use them is what it was before they existed."""
+_ADDED_SUITE_DEFAULTS = {"min_gap_closed": None}
+"""The same for ``SuiteRule`` keys (``min_gap_closed``, issue 19)."""
 
 
 class Bootstrap(_Strict):
@@ -116,14 +125,16 @@ def policy_digest(spec: PolicySpec) -> str:
     import hashlib
     import json
 
-    doc = spec.model_dump(mode="json")
-    for rule in doc[
-        "suites"
-    ].values():  # unset fields added after digests were first recorded are left out, so
-        for key in ADDED_AFTER_DIGESTS:  # every digest recorded before them still names the same policy
-            if rule.get(key) is None:
-                rule.pop(key, None)
-    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    data = spec.model_dump(mode="json")
+    for key in ("length_tokens", "cost_usd", "device_hours"):
+        for added, default in _ADDED_DEFAULTS.items():
+            if data[key].get(added, default) == default:
+                data[key].pop(added, None)
+    for rule in data["suites"].values():
+        for added, default in _ADDED_SUITE_DEFAULTS.items():
+            if rule.get(added, default) == default:
+                rule.pop(added, None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

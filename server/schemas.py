@@ -246,6 +246,20 @@ class AuditOut(_Out):
     created_at: datetime
 
 
+class MlflowReadOut(BaseModel):
+    """How complete the MLflow part of a read answer is (``status``, ``lineage``); the registry part is always
+    complete and authoritative."""
+
+    state: Literal["ok", "partial", "unavailable", "off"]
+    """``ok`` MLflow answered every read; ``partial`` some reads did not answer within their bound; ``unavailable``
+    none did; ``off`` MLflow was not read (``mlflow=false`` or mirroring disabled)."""
+    budget_s: float
+    """The request's total budget for MLflow reads (``OPRD_MLFLOW_REQUEST_BUDGET_S``)."""
+    answered: int
+    missing: int
+    """Reads that timed out, failed, were refused by the breaker, or were skipped when the budget ran out."""
+
+
 class StatusOut(BaseModel):
     model: str
     aliases: list[AliasOut]
@@ -259,6 +273,7 @@ class StatusOut(BaseModel):
     mlflow_aliases: dict[str, int] | None
     """Aliases as MLflow reports them right now (``None`` when MLflow could not be read)."""
     last_mlflow_error: str | None
+    mlflow_read: MlflowReadOut | None = None
 
 
 class PolicyOut(BaseModel):
@@ -280,6 +295,7 @@ class LineageOut(BaseModel):
     audit: list[AuditOut]
     mlflow: dict[str, Any]
     """What MLflow reports for the linked runs / logged models / model version (or an ``error``)."""
+    mlflow_read: MlflowReadOut | None = None
 
 
 class TokenOut(BaseModel):

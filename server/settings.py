@@ -45,7 +45,17 @@ class ServerSettings(BaseSettings):
     """After a mutation commits, wait up to this long for *its own* MLflow writes before answering; past it the
     answer carries ``OPRD-MLflow: pending`` and the reconciler applies them later."""
     mlflow_request_timeout_s: float = Field(default=2.0, gt=0)
-    """Bound on one MLflow read made inside a request (``status``, ``lineage``); past it the read reports an error."""
+    """Bound on one MLflow read made inside a request (``status``, ``lineage``); past it the read reports an error
+    (and counts towards the circuit breaker)."""
+    mlflow_request_budget_s: float = Field(default=5.0, gt=0)
+    """Bound on *all* MLflow reads of one request together (``lineage`` of a version with many linked runs): reads
+    the budget does not reach are skipped and the answer says ``mlflow_read.state: partial`` (or ``unavailable``)."""
+    mlflow_read_concurrency: int = Field(default=8, ge=1)
+    """MLflow reads in flight at once in one process (``lineage`` reads its runs concurrently up to this)."""
+    mlflow_exit_drain_s: float = Field(default=30.0, ge=0)
+    """An in-process CLI command (no ``--url``) applies its pending MLflow writes before it exits for at most this
+    long (for a remote store, after a first read shows MLflow answers within ``mlflow_request_timeout_s``); what is
+    left stays in the outbox for the next registry process."""
     mlflow_breaker_failures: int = Field(default=3, ge=1)
     """Consecutive failed MLflow reads in requests that open the circuit breaker."""
     mlflow_breaker_open_s: float = Field(default=10.0, gt=0)

@@ -15,14 +15,14 @@ from sqlalchemy import func, select
 
 from server.db import Database
 from server.errors import Invalid
-from server.mlflow_guard import MlflowGuard, MlflowUnavailable
+from server.mlflow_guard import Deadline, MlflowGuard, MlflowUnavailable
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem
 from server.registry import get_model
 from server.schemas import StatusOut
 from server.settings import ServerSettings
-from server.views import alias_out, decision_out, version_out
+from server.views import alias_out, decision_out, mlflow_read_out, version_out
 
 __all__ = ["local_status", "model_status"]
 
@@ -35,10 +35,12 @@ def model_status(
     guard: MlflowGuard,
     reconciler_error: str | None = None,
     mlflow: bool = True,
+    deadline: Deadline | None = None,
 ) -> StatusOut:
     """Aliases (with revisions), the champion with its decision, the outbox backlog, and (``mlflow``) the aliases
     MLflow holds. Raises ``NotFound`` for an unknown model. An MLflow failure is reported in
-    ``last_mlflow_error`` (``mlflow_aliases`` stays ``None``): the database state is authoritative."""
+    ``last_mlflow_error`` (``mlflow_aliases`` stays ``None``) and ``mlflow_read``: the database state is
+    authoritative. The MLflow read is bounded by ``deadline`` (default: the guard's request budget)."""
     with db.read() as s:
         model = get_model(s, name)
         rows = s.scalars(select(Alias).where(Alias.model_id == model.id).order_by(Alias.alias)).all()
@@ -98,12 +100,16 @@ def model_status(
             last_mlflow_error=guard.last_error or model_error or (reconciler_error if pending else None),
         )
     if mlflow and mirror is not None:
+        deadline = deadline or guard.deadline()
         try:
-            out.mlflow_aliases = guard.call(mirror.aliases, name)
+            out.mlflow_aliases = guard.call(mirror.aliases, name, deadline=deadline)
         except Exception as exc:  # MLflow down: report it, the DB state above is still authoritative
             out.last_mlflow_error = (str(exc) if isinstance(exc, MlflowUnavailable) else f"MLflow: {exc}")[
                 :500
             ]
+        out.mlflow_read = mlflow_read_out(deadline)
+    else:
+        out.mlflow_read = mlflow_read_out(None)
     return out
 
 
