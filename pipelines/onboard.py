@@ -169,6 +169,8 @@ def policy_yaml(
             "up), so a broken student fails its first gate and a few lucky samples do not pass it",
             f"    max_teacher_gap: {r['max_teacher_gap']}  # teacher - candidate; further behind means the "
             "distillation did not transfer",
+            "    # min_gap_closed: 0.5  # (candidate - base) / (teacher - base); left off until the first run shows "
+            "the teacher beating the base on this suite (no gap to close fails closed)",
             f"    non_inferiority_margin: {r['non_inferiority_margin']}  # vs the champion: sqrt(0.5/{n}) = "
             f"{raw_margin:.3f}, the worst-case s.e. of a paired mean difference, kept in [{lo}, {hi}]",
             f"    min_problems: {r['min_problems']}  # the whole suite (at most {MIN_PROBLEMS_CAP}): a `limit`-ed "

@@ -5,7 +5,8 @@
 1. Copy the student into a content-addressed store (``registry-store/<manifest sha256>/``): the registry records
    an artifact path whose hashes it re-verifies before every promotion, and ``artifacts/models/student`` is
    rewritten by the next ``dvc repro``.
-2. Build the evidence (``server.schemas.EvidenceIn``): per-problem results of the candidate and the teacher from
+2. Build the evidence (``server.schemas.EvidenceIn``): per-problem results of the candidate, the teacher and the
+   student base (role ``student_base``: the ``min_gap_closed`` criterion) from
    ``artifacts/eval/per_problem.jsonl``, the distillation cost, lineage refs (MLflow runs, digests).
 3. ``oprd-ci gate --evidence ... --out artifacts/gate/decision.json``: the registry registers the version, decides
    PROMOTE / REJECT / INCONCLUSIVE under the model's policy and, on PROMOTE, moves ``gate.alias`` in MLflow.
@@ -49,7 +50,12 @@ PER_PROBLEM = Path("artifacts/eval/per_problem.jsonl")
 EVIDENCE = Path("artifacts/gate/evidence.json")
 METRICS = Path("metrics/gate.json")
 DECISION = Path("artifacts/gate/decision.json")
-ROLE_TO_EVIDENCE = {"student": "candidate", "teacher": "teacher", "champion": "champion"}
+ROLE_TO_EVIDENCE = {
+    "student": "candidate",
+    "teacher": "teacher",
+    "student_base": "base",
+    "champion": "champion",
+}
 ROLLOUT_REF = Path("artifacts/rollout/rollout.mlflow.json")
 
 

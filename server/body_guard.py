@@ -6,6 +6,9 @@
 - what Python's ``json`` accepts but JSON does not -> 422 naming the field: ``NaN``/``Infinity`` (they would be
   stored, then fail to encode in the response after the commit) and nesting deeper than ``MAX_DEPTH``
   (a ``RecursionError`` in the parser or later in pydantic)
+- a string (value or key) holding a lone UTF-16 surrogate (``"\\ud800"`` is a valid JSON escape but not Unicode
+  text) -> 422 naming the field: it could not be encoded as UTF-8 in a response, a log line or the database, so
+  a 422 that echoes it (FastAPI's validation errors do) or a stored row holding it would turn into a 500
 The raw body is kept in ``scope["oprd.body"]`` for the idempotency fingerprint.
 """
 
@@ -30,16 +33,34 @@ def _non_finite(text: str) -> _NonFinite:
     return _NonFinite(text)
 
 
+def has_lone_surrogate(text: str) -> bool:
+    """True when ``text`` cannot be encoded as UTF-8 (it holds a code point in U+D800..U+DFFF)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so it can always be encoded."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _find_problem(value: Any, path: str, depth: int) -> str | None:
     """The first non-JSON part of a parsed body as ``"<path>: <why>"``, or None. Iterative in spirit: the
     depth is checked before recursing, so this never recurses deeper than ``MAX_DEPTH``."""
     if isinstance(value, _NonFinite):
         return f"{path or 'body'}: {value.text} is not a JSON number"
+    if isinstance(value, str) and has_lone_surrogate(value):
+        return f"{printable(path) or 'body'}: contains a lone UTF-16 surrogate (not valid Unicode text)"
     if isinstance(value, dict | list):
         if depth >= MAX_DEPTH:
             return f"{path or 'body'}: nested deeper than {MAX_DEPTH} levels"
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for k, v in items:
+            if isinstance(k, str) and has_lone_surrogate(k):
+                return f"{printable(path) or 'body'}: a key contains a lone UTF-16 surrogate (not valid Unicode text)"
             sub = (
                 f"{path}.{k}"
                 if isinstance(value, dict) and path

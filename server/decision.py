@@ -111,6 +111,8 @@ def _suite_criteria(
         )
     if rule.max_teacher_gap is not None:
         rows.append(_teacher_gap(suite, rule.max_teacher_gap, cand_mean, data.teacher))
+    if rule.min_gap_closed is not None:
+        rows.append(_gap_closed(suite, rule.min_gap_closed, cand_mean, data.teacher, data.base))
     if rule.non_inferiority_margin is not None:
         champ_rows = (
             data.champion if data.champion is not None else (champ.suites.get(suite) if champ else None)
@@ -153,6 +155,51 @@ def _teacher_gap(
         observed=gap,
         threshold=max_gap,
         detail=f"teacher - candidate = {gap:.4f} {'<=' if ok else '>'} max gap {max_gap}",
+    )
+
+
+def _gap_closed(
+    suite: str,
+    need: float,
+    cand_mean: float,
+    teacher: Sequence[ProblemResult] | None,
+    base: Sequence[ProblemResult] | None,
+) -> Criterion:
+    """``min_gap_closed``: share = (candidate - base) / (teacher - base) of the suite means, PASS when >= ``need``.
+    Fails closed without teacher or base results, and when the teacher does not beat the base (no gap to close:
+    the evidence cannot show the student learned anything from it)."""
+    missing = [role for role, rows in (("teacher", teacher), ("base", base)) if rows is None]
+    if missing:
+        return Criterion(
+            criterion="gap_closed",
+            suite=suite,
+            status="FAIL",
+            threshold=need,
+            detail=f"{' and '.join(missing)} results missing (fail closed)",
+        )
+    assert teacher is not None and base is not None
+    t_mean = float(np.mean(list(scores(teacher).values())))
+    b_mean = float(np.mean(list(scores(base).values())))
+    if t_mean <= b_mean:
+        return Criterion(
+            criterion="gap_closed",
+            suite=suite,
+            status="FAIL",
+            threshold=need,
+            detail=f"teacher {t_mean:.4f} <= base {b_mean:.4f}: no gap to close (fail closed)",
+        )
+    share = (cand_mean - b_mean) / (t_mean - b_mean)
+    ok = share >= need
+    return Criterion(
+        criterion="gap_closed",
+        suite=suite,
+        status="PASS" if ok else "FAIL",
+        observed=share,
+        threshold=need,
+        detail=(
+            f"(candidate - base) / (teacher - base) = ({cand_mean:.4f} - {b_mean:.4f}) / ({t_mean:.4f} - "
+            f"{b_mean:.4f}) = {share:.3f} {'>=' if ok else '<'} min gap closed {need}"
+        ),
     )
 
 

@@ -18,7 +18,7 @@ from server.decision import ChampionEvidence, decide
 from server.drift import needed_k
 from server.errors import Conflict, RegistryError
 from server.orm import Alias, AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
-from server.policy import PolicySpec
+from server.policy import InvalidStoredPolicy, PolicySpec, stored_policy
 from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
 from server.schemas import Criterion, EvidenceBody, Verdict
 from server.settings import ServerSettings
@@ -194,7 +194,7 @@ def plan_decision(
     policy = current_policy(s, model)
     if policy is None:
         raise Conflict(f"policy: {model.name} has no policy; an admin must set one (oprd-ci policy set)")
-    spec = PolicySpec.model_validate(policy.spec)
+    spec = checked_policy(model, policy)
     champ_row = get_alias(s, model, alias)
     is_champion = champ_row is not None and version is not None and champ_row.version == version
     champ, champ_ev_id = (None, None) if is_champion else champion_evidence(s, model, champ_row)
@@ -208,6 +208,15 @@ def plan_decision(
         verdict=verdict,
         criteria=criteria,
     )
+
+
+def checked_policy(model: RegisteredModel, policy: Policy) -> PolicySpec:
+    """The stored ``policy`` parsed under today's bounds; a row that fails them (stored before a bound existed)
+    is a 409 naming the field, so no gate runs a policy that could make the decision itself fail."""
+    try:
+        return stored_policy(policy.spec, model.name, policy.version)
+    except InvalidStoredPolicy as exc:
+        raise Conflict(str(exc)) from exc
 
 
 def still_valid(s: Session, model: RegisteredModel, version: int, alias: str, plan: Planned) -> bool:
@@ -254,7 +263,7 @@ def submit_evidence(
         plan = plan_decision(s, model, mv.version, body, alias)
     policy = s.get(Policy, plan.policy_id)
     assert policy is not None
-    spec = PolicySpec.model_validate(policy.spec)
+    spec = checked_policy(model, policy)
     ev = Evidence(model_version_id=mv.id, payload=body.model_dump(mode="json"), submitted_by=who.name)
     s.add(ev)
     s.flush()

@@ -17,6 +17,11 @@ from server.names import SuiteName
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Ratio = Annotated[float, Field(gt=0.0, le=1000.0)]
+MAX_PROBLEMS = 10_000
+"""Problems per suite and role in evidence (``schemas`` imports it). A ``min_problems`` above it could never be met."""
+MAX_SEED = 2**63 - 1
+"""Bootstrap seeds are in [0, 2**63): ``numpy.random.default_rng`` refuses negative seeds (a stored policy with one
+made every later gate a 500), and a signed 64-bit integer survives any JSON column and client."""
 
 
 class _Strict(BaseModel):
@@ -33,7 +38,11 @@ class SuiteRule(_Strict):
     per-problem difference (candidate - champion) is above ``-margin``."""
     max_teacher_gap: Fraction | None = None
     """``teacher_mean - candidate_mean`` must not exceed this."""
-    min_problems: int = Field(default=1, ge=1)
+    min_gap_closed: Fraction | None = None
+    """Share of the teacher-base gap the candidate closes, ``(candidate_mean - base_mean) / (teacher_mean -
+    base_mean)``, must be at least this (needs the suite's ``teacher`` and ``base`` results; missing -> FAIL). It
+    binds whatever the teacher scores: 0.75 asks for three quarters of what distillation could transfer."""
+    min_problems: int = Field(default=1, ge=1, le=MAX_PROBLEMS)
     """Fewer (paired) problems than this makes the statistical criteria INCONCLUSIVE."""
     min_fixed_fraction: Fraction | None = None
     """Failure-bank regression suites: of the M problems recorded as failures of the champion version (the
@@ -48,7 +57,7 @@ class Budget(_Strict):
     the median of the last ``recent_k`` promoted versions (catches a slow drift that stays under the per-step
     ratio; ``server.drift``)."""
 
-    max: float | None = Field(default=None, ge=0.0)
+    max: float | None = Field(default=None, ge=0.0, le=1e12)
     max_ratio_to_champion: Ratio | None = None
     max_ratio_to_recent_median: Ratio | None = None
     """candidate / median(value of the last ``recent_k`` promoted versions) must not exceed this; NOT_APPLICABLE
@@ -60,10 +69,12 @@ class Budget(_Strict):
 _ADDED_DEFAULTS = {"max_ratio_to_recent_median": None, "recent_k": 5}
 """Budget keys added after policies were first stored: left out of the canonical form while at their default, so
 the digest of a policy that does not use them is what it was before they existed."""
+_ADDED_SUITE_DEFAULTS = {"min_gap_closed": None}
+"""The same for ``SuiteRule`` keys (``min_gap_closed``, issue 19)."""
 
 
 class Bootstrap(_Strict):
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     n_resamples: int = Field(default=2000, ge=100, le=10_000)
     """At most 10,000: with ``schemas.MAX_PROBLEMS`` problems that is 1e8 draws per criterion (about a second)."""
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
@@ -100,6 +111,26 @@ class PolicySpec(_Strict):
     """Whether artifacts must carry a verified signature and distillation attestation, and by which keys."""
 
 
+def stored_policy(spec: object, model: str, version: int) -> PolicySpec:
+    """Parse a policy as stored in the ``policies`` table. A row stored before a bound existed (a negative seed,
+    say) raises ``InvalidStoredPolicy`` naming it, instead of a pydantic error that would be a 500 in every gate."""
+    from pydantic import ValidationError
+
+    try:
+        return PolicySpec.model_validate(spec)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise InvalidStoredPolicy(
+            f"policy: v{version} of {model} is no longer valid ({where}: {first['msg']}); "
+            "an admin must set a new one (oprd-ci policy set)"
+        ) from exc
+
+
+class InvalidStoredPolicy(ValueError):
+    """A stored policy version fails today's ``PolicySpec`` bounds."""
+
+
 def load_policy_file(path: str | Path) -> PolicySpec:
     """Parse a policy YAML file; raises ``ValueError`` (pydantic ``ValidationError``) naming the bad key."""
     return PolicySpec.model_validate(yaml.safe_load(Path(path).read_text()))
@@ -118,6 +149,10 @@ def policy_digest(spec: PolicySpec) -> str:
                 data[key].pop(added, None)
     if data.get("signing") == SigningRule().model_dump(mode="json"):
         data.pop("signing")  # added later too: a policy that does not use it keeps its digest
+    for rule in data["suites"].values():
+        for added, default in _ADDED_SUITE_DEFAULTS.items():
+            if rule.get(added, default) == default:
+                rule.pop(added, None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from server.policy import PolicySpec, policy_differences
+from server.policy import PolicySpec, policy_differences, stored_policy
 
 __all__ = ["PolicyMismatch", "PolicyPlan", "plan_policy", "read_installed_policy"]
 
@@ -103,4 +103,5 @@ def read_installed_policy(name: str, database_url: str) -> tuple[int, PolicySpec
         raise
     finally:
         engine.dispose()
-    return None if row is None else (row[0], PolicySpec.model_validate(row[1]))
+    # a row that fails today's bounds raises InvalidStoredPolicy naming the field (precheck prints it as a note)
+    return None if row is None else (row[0], stored_policy(row[1], name, row[0]))

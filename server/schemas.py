@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.names import PRINTABLE_PATTERN, MlflowId, Name, Reason, SuiteName, VersionNumber
-from server.policy import PolicySpec
+from server.policy import MAX_PROBLEMS, PolicySpec
 
 Verdict = Literal["PROMOTE", "REJECT", "INCONCLUSIVE"]
 Role = Literal["read", "ci", "admin"]
@@ -20,8 +20,8 @@ ShortStr = Annotated[str, Field(max_length=256, pattern=PRINTABLE_PATTERN)]
 SourceUri = Annotated[str, Field(min_length=1, max_length=500, pattern=PRINTABLE_PATTERN)]
 """500 = the length of MLflow's own ``model_versions.source`` column."""
 ArtifactPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=PRINTABLE_PATTERN)]
-MAX_PROBLEMS = 10_000
-"""Problems per suite and role. Bounds the decision's work and memory (the bootstrap is resamples x problems)."""
+# MAX_PROBLEMS (server.policy): problems per suite and role. Bounds the decision's work and memory (the bootstrap is
+# resamples x problems).
 
 
 class _In(BaseModel):
@@ -64,6 +64,8 @@ class SuiteEvidence(_In):
 
     candidate: Problems
     teacher: Problems | None = None
+    base: Problems | None = None
+    """The untrained student (``student_base``) on the same problems; needed by a ``min_gap_closed`` policy."""
     champion: Problems | None = None
     recorded_failures: dict[VersionKey, Annotated[list[ProblemId], Field(max_length=MAX_PROBLEMS)]] | None = (
         Field(default=None, max_length=1000)
@@ -74,7 +76,7 @@ class SuiteEvidence(_In):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> SuiteEvidence:
-        for role in ("candidate", "teacher", "champion"):
+        for role in ("candidate", "teacher", "base", "champion"):
             rows = getattr(self, role) or []
             if len({r.problem_id for r in rows}) != len(rows):
                 raise ValueError(f"{role}: duplicate problem_id")

@@ -41,6 +41,9 @@ def test_evidence_records_each_suites_digest_and_graders(
         params, tmp_path / "store", _per_problem(tmp_path / "pp.jsonl"), tmp_path / "suites.json"
     )
     assert evidence["lineage"]["eval_suites"] == {k: records[k] for k in ("embedded", "tools")}
+    # the untrained student's rows are the suite's "base" (the min_gap_closed criterion reads them)
+    assert set(evidence["suites"]["embedded"]) == {"candidate", "teacher", "base"}
+    assert [r["n_correct"] for r in evidence["suites"]["tools"]["base"]] == [0, 1, 2]
     parsed = EvidenceIn.model_validate(evidence)  # the registry's own schema accepts it and keeps it
     assert parsed.lineage.eval_suites["tools"].graders == {"exact": "1", "math": "1"}
     # stored as the registry stores it (server.gating: an EvidenceBody's JSON payload) and read back

@@ -19,7 +19,7 @@ from oprd_ci.registry_cli import (
     register,
 )
 
-POLICY_FILE = "policies/default.yaml"
+POLICY_FILE = "tests/server/policies/permissive.yaml"  # synthetic ~0.5 students must PROMOTE
 
 
 @pytest.fixture

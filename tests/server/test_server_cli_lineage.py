@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from oprd_ci.registry_cli import EXIT_CONFLICT, EXIT_SERVER, register
 from pipelines.lineage import LINK_LABELS, lineage_links
 
-POLICY_FILE = "policies/default.yaml"
+POLICY_FILE = "tests/server/policies/permissive.yaml"  # synthetic ~0.5 students must PROMOTE
 
 
 @pytest.fixture

@@ -148,3 +148,74 @@ def test_bootstrap_bound_brackets_the_mean():
 def test_example_policy_file_validates():
     spec = load_policy_file("policies/default.yaml")
     assert spec.suites["embedded"].min_problems == 50 and spec.length_tokens.max_ratio_to_champion == 1.5
+
+
+def _gap_ev(cand: float, teacher: float | None, base: float | None, n: int = 100) -> EvidenceBody:
+    suite = {"candidate": problems([cand] * n)}
+    if teacher is not None:
+        suite["teacher"] = problems([teacher] * n)
+    if base is not None:
+        suite["base"] = problems([base] * n)
+    return EvidenceBody.model_validate({"suites": {"embedded": suite}})
+
+
+GAP_POLICY = PolicySpec.model_validate({"suites": {"embedded": {"min_gap_closed": 0.75}}})
+
+
+@pytest.mark.parametrize(
+    ("cand", "teacher", "base", "status", "share"),
+    [
+        (1.0, 1.0, 0.0, "PASS", 1.0),
+        (0.75, 1.0, 0.0, "PASS", 0.75),  # exactly the threshold passes
+        (0.5, 1.0, 0.0, "FAIL", 0.5),
+        (0.0, 1.0, 0.25, "FAIL", -1 / 3),  # worse than the base: a negative share
+        (0.5, None, 0.0, "FAIL", None),  # teacher missing: fail closed
+        (0.5, 1.0, None, "FAIL", None),  # base missing: fail closed
+        (0.5, 0.25, 0.5, "FAIL", None),  # the teacher does not beat the base: nothing to close
+    ],
+)
+def test_gap_closed_is_the_share_of_the_teacher_base_gap(cand, teacher, base, status, share):
+    verdict, rows = decide(GAP_POLICY, _gap_ev(cand, teacher, base), None)
+    (row,) = [r for r in rows if r.criterion == "gap_closed"]
+    assert row.status == status and row.threshold == 0.75, row
+    assert verdict == ("PROMOTE" if status == "PASS" else "REJECT")
+    if share is None:
+        assert row.observed is None and "fail closed" in row.detail
+    else:
+        assert row.observed == pytest.approx(share) and "(teacher - base)" in row.detail
+
+
+def test_default_policy_rejects_the_base_and_a_weak_student_and_promotes_a_good_one():
+    """policies/default.yaml on the measured means (metrics/eval.json: 500 problems, k=4) as a first version."""
+    import json
+    from pathlib import Path
+
+    ev = json.loads((Path(__file__).resolve().parents[2] / "metrics/eval.json").read_text())["embedded"]
+    spec = load_policy_file("policies/default.yaml")
+
+    def decide_for(avg: float):
+        def rows(a: float) -> list[dict]:  # round(a * 2000) correct samples spread over 500 problems of k=4
+            q, r = divmod(round(a * 2000), 500)
+            return [
+                {"problem_id": f"p{i}", "k": 4, "n_correct": q + (i < r), "mean_length": 30.0}
+                for i in range(500)
+            ]
+
+        body = {
+            "candidate": rows(avg),
+            "teacher": rows(ev["teacher"]["avg_at_k"]),
+            "base": rows(ev["student_base"]["avg_at_k"]),
+        }
+        verdict, criteria = decide(
+            spec,
+            EvidenceBody.model_validate(
+                {"suites": {"embedded": body}, "cost": {"device_hours": 0.1, "usd": 0.0}}
+            ),
+            None,
+        )
+        return verdict, {c.criterion for c in criteria if c.status == "FAIL"}
+
+    assert decide_for(ev["student_base"]["avg_at_k"]) == ("REJECT", {"floor", "teacher_gap", "gap_closed"})
+    verdict, failed = decide_for(0.211)  # the README's 30-step smoke student
+    assert verdict == "REJECT" and "gap_closed" in failed
+    assert decide_for(ev["student"]["avg_at_k"]) == ("PROMOTE", set())
