@@ -17,6 +17,7 @@ from server.db import Database
 from server.decision import ChampionEvidence, decide
 from server.drift import needed_k
 from server.errors import Conflict
+from server.events import add_audited
 from server.orm import AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
 from server.policy import PolicySpec
 from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
@@ -39,7 +40,9 @@ def set_policy(s: Session, who: Principal, name: str, spec: PolicySpec, reason: 
     )
     s.add(policy)
     s.flush()
-    s.add(
+    add_audited(  # the audit row and its event (server.events)
+        s,
+        model,
         AuditEvent(
             model_id=model.id,
             seq=next_audit_seq(model),
@@ -48,7 +51,7 @@ def set_policy(s: Session, who: Principal, name: str, spec: PolicySpec, reason: 
             role=who.role,
             reason=reason,
             policy_version=policy.version,
-        )
+        ),
     )
     return policy
 

@@ -54,6 +54,16 @@ class ServerSettings(BaseSettings):
     """Token lookups are cached this long (a rotated or revoked token keeps working at most this long)."""
     public_docs: bool | None = None
     """Serve ``/openapi.json``, ``/docs`` and ``/redoc`` without a token. Default: only when no token is configured."""
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    """Bound on one webhook POST (connect + answer). A delivery is leased for twice this plus a second, so a
+    process killed mid-POST leaves it to the next deliverer after that long."""
+    webhook_poll_s: float = Field(default=0.5, gt=0)
+    """How often the background deliverer looks for new events and due retries."""
+    webhook_retry_base_s: float = Field(default=1.0, gt=0)
+    """Retry backoff: ``base * 2**(attempts-1)`` seconds (with +-20 % jitter), capped by ``webhook_retry_max_s``."""
+    webhook_retry_max_s: float = Field(default=300.0, gt=0)
+    webhook_max_attempts: int = Field(default=20, ge=1)
+    """After this many failed attempts a delivery is ``dead`` (kept and shown by ``oprd-ci events``)."""
     sqlite_busy_timeout_ms: int = Field(default=30_000, gt=0)
     db_pool_size: int = Field(default=20, gt=0)
 
