@@ -564,7 +564,7 @@ def retire(
             raise typer.BadParameter("--apply-policy takes at most NAME (no VERSION, no --teacher)")
         from oprd_ci.retire_policy_cli import retire_by_policy
 
-        retire_by_policy(name, dry_run=dry_run, url=url, token=token, as_json=as_json)
+        retire_by_policy(name, reason=reason, dry_run=dry_run, url=url, token=token, as_json=as_json)
         return
     if (teacher is None) == (name is None or version is None):
         raise typer.BadParameter("give either NAME VERSION or --teacher")

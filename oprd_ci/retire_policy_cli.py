@@ -20,10 +20,13 @@ def _render(plans: list[dict]) -> None:
 
 
 def retire_by_policy(
-    name: str | None, *, dry_run: bool, url: str | None, token: str | None, as_json: bool
+    name: str | None, *, reason: str, dry_run: bool, url: str | None, token: str | None, as_json: bool
 ) -> None:
     """One ``retire-by-policy`` request per model (NAME, or every registered model), each in its own transaction."""
     with RegistryCall(url, token) as call:
         names = [name] if name else call("GET", "/v1/models")
-        plans = [call("POST", f"/v1/models/{n}/retire-by-policy", body={"dry_run": dry_run}) for n in names]
+        plans = [
+            call("POST", f"/v1/models/{n}/retire-by-policy", body={"dry_run": dry_run, "reason": reason})
+            for n in names
+        ]
     _emit(plans, as_json, _render)

@@ -114,10 +114,16 @@ def plan_retirement(
 
 
 def apply_retirement_policy(
-    s: Session, who: Principal, name: str, *, dry_run: bool = False, now: datetime | None = None
+    s: Session,
+    who: Principal,
+    name: str,
+    *,
+    dry_run: bool = False,
+    note: str | None = None,
+    now: datetime | None = None,
 ) -> RetirementPlan:
     """Plan under the model lock with the current policy's ``retirement`` block and (unless ``dry_run``) retire
-    each planned version with its reason: one audit row and one event per version."""
+    each planned version with its reason (``note`` appended): one audit row and one event per version."""
     model = get_model(s, name, lock=True)
     policy = current_policy(s, model)
     rule = PolicySpec.model_validate(policy.spec).retirement if policy is not None else None
@@ -134,5 +140,6 @@ def apply_retirement_policy(
         )
     }
     for version, why in sorted(plan.retire.items()):
-        retire(s, who, model, [by_version[version]], f"retirement policy v{policy.version}: {why}")
+        reason = f"retirement policy v{policy.version}: {why}" + (f" ({note})" if note else "")
+        retire(s, who, model, [by_version[version]], reason)
     return plan

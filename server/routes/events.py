@@ -15,7 +15,7 @@ from server.auth import CurrentPrincipal
 from server.deps import DbDep, ModelName
 from server.events import EVENT_TYPES
 from server.idempotency import run_mutation
-from server.names import NAME_PATTERN, Name
+from server.names import NAME_PATTERN, Name, Reason
 from server.orm import EventDelivery, RegistryEvent, Webhook
 from server.registry import get_model
 from server.retirement import apply_retirement_policy
@@ -79,6 +79,8 @@ class EventOut(BaseModel):
 
 class RetirePolicyIn(_In):
     dry_run: bool = False
+    reason: Reason | None = None
+    """Appended to each retirement's audit reason (which always names the policy version and the rules)."""
 
 
 class RetirePolicyOut(BaseModel):
@@ -196,7 +198,7 @@ def retire_by_policy(
     never the version an alias points to, nor an alias's rollback target."""
 
     def work(s: Session) -> RetirePolicyOut:
-        plan = apply_retirement_policy(s, who, name, dry_run=body.dry_run)
+        plan = apply_retirement_policy(s, who, name, dry_run=body.dry_run, note=body.reason)
         return RetirePolicyOut(
             model=plan.model,
             policy_version=plan.policy_version,

@@ -281,12 +281,12 @@ def test_cli_events_and_webhooks_in_process(tmp_path, make_artifact, receiver, m
     run = CliRunner().invoke
     r = run(cli, ["webhooks", "add", "ops", receiver.url, "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    receiver.secret = json.loads(r.output)["secret"]
+    receiver.secret = json.loads(r.stdout)["secret"]
     r = run(cli, ["policy", "set", NAME, "--file", "policies/default.yaml", "--reason", "initial"])
     assert r.exit_code == 0, r.output
     assert len(receiver.processed) == 1 and receiver.attempts[0].valid_signature  # delivered before exit
     r = run(cli, ["events", "--json"])
-    rows = json.loads(r.output)
+    rows = json.loads(r.stdout)
     assert rows[0]["event"]["type"] == "dev.oprd.registry.policy_set"
     assert rows[0]["deliveries"][0]["state"] == "delivered"
     r = run(cli, ["events"])
