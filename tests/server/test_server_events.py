@@ -297,3 +297,26 @@ def test_cli_events_and_webhooks_in_process(tmp_path, make_artifact, receiver, m
     assert r.exit_code == 2 and "url" in r.output
     assert run(cli, ["webhooks", "remove", "ops"]).exit_code == 0
     assert run(cli, ["webhooks", "remove", "ops"]).exit_code == 6
+
+
+def test_auto_rollback_emits_an_event(settings_factory, make_artifact, receiver):
+    """The server's own move (new evidence against the champion fails the policy) is an event like any other."""
+    with TestClient(create_app(settings_factory(mlflow_enabled=False, auto_rollback=True, **FAST))) as c:
+        receiver.secret = _add_webhook(c, receiver.url, types=["dev.oprd.registry.auto_rollback"])
+        c.put(f"/v1/models/{NAME}/policy", json={"spec": POLICY, "reason": "initial"}, headers=auth(ADMIN))
+        _gate(c, evidence(NAME, make_artifact("v1"), 0.5))
+        _gate(c, evidence(NAME, make_artifact("v2"), 0.5))
+        ev = evidence(NAME, make_artifact("unused"), 0.05)
+        r = c.post(
+            f"/v1/models/{NAME}/versions/2/evidence",
+            json={k: ev[k] for k in ("suites", "cost", "lineage")},
+            headers=auth(CI),
+        )
+        assert r.status_code == 200 and r.json()["verdict"] == "REJECT"
+        receiver.wait_processed(1)
+        c.app.state.deliverer.drain(5)
+    (only,) = receiver.processed.values()  # the subscription's type filter left out the other four events
+    assert only["type"] == "dev.oprd.registry.auto_rollback"
+    data = only["data"]
+    assert (data["from_version"], data["to_version"], data["actor"]) == (2, 1, "system:auto-rollback")
+    assert data["decision_id"] == r.json()["id"] and data["policy_version"] == 1
