@@ -24,6 +24,7 @@ from server.migrate import upgrade
 from server.mlflow_guard import MlflowGuard
 from server.mlflow_mirror import MlflowMirror
 from server.reconciler import Reconciler
+from server.retirement import RetirementWatcher
 from server.routes import admin, aliases, events, versions
 from server.settings import ServerSettings
 from server.webhooks import Deliverer
@@ -62,6 +63,9 @@ def create_app(
     mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
     reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
     deliverer = Deliverer(db, settings)  # the event outbox -> webhooks (server.webhooks)
+    watcher = (
+        RetirementWatcher(db, settings.retirement_interval_s) if settings.retirement_interval_s else None
+    )
     guard = MlflowGuard.from_settings(settings)
     public_docs = (
         settings.public_docs
@@ -74,11 +78,15 @@ def create_app(
         if run_reconciler:
             reconciler.start()
             deliverer.start()
+            if watcher is not None:
+                watcher.start()
         try:
             yield
         finally:
             reconciler.stop()
             deliverer.stop()
+            if watcher is not None:
+                watcher.stop()
             guard.shutdown()
             db.dispose()
 

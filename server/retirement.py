@@ -8,7 +8,9 @@ and one event (``server.registry.retire``), in one transaction per model under t
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -17,11 +19,13 @@ from sqlalchemy.orm import Session
 
 from server.aliases import current_policy, rollback_target
 from server.auth import Principal
+from server.db import Database
 from server.errors import Conflict, NotFound
 from server.orm import Alias, AuditEvent, ModelVersion, RegisteredModel, utcnow
 from server.policy import PolicySpec, RetirementRule
 from server.registry import get_model, retire
 
+log = logging.getLogger(__name__)
 _HEX = re.compile(r"([0-9a-f]{64})$")
 
 
@@ -143,3 +147,47 @@ def apply_retirement_policy(
         reason = f"retirement policy v{policy.version}: {why}" + (f" ({note})" if note else "")
         retire(s, who, model, [by_version[version]], reason)
     return plan
+
+
+WATCHER = Principal(name="system:retirement", role="admin")
+
+
+class RetirementWatcher:
+    """``oprd-ci serve`` with ``OPRD_RETIREMENT_INTERVAL_S`` set: applies every model's retirement rules every
+    ``interval_s`` seconds as ``system:retirement`` (one transaction per model; what it retires is audited and
+    emitted like a manual ``retire --apply-policy``)."""
+
+    def __init__(self, db: Database, interval_s: float) -> None:
+        self.db, self.interval_s = db, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="oprd-retirement", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def run_once(self) -> dict[str, list[int]]:
+        """``{model: versions retired}`` of one pass over every model."""
+        with self.db.read() as s:
+            names = list(s.scalars(select(RegisteredModel.name).order_by(RegisteredModel.name)))
+        out = {}
+        for name in names:
+            plan = self.db.transact(lambda s, n=name: apply_retirement_policy(s, WATCHER, n))
+            if plan.retire:
+                out[name] = sorted(plan.retire)
+                log.info("retirement policy retired %s versions %s", name, out[name])
+        return out
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.run_once()
+            except Exception as exc:  # a model's bad state must not stop the watcher for the others next time
+                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("retirement watcher pass failed: %s", self.last_error)

@@ -64,6 +64,8 @@ class ServerSettings(BaseSettings):
     webhook_retry_max_s: float = Field(default=300.0, gt=0)
     webhook_max_attempts: int = Field(default=20, ge=1)
     """After this many failed attempts a delivery is ``dead`` (kept and shown by ``oprd-ci events``)."""
+    retirement_interval_s: float | None = Field(default=None, gt=0)
+    """If set, ``serve`` applies every model's ``retirement:`` policy rules this often (the retirement watcher)."""
     sqlite_busy_timeout_ms: int = Field(default=30_000, gt=0)
     db_pool_size: int = Field(default=20, gt=0)
 

@@ -178,3 +178,22 @@ def test_bad_retirement_block_refused(bad):
 
     with pytest.raises(ValidationError):
         PolicySpec.model_validate({**POLICY, "retirement": bad})
+
+
+def test_watcher_applies_the_policy_in_the_background(settings_factory, make_artifact):
+    """``OPRD_RETIREMENT_INTERVAL_S``: the server retires by policy on its own, as ``system:retirement``."""
+    import time
+
+    with TestClient(create_app(settings_factory(mlflow_enabled=False, retirement_interval_s=0.1))) as c:
+        _policy(c, {"max_promotions_behind": 0})
+        _four_versions(c, make_artifact)
+        deadline = time.monotonic() + 30
+        while _statuses(c)[1] != "RETIRED":
+            assert time.monotonic() < deadline, "the watcher never retired v1"
+            time.sleep(0.1)
+        time.sleep(0.3)  # further passes retire nothing more
+        assert _statuses(c) == {1: "RETIRED", 2: "READY", 3: "READY", 4: "READY"}
+        history = c.get(f"/v1/models/{NAME}/history", headers=auth(READ)).json()
+        assert [(e["to_version"], e["actor"]) for e in history if e["action"] == "retire"] == [
+            (1, "system:retirement")
+        ]
