@@ -59,14 +59,16 @@ def _events(c) -> list[dict]:
     return r.json()
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 def test_promote_rollback_retire_each_event_delivered_once_and_signed(
-    settings_factory, make_artifact, receiver
+    db, request, settings_factory, make_artifact, receiver
 ):
     """Every change of a policy -> promote -> promote -> rollback -> retire sequence reaches the receiver once by
     id, signed, with CloudEvents fields and the move's versions, decision and policy; the first attempt of each
     event fails (503) and is retried."""
+    url = request.getfixturevalue("pg_fresh_url") if db == "postgresql" else None
     receiver.plan = lambda env, i: "fail" if i == 0 else "ok"
-    with TestClient(create_app(settings_factory(mlflow_enabled=False, **FAST))) as c:
+    with TestClient(create_app(settings_factory(url, mlflow_enabled=False, **FAST))) as c:
         receiver.secret = _add_webhook(c, receiver.url)
         assert (
             c.put(
@@ -320,3 +322,28 @@ def test_auto_rollback_emits_an_event(settings_factory, make_artifact, receiver)
     data = only["data"]
     assert (data["from_version"], data["to_version"], data["actor"]) == (2, 1, "system:auto-rollback")
     assert data["decision_id"] == r.json()["id"] and data["policy_version"] == 1
+
+
+def test_two_deliverers_on_postgres_post_each_delivery_once(pg_fresh_url, settings_factory, receiver):
+    """Two processes' deliverers (``serve --workers 2``) on one PostgreSQL database: the dispatch row locks and the
+    delivery leases let exactly one of them POST each event."""
+    from server.db import Database
+    from server.webhooks import Deliverer
+
+    settings = settings_factory(pg_fresh_url, mlflow_enabled=False, **FAST)
+    with TestClient(create_app(settings, run_reconciler=False)) as c:
+        receiver.secret = _add_webhook(c, receiver.url)
+        for i in range(20):
+            r = c.put(f"/v1/models/m{i}/policy", json={"spec": POLICY, "reason": "many"}, headers=auth(ADMIN))
+            assert r.status_code == 200
+    dbs = [Database(settings) for _ in range(2)]
+    deliverers = [Deliverer(db, settings) for db in dbs]
+    threads = [threading.Thread(target=d.drain, args=(30,)) for d in deliverers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for db in dbs:
+        db.dispose()
+    ids = [a.id for a in receiver.attempts]
+    assert len(ids) == 20 and len(set(ids)) == 20 and not receiver.duplicates
