@@ -220,7 +220,11 @@ class Deliverer:
             self._pass,
             httpx.Client(timeout=self.settings.webhook_timeout_s, follow_redirects=False) as http,
         ):
-            result = DeliveryResult(dispatched=self.db.transact(self._dispatch))
+            # A read first: on SQLite a write transaction takes the one write lock, which an idle poll must not.
+            if self._undispatched():
+                result = DeliveryResult(dispatched=self.db.transact(self._dispatch))
+            else:
+                result = DeliveryResult()
             for delivery_id in self._due_ids():
                 if (deadline is not None and time.monotonic() >= deadline) or (stop and stop.is_set()):
                     break
@@ -271,16 +275,30 @@ class Deliverer:
                 )
             )
 
-    def _backlog(self) -> tuple[int, int]:
-        now = utcnow()
+    def _undispatched(self) -> bool:
         with self.db.read() as s:
-            rows = s.execute(
-                select(EventDelivery.next_attempt_at, EventDelivery.lease_until).where(
-                    EventDelivery.state == "pending"
+            return (
+                s.scalar(select(RegistryEvent.id).where(RegistryEvent.dispatched_at.is_(None)).limit(1))
+                is not None
+            )
+
+    def _backlog(self) -> tuple[int, int]:
+        """(due now, pending but in backoff or leased)."""
+        now = utcnow()
+        pending = EventDelivery.state == "pending"
+        with self.db.read() as s:
+            total = s.scalar(select(func.count()).where(pending)) or 0
+            due = (
+                s.scalar(
+                    select(func.count()).where(
+                        pending,
+                        EventDelivery.next_attempt_at <= now,
+                        or_(EventDelivery.lease_until.is_(None), EventDelivery.lease_until < now),
+                    )
                 )
-            ).all()
-        due = sum(1 for nxt, lease in rows if nxt <= now and (lease is None or lease < now))
-        return due, len(rows) - due
+                or 0
+            )
+        return due, total - due
 
     def _claim(self, s: Session, delivery_id: int) -> _Claim | None:
         """Take the lease on a due delivery (conditional UPDATE: exactly one deliverer wins) and count the
