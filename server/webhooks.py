@@ -88,8 +88,12 @@ def body_of(envelope: dict[str, Any]) -> bytes:
 
 # ------------------------------------------------------------------------------------------ subscriptions
 def validate_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:  # e.g. an unbalanced "[" (IPv6 literal)
+        raise Invalid(f"url: {url!r} is not a valid URL ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not host:
         raise Invalid(f"url: {url!r} must be an absolute http(s) URL")
     if parts.username or parts.password:
         raise Invalid("url: credentials in the URL would be stored and shown in clear; use the signature")
@@ -342,7 +346,9 @@ class Deliverer:
             status = r.status_code
             if not 200 <= status < 300:
                 error = f"HTTP {status}: {r.text[:200]}"
-        except httpx.HTTPError as exc:
+        except (
+            Exception
+        ) as exc:  # any failure to POST (also httpx.InvalidURL) is a failed attempt, retried later
             error = f"{type(exc).__name__}: {exc}"[:500]
         self.db.transact(lambda s: self._settle(s, c, status, error))
         if error:

@@ -153,6 +153,8 @@ def test_webhook_admin_only_validated_and_removable(settings_factory, receiver):
         assert r.status_code == 403
         r = c.post("/v1/webhooks", json={"name": "x", "url": "file:///etc/passwd"}, headers=auth(ADMIN))
         assert r.status_code == 422 and "url" in r.text
+        r = c.post("/v1/webhooks", json={"name": "x", "url": "http://[oops"}, headers=auth(ADMIN))
+        assert r.status_code == 422 and "not a valid URL" in r.json()["detail"]  # found by schemathesis
         r = c.post(
             "/v1/webhooks", json={"name": "x", "url": receiver.url, "types": ["nope"]}, headers=auth(ADMIN)
         )
