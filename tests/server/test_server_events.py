@@ -229,6 +229,7 @@ def test_kill_9_between_commit_and_delivery_delivers_each_event_once(tmp_path, m
         for round_, (artifact, acc) in enumerate([("v1", 0.5), ("v2", 0.55)], start=1):
             _gate(c, evidence(NAME, make_artifact(artifact), acc, seed=1))  # committed: 200
             assert receiver.held.wait(30), "the delivery never started"
+            held_id = receiver.attempts[-1].id
             os.kill(srv.proc.pid, signal.SIGKILL)  # between the commit and a delivery the server saw succeed
             srv.proc.wait(10)
             receiver.release.set()
@@ -237,6 +238,12 @@ def test_kill_9_between_commit_and_delivery_delivers_each_event_once(tmp_path, m
             srv = LiveServer(env, log)
             c = httpx.Client(base_url=srv.url, timeout=30)
             receiver.wait_processed(1 + round_)
+            deadline = (
+                time.monotonic() + 30
+            )  # the restarted server resends it once the killed one's lease ends
+            while [a.id for a in receiver.attempts].count(held_id) < 2:
+                assert time.monotonic() < deadline, "the held delivery was never resent"
+                time.sleep(0.05)
         r = c.post(
             f"/v1/models/{NAME}/aliases/champion/rollback",
             json={"expected_revision": _rev(c), "reason": "canary regression"},
