@@ -99,7 +99,10 @@ class RegistryCall:
             return
         try:
             if self.reconcile:
+                from oprd_ci.events_cli import drain_local_events
+
                 self._drain_mlflow_writes()
+                drain_local_events(self._client.app)  # this command's events to the webhooks (bounded)
         finally:
             self._client.__exit__(*exc)
 
@@ -605,12 +608,29 @@ def retire(
     teacher: Annotated[
         str | None, typer.Option("--teacher", help="Retire every student of this teacher instead.")
     ] = None,
+    apply_policy: Annotated[
+        bool,
+        typer.Option(
+            "--apply-policy",
+            help="Retire what the retirement rules of NAME's policy (every model's without NAME) select.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --apply-policy: only show the plan.")
+    ] = False,
     idempotency_key: KeyOpt = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Retire NAME VERSION, or every version distilled from --teacher."""
+    """Retire NAME VERSION, every version distilled from --teacher, or what --apply-policy selects."""
+    if apply_policy:
+        if teacher is not None or version is not None:
+            raise typer.BadParameter("--apply-policy takes at most NAME (no VERSION, no --teacher)")
+        from oprd_ci.retire_policy_cli import retire_by_policy
+
+        retire_by_policy(name, reason=reason, dry_run=dry_run, url=url, token=token, as_json=as_json)
+        return
     if (teacher is None) == (name is None or version is None):
         raise typer.BadParameter("give either NAME VERSION or --teacher")
     with RegistryCall(url, token) as call:
@@ -1058,9 +1078,12 @@ def policy_set(
 
 def register(app: typer.Typer) -> None:
     """Add the registry commands (and the ``policy`` group) to ``app``."""
+    from oprd_ci import events_cli
+
     for fn in (serve, promote, rollback, retire, status, history, lineage, reconcile, gate):
         app.command(fn.__name__)(fn)
     app.add_typer(policy_app, name="policy")
+    events_cli.register(app)  # events, webhooks
 
 
 __all__ = ["register"]

@@ -11,6 +11,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from server.auth import Principal
 from server.errors import Conflict, Forbidden, NotFound
+from server.events import add_audited
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel, enqueue, utcnow
 from server.registry import ensure_ready, get_model, get_version, next_audit_seq
 
@@ -100,7 +101,9 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
         # the row now holds exactly these values: record them without another SELECT (or a second UPDATE)
         for key, value in (("version", move.to_version), ("revision", current + 1), ("updated_at", now)):
             set_committed_value(row, key, value)
-    s.add(
+    add_audited(  # the audit row and its event (server.events), in this transaction
+        s,
+        model,
         AuditEvent(
             model_id=model.id,
             seq=next_audit_seq(model),
@@ -115,7 +118,7 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
             decision_id=move.decision_id,
             policy_version=move.policy_version,
             override=move.override,
-        )
+        ),
     )
     enqueue(s, "set_alias", model.name, {"alias": alias, "version": move.to_version})
     return row

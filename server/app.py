@@ -24,8 +24,10 @@ from server.migrate import upgrade
 from server.mlflow_guard import MlflowGuard
 from server.mlflow_mirror import MlflowMirror
 from server.reconciler import Reconciler
-from server.routes import admin, aliases, versions
+from server.retirement import RetirementWatcher
+from server.routes import admin, aliases, events, versions
 from server.settings import ServerSettings
+from server.webhooks import Deliverer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ def create_app(
     Args:
         settings: deployment settings; default ``ServerSettings()`` from the environment.
         local_actor: in-process mode; token-less requests act as admin ``local:<local_actor>``.
-        run_reconciler: start the background MLflow reconciler in the lifespan (tests may drive it by hand).
+        run_reconciler: start the background MLflow reconciler and webhook deliverer in the lifespan (tests may
+            drive them by hand).
     """
     settings = settings or ServerSettings()
     db = Database(settings)
@@ -59,6 +62,10 @@ def create_app(
     _bootstrap_tokens(db, settings)
     mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
     reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
+    deliverer = Deliverer(db, settings)  # the event outbox -> webhooks (server.webhooks)
+    watcher = (
+        RetirementWatcher(db, settings.retirement_interval_s) if settings.retirement_interval_s else None
+    )
     guard = MlflowGuard.from_settings(settings)
     public_docs = (
         settings.public_docs
@@ -70,10 +77,16 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if run_reconciler:
             reconciler.start()
+            deliverer.start()
+            if watcher is not None:
+                watcher.start()
         try:
             yield
         finally:
             reconciler.stop()
+            deliverer.stop()
+            if watcher is not None:
+                watcher.stop()
             guard.shutdown()
             db.dispose()
 
@@ -95,7 +108,8 @@ def create_app(
         local_actor,
     )
     app.state.mlflow_guard, app.state.token_cache = guard, TokenCache(settings.token_cache_s)
-    for router in (versions.router, aliases.router, admin.router):
+    app.state.deliverer = deliverer
+    for router in (versions.router, aliases.router, admin.router, events.router):
         app.include_router(router)
     if not public_docs:
         _token_protected_docs(app)

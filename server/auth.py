@@ -47,6 +47,11 @@ ACCESS_RULES: dict[str, str] = {
     "set_policy": "admin",
     "reconcile": "admin",
     "create_token": "admin",
+    "list_events": "read",
+    "add_webhook": "admin",
+    "list_webhooks": "admin",
+    "remove_webhook": "admin",
+    "retire_by_policy": "admin",
     # only registered when OPRD_PUBLIC_DOCS is off (the default with tokens configured)
     "openapi": "read",
     "docs": "read",

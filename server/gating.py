@@ -17,6 +17,7 @@ from server.db import Database
 from server.decision import ChampionEvidence, decide
 from server.drift import needed_k
 from server.errors import Conflict, RegistryError
+from server.events import add_audited
 from server.orm import Alias, AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
 from server.policy import InvalidStoredPolicy, PolicySpec, stored_policy
 from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
@@ -40,7 +41,9 @@ def set_policy(s: Session, who: Principal, name: str, spec: PolicySpec, reason: 
     )
     s.add(policy)
     s.flush()
-    s.add(
+    add_audited(  # the audit row and its event (server.events)
+        s,
+        model,
         AuditEvent(
             model_id=model.id,
             seq=next_audit_seq(model),
@@ -49,7 +52,7 @@ def set_policy(s: Session, who: Principal, name: str, spec: PolicySpec, reason: 
             role=who.role,
             reason=reason,
             policy_version=policy.version,
-        )
+        ),
     )
     return policy
 

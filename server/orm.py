@@ -183,3 +183,59 @@ class IdempotencyRecord(Base):
     status_code: Mapped[int]
     response: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RegistryEvent(Base):
+    """A CloudEvents 1.0 envelope (``envelope``) of one audited change, written in the transaction of that change
+    (the transactional outbox of ``server.events``): it exists iff the change committed. Immutable once written;
+    ``dispatched_at`` is set when the deliverer has created its ``event_deliveries`` rows (one per webhook
+    subscribed at that moment)."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_undispatched", "dispatched_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    """The CloudEvents ``id`` (a UUID): also the ``webhook-id`` header, the receiver's de-duplication key."""
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("registered_models.id"), index=True)
+    type: Mapped[str] = mapped_column(String(128))
+    envelope: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    dispatched_at: Mapped[datetime | None]
+
+
+class Webhook(Base):
+    """An admin-managed subscription. ``secret`` signs deliveries (HMAC needs it in clear; shown once at creation).
+    Removing a webhook sets ``removed_at``: its delivery history stays readable, nothing more is sent."""
+
+    __tablename__ = "webhooks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(128))
+    types: Mapped[list[Any] | None] = mapped_column(JSON)
+    """Event types to send (``None``: all)."""
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    removed_at: Mapped[datetime | None]
+
+
+class EventDelivery(Base):
+    """One event to one webhook. States: ``pending`` (due at ``next_attempt_at``), ``delivered`` (a 2xx came
+    back), ``dead`` (gave up after the configured attempts). ``lease_until``: a deliverer holds the row while
+    its POST is in flight (another process, or a restarted one, takes it over after that instant)."""
+
+    __tablename__ = "event_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_pk", "webhook_pk"),
+        Index("ix_event_deliveries_due", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_pk: Mapped[int] = mapped_column(ForeignKey("events.id"))
+    webhook_pk: Mapped[int] = mapped_column(ForeignKey("webhooks.id"))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None]
+    last_status: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None]

@@ -96,6 +96,20 @@ class SigningRule(_Strict):
     (``OPRD_TRUSTED_KEYS_DIR``, ``oprd-ci keys add``). Empty: every key in the keyring."""
 
 
+class RetirementRule(_Strict):
+    """When ``oprd-ci retire --apply-policy`` retires a version (``server.retirement``). A version any alias
+    points to, or that an alias would roll back to, is never retired; the others are retired when one rule
+    that is set matches."""
+
+    teacher_retired: bool = False
+    """Retire a version whose teacher is retired: the teacher identity's sha256 (``name@<sha>``,
+    ``sha256:<hex>`` or ``<hex>``) is a manifest registered here and every version with it is RETIRED."""
+    max_promotions_behind: int | None = Field(default=None, ge=0)
+    """Retire a version when more than this many promotions (of any alias) of *newer* versions happened."""
+    max_age_days: float | None = Field(default=None, gt=0.0)
+    """Retire a version registered more than this many days ago."""
+
+
 class PolicySpec(_Strict):
     """A promotion policy. ``suites`` names every suite the evidence must contain."""
 
@@ -109,6 +123,8 @@ class PolicySpec(_Strict):
     """Roll the champion back when new evidence about it fails this policy (also needs OPRD_AUTO_ROLLBACK)."""
     signing: SigningRule = SigningRule()
     """Whether artifacts must carry a verified signature and distillation attestation, and by which keys."""
+    retirement: RetirementRule | None = None
+    """Retirement rules (``None``: ``retire --apply-policy`` retires nothing for this model)."""
 
 
 def stored_policy(spec: object, model: str, version: int) -> PolicySpec:
@@ -153,6 +169,10 @@ def policy_digest(spec: PolicySpec) -> str:
         for added, default in _ADDED_SUITE_DEFAULTS.items():
             if rule.get(added, default) == default:
                 rule.pop(added, None)
+    if (
+        data.get("retirement") is None
+    ):  # policies without the block keep the digest they had before it existed
+        data.pop("retirement", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from server.artifacts import ArtifactError, VerifiedArtifact, resolve_artifact_path, verify_artifact
 from server.errors import Conflict, Invalid, NotFound
+from server.events import add_audited
 from server.orm import Alias, AuditEvent, ModelVersion, RegisteredModel, enqueue
 from server.schemas import RegisterVersionIn
 from server.settings import ServerSettings
@@ -170,7 +171,9 @@ def retire(
         if mv.status == "RETIRED":
             continue
         mv.status, mv.retired_reason = "RETIRED", reason
-        s.add(
+        add_audited(  # the audit row and its event (server.events)
+            s,
+            model,
             AuditEvent(
                 model_id=model.id,
                 seq=next_audit_seq(model),
@@ -179,7 +182,7 @@ def retire(
                 actor=who.name,
                 role=who.role,
                 reason=reason,
-            )
+            ),
         )
         enqueue(
             s,

@@ -72,6 +72,18 @@ class ServerSettings(BaseSettings):
     """The registry's keyring: public keys (``*.pub`` PEM) artifacts may be signed by; a policy's
     ``signing.trusted_keys`` picks among them by fingerprint. Admin-managed (``oprd-ci keys add``); default
     ``~/.config/oprd-ci/trusted-keys`` (``bash scripts/setup.sh`` adds the local development key)."""
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    """Bound on one webhook POST (connect + answer). A delivery is leased for twice this plus a second, so a
+    process killed mid-POST leaves it to the next deliverer after that long."""
+    webhook_poll_s: float = Field(default=0.5, gt=0)
+    """How often the background deliverer looks for new events and due retries."""
+    webhook_retry_base_s: float = Field(default=1.0, gt=0)
+    """Retry backoff: ``base * 2**(attempts-1)`` seconds (with +-20 % jitter), capped by ``webhook_retry_max_s``."""
+    webhook_retry_max_s: float = Field(default=300.0, gt=0)
+    webhook_max_attempts: int = Field(default=20, ge=1)
+    """After this many failed attempts a delivery is ``dead`` (kept and shown by ``oprd-ci events``)."""
+    retirement_interval_s: float | None = Field(default=None, gt=0)
+    """If set, ``serve`` applies every model's ``retirement:`` policy rules this often (the retirement watcher)."""
     sqlite_busy_timeout_ms: int = Field(default=30_000, gt=0)
     db_pool_size: int = Field(default=20, gt=0)
 
