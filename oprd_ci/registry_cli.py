@@ -661,7 +661,6 @@ def _reconcile_local(name: str | None, timeout_s: float) -> dict:
     from server.db import Database
     from server.migrate import upgrade
     from server.mlflow_guard import MlflowGuard
-    from server.mlflow_mirror import MlflowMirror
     from server.orm import RegisteredModel
     from server.reconciler import Reconciler, ReconcileResult
     from server.settings import ServerSettings
@@ -682,8 +681,8 @@ def _reconcile_local(name: str | None, timeout_s: float) -> dict:
         _fail(
             EXIT_NOT_FOUND, f"name: no model {name!r}{hint} (known models: {', '.join(names[:20]) or 'none'})"
         )
-    mirror = MlflowMirror(settings.mlflow_tracking_uri)
-    reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
+    reconciler = Reconciler.from_settings(db, settings)
+    mirror = reconciler.mirror
     total = ReconcileResult()
     failure: list[BaseException] = []
 

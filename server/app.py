@@ -57,8 +57,7 @@ def create_app(
     db = Database(settings)
     upgrade(db.engine)
     _bootstrap_tokens(db, settings)
-    mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
-    reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
+    reconciler = Reconciler.from_settings(db, settings)
     guard = MlflowGuard.from_settings(settings)
     public_docs = (
         settings.public_docs
