@@ -45,6 +45,9 @@ ACCESS_RULES: dict[str, str] = {
     "get_policy": "read",
     "set_policy": "admin",
     "reconcile": "admin",
+    "list_outbox": "admin",
+    "retry_outbox": "admin",
+    "drop_outbox": "admin",
     "create_token": "admin",
     # only registered when OPRD_PUBLIC_DOCS is off (the default with tokens configured)
     "openapi": "read",

@@ -199,7 +199,10 @@ class MlflowMirror:
         Read without the ``mlflow`` package where :func:`server.mlflow_aliases.read_aliases` can (a tracking server,
         a SQL store); ``MlflowClient`` otherwise."""
         bound = timeout_s or self.timeout_s
-        if self._client is None and (fast := read_aliases(self.tracking_uri, model, timeout_s=bound)) is not None:
+        if (
+            self._client is None
+            and (fast := read_aliases(self.tracking_uri, model, timeout_s=bound)) is not None
+        ):
             return fast
         try:
             rm = self.client.get_registered_model(model)

@@ -184,7 +184,9 @@ def outbox_stats(db: Database) -> OutboxStats:
         ).one()
         failing = (
             s.scalar(
-                _pending(select(func.count()).select_from(OutboxItem)).where(OutboxItem.last_error.is_not(None))
+                _pending(select(func.count()).select_from(OutboxItem)).where(
+                    OutboxItem.last_error.is_not(None)
+                )
             )
             or 0
         )
@@ -394,7 +396,10 @@ class Reconciler:
                         return
                     try:
                         self.mirror.apply(
-                            row.kind, row.model_name, row.payload, timeout_s=min(self.retry.call_timeout_s, left)
+                            row.kind,
+                            row.model_name,
+                            row.payload,
+                            timeout_s=min(self.retry.call_timeout_s, left),
                         )
                     except Exception as exc:
                         cls = classify(exc)
@@ -549,7 +554,10 @@ class Reconciler:
                     if have.get(alias) != version:
                         # Someone moved the alias in MLflow directly (or a write was lost): the DB wins.
                         self.mirror.apply(
-                            "set_alias", name, {"alias": alias, "version": version}, timeout_s=self.retry.call_timeout_s
+                            "set_alias",
+                            name,
+                            {"alias": alias, "version": version},
+                            timeout_s=self.retry.call_timeout_s,
                         )
                         result.drift_fixed.append(f"{name}@{alias}: MLflow {have.get(alias)} -> {version}")
                         log.warning("alias drift repaired: %s", result.drift_fixed[-1])
