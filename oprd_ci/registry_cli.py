@@ -688,7 +688,7 @@ def _reconcile_local(name: str | None, timeout_s: float) -> dict:
 
     def work() -> None:
         try:
-            r = reconciler.run_once(check_drift=True, models=[name] if name else None)
+            r = reconciler.run_once(check_drift=True, models=[name] if name else None, now=True)
             total.applied, total.pending, total.parked = r.applied, r.pending, r.parked
             total.errors, total.drift_fixed = r.errors, r.drift_fixed
             if r.skipped:

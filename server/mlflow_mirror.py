@@ -88,6 +88,7 @@ class MlflowMirror:
         self._client: MlflowClient | None = None
         self._client_lock = threading.Lock()
         self._rest = _Rest(tracking_uri) if rest_modelled(tracking_uri) else None
+        self._opened = False
 
     @property
     def client(self) -> MlflowClient:
@@ -182,6 +183,14 @@ class MlflowMirror:
                 return False
             raise
         return True
+
+    def open_local_store(self) -> None:
+        """With a local store (no tracking server): import ``mlflow`` and open (migrate) the store now, once. It
+        takes seconds on a small machine and is not an MLflow fault, so the reconciler does it before its pass
+        deadline starts counting. A no-op against a tracking server."""
+        if self._rest is None and not self._opened:
+            self.client.search_registered_models(max_results=1)
+            self._opened = True
 
     def aliases_bounded(self, model: str, timeout_s: float) -> dict[str, int]:
         """Like :meth:`aliases`, but against a tracking server one REST attempt bounded by ``timeout_s`` that raises

@@ -310,18 +310,24 @@ class Reconciler:
 
     # ----------------------------------------------------------------------------------- one pass
     def run_once(
-        self, *, check_drift: bool = False, models: Collection[str] | None = None, wait: bool = True
+        self,
+        *,
+        check_drift: bool = False,
+        models: Collection[str] | None = None,
+        wait: bool = True,
+        now: bool = False,
     ) -> _PassResult:
         """Apply the pending rows that are due (see the module docstring), within ``retry.pass_deadline_s``;
         optionally repair drift (of ``models`` only, when given). ``wait=False``: when a pass is already running
-        in this process, return at once with ``busy`` set instead of waiting for it."""
+        in this process, return at once with ``busy`` set instead of waiting for it. ``now``: try backing-off rows
+        too (an admin's ``reconcile``: "MLflow is back, apply now"); parked rows still need ``outbox retry``."""
         result = _PassResult()
         if self.mirror is not None:
             if not self._lock.acquire(blocking=wait):
                 result.busy = result.skipped = True
             else:
                 try:
-                    self._one_pass(result, check_drift, models)
+                    self._one_pass(result, check_drift, models, now)
                 finally:
                     self.pass_started = None
                     self._lock.release()
@@ -329,14 +335,21 @@ class Reconciler:
         result.pending, result.parked = stats.pending, stats.parked
         return result
 
-    def _one_pass(self, result: _PassResult, check_drift: bool, models: Collection[str] | None) -> None:
+    def _one_pass(
+        self, result: _PassResult, check_drift: bool, models: Collection[str] | None, ignore_backoff: bool
+    ) -> None:
         with self._cluster_lock() as acquired:
             if not acquired:
                 result.skipped = True
                 return
+            assert self.mirror is not None
+            try:
+                self.mirror.open_local_store()
+            except Exception as exc:  # an unusable local store: the rows' own attempts report it
+                log.info("MLflow store not opened: %s", exc)
             self.pass_started = time.time()
             deadline = time.monotonic() + self.retry.pass_deadline_s
-            self._apply_pending(result, deadline)
+            self._apply_pending(result, deadline, ignore_backoff)
             if check_drift and not result.outage and time.monotonic() < deadline:
                 self._repair_drift(result, models, deadline)
 
@@ -355,9 +368,9 @@ class Reconciler:
     def pending_count(self) -> int:
         return self.refresh_stats().pending
 
-    def _apply_pending(self, result: _PassResult, deadline: float) -> None:
+    def _apply_pending(self, result: _PassResult, deadline: float, ignore_backoff: bool = False) -> None:
         assert self.mirror is not None
-        now = utcnow()
+        now = datetime.max if ignore_backoff else utcnow()
         # model -> the lowest version whose create_version is still pending: rows naming it (or a later version)
         # wait, MLflow has no such version yet (and numbers versions in order).
         waiting_version: dict[str, int] = {}

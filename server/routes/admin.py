@@ -168,7 +168,7 @@ def reconcile(reconciler: ReconcilerDep, _: CurrentPrincipal) -> JSONResponse:
     """Apply pending MLflow writes now and repair alias drift (idempotent), within the pass deadline
     (``OPRD_RECONCILE_PASS_DEADLINE_S``). When a pass is already running this answers 202 at once with the
     current counts instead of waiting for it."""
-    r = reconciler.run_once(check_drift=True, wait=False)
+    r = reconciler.run_once(check_drift=True, wait=False, now=True)
     out = ReconcileOut(
         applied=r.applied, pending=r.pending, parked=r.parked, errors=r.errors, drift_fixed=r.drift_fixed
     )
