@@ -50,6 +50,11 @@ class MirrorDivergence(RuntimeError):
     """MLflow holds state that contradicts the registry database and cannot be fixed by a replay."""
 
 
+class SourceMissing(MirrorDivergence):
+    """A ``models:/<id>`` source names a LoggedModel MLflow does not have (MLflow would accept the version and
+    then fail every use of it with an internal error): refused before the write, the row is parked."""
+
+
 class _Rest:
     """MLflow's REST API, one attempt per call, bounded by ``timeout_s`` (connect, read and write each)."""
 
@@ -158,6 +163,7 @@ class MlflowMirror:
                         f"{p['source']!r}"
                     )
                 return
+            self._check_source(p["source"], timeout_s)
             body = {"name": model, "source": p["source"], "tags": _tag_list(p.get("tags"))}
             if p.get("run_id"):
                 body["run_id"] = p["run_id"]
@@ -170,6 +176,12 @@ class MlflowMirror:
                 )
         else:
             raise ValueError(f"unknown outbox kind {kind!r}")
+
+    def _check_source(self, source: str, timeout_s: float) -> None:
+        if source.startswith("models:/"):
+            model_id = source.removeprefix("models:/").strip("/")
+            if not self.logged_model_exists(model_id, timeout_s):
+                raise SourceMissing(f"MLflow has no LoggedModel {model_id!r} (source {source!r})")
 
     def logged_model_exists(self, model_id: str, timeout_s: float) -> bool:
         """Whether MLflow holds the LoggedModel ``model_id`` (a ``models:/<id>`` source names it). Raises
@@ -251,6 +263,7 @@ class MlflowMirror:
             return
         # model_id links the version and its LoggedModel both ways in the UI (the version page shows the model,
         # the LoggedModel page lists the version); older outbox payloads carry it only as a tag.
+        self._check_source(p["source"], self.timeout_s)
         mv = self.client.create_model_version(
             model, p["source"], run_id=p.get("run_id"), tags=p.get("tags") or None, model_id=_model_id(p)
         )
