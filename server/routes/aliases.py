@@ -44,6 +44,7 @@ def promote(
     name: ModelName, alias: AliasName, body: PromoteIn, request: Request, db: DbDep, who: CurrentPrincipal
 ) -> JSONResponse:
     """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision)."""
+    ops.check_alias(alias)
     _verify_before_move(db, name, body.version)
 
     def work(s: Session) -> AliasOut:
@@ -67,6 +68,7 @@ def rollback(
     name: ModelName, alias: AliasName, body: RollbackIn, request: Request, db: DbDep, who: CurrentPrincipal
 ) -> JSONResponse:
     """Move the alias back to the previously promoted version, or to ``to_version`` from its history."""
+    ops.check_alias(alias)
     with db.read() as s:
         target = ops.rollback_target(s, get_model(s, name), alias, body.to_version)
     _verify_before_move(db, name, target)
