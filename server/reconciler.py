@@ -314,16 +314,22 @@ class Reconciler:
         *,
         check_drift: bool = False,
         models: Collection[str] | None = None,
-        wait: bool = True,
+        wait: bool | float = True,
         now: bool = False,
     ) -> _PassResult:
         """Apply the pending rows that are due (see the module docstring), within ``retry.pass_deadline_s``;
         optionally repair drift (of ``models`` only, when given). ``wait=False``: when a pass is already running
-        in this process, return at once with ``busy`` set instead of waiting for it. ``now``: try backing-off rows
+        in this process, return at once with ``busy`` set instead of waiting for it (a number: wait at most that many
+        seconds for it first). ``now``: try backing-off rows
         too (an admin's ``reconcile``: "MLflow is back, apply now"); parked rows still need ``outbox retry``."""
         result = _PassResult()
         if self.mirror is not None:
-            if not self._lock.acquire(blocking=wait):
+            acquired = (
+                self._lock.acquire(timeout=float(wait))
+                if not isinstance(wait, bool)
+                else self._lock.acquire(blocking=wait)
+            )
+            if not acquired:
                 result.busy = result.skipped = True
             else:
                 try:

@@ -41,6 +41,7 @@ router = APIRouter(tags=["admin"])
 _HEALTH_DB_S = (
     1.0  # /health reads the outbox from the database at most this long, else the last pass's counts
 )
+_RECONCILE_WAIT_S = 2.0  # POST /v1/reconcile waits this long for a running pass to end, then answers 202
 OutboxId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Outbox row id (`oprd-ci outbox list`)")]
 
 
@@ -166,9 +167,9 @@ def retire_teacher(body: RetireTeacherIn, request: Request, who: CurrentPrincipa
 )
 def reconcile(reconciler: ReconcilerDep, _: CurrentPrincipal) -> JSONResponse:
     """Apply pending MLflow writes now and repair alias drift (idempotent), within the pass deadline
-    (``OPRD_RECONCILE_PASS_DEADLINE_S``). When a pass is already running this answers 202 at once with the
-    current counts instead of waiting for it."""
-    r = reconciler.run_once(check_drift=True, wait=False, now=True)
+    (``OPRD_RECONCILE_PASS_DEADLINE_S``). When a pass is already running and does not end within
+    ``_RECONCILE_WAIT_S``, this answers 202 with the current counts instead of waiting for it."""
+    r = reconciler.run_once(check_drift=True, wait=_RECONCILE_WAIT_S, now=True)
     out = ReconcileOut(
         applied=r.applied, pending=r.pending, parked=r.parked, errors=r.errors, drift_fixed=r.drift_fixed
     )
