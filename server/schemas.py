@@ -257,6 +257,10 @@ class StatusOut(BaseModel):
     mlflow_aliases: dict[str, int] | None
     """Aliases as MLflow reports them right now (``None`` when MLflow could not be read)."""
     last_mlflow_error: str | None
+    mlflow_state: Literal["ok", "degraded"] = "ok"
+    """``degraded`` while this model's MLflow writes are parked, failing, or pending past the grace (as ``/health``)."""
+    oldest_pending_age_s: float | None = None
+    """Seconds since this model's oldest pending MLflow write was committed (``None``: nothing pending)."""
 
 
 class PolicyOut(BaseModel):

@@ -19,6 +19,7 @@ from server.mlflow_guard import MlflowGuard, MlflowUnavailable
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem
+from server.reconciler import OutboxStats
 from server.registry import get_model
 from server.schemas import StatusOut
 from server.settings import ServerSettings
@@ -35,10 +36,13 @@ def model_status(
     guard: MlflowGuard,
     reconciler_error: str | None = None,
     mlflow: bool = True,
+    pending_grace_s: float = 30.0,
 ) -> StatusOut:
     """Aliases (with revisions), the champion with its decision, the outbox backlog, and (``mlflow``) the aliases
     MLflow holds. Raises ``NotFound`` for an unknown model. An MLflow failure is reported in
-    ``last_mlflow_error`` (``mlflow_aliases`` stays ``None``): the database state is authoritative."""
+    ``last_mlflow_error`` (``mlflow_aliases`` stays ``None``): the database state is authoritative.
+    ``mlflow_state`` is ``degraded`` while this model's writes are parked, failing or pending past
+    ``pending_grace_s`` seconds."""
     with db.read() as s:
         model = get_model(s, name)
         rows = s.scalars(select(Alias).where(Alias.model_id == model.id).order_by(Alias.alias)).all()
@@ -68,12 +72,19 @@ def model_status(
             or 0
         )
         unapplied = s.execute(
-            select(OutboxItem.parked_at.is_not(None), func.count(), func.max(OutboxItem.id))
+            select(
+                OutboxItem.parked_at.is_not(None),
+                func.count(),
+                func.min(OutboxItem.created_at),
+                func.count(OutboxItem.last_error),
+            )
             .where(OutboxItem.model_name == name, OutboxItem.applied_at.is_(None))
             .group_by(OutboxItem.parked_at.is_not(None))
         ).all()
-        counts = {bool(parked): (n, newest) for parked, n, newest in unapplied}
-        pending, parked = counts.get(False, (0, None))[0], counts.get(True, (0, None))[0]
+        counts = {bool(parked): (n, oldest, failing) for parked, n, oldest, failing in unapplied}
+        pending, oldest_at, failing = counts.get(False, (0, None, 0))
+        parked = counts.get(True, (0, None, 0))[0]
+        backlog = OutboxStats(pending=pending, parked=parked, failing=failing, oldest_pending_at=oldest_at)
         # this model's oldest MLflow error on record: the root cause (a parked row's refusal, or a pending row's outage)
         model_error = s.scalar(
             select(OutboxItem.last_error)
@@ -96,6 +107,8 @@ def model_status(
             parked_mlflow_writes=parked,
             mlflow_aliases=None,
             last_mlflow_error=guard.last_error or model_error or (reconciler_error if pending else None),
+            mlflow_state=backlog.state(pending_grace_s),
+            oldest_pending_age_s=backlog.oldest_pending_age_s(),
         )
     if mlflow and mirror is not None:
         try:
@@ -119,7 +132,14 @@ def local_status(settings: ServerSettings, name: str, *, mlflow: bool = True) ->
     try:
         upgrade(db.engine)
         mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
-        return model_status(db, name, mirror=mirror, guard=guard, mlflow=mlflow)
+        return model_status(
+            db,
+            name,
+            mirror=mirror,
+            guard=guard,
+            mlflow=mlflow,
+            pending_grace_s=settings.mlflow_pending_grace_s,
+        )
     finally:
         guard.shutdown()
         db.dispose()

@@ -101,7 +101,13 @@ def model_status(
 ) -> StatusOut:
     """Aliases (with revisions), the champion with its decision, and whether MLflow agrees."""
     return status_query(
-        db, name, mirror=reconciler.mirror, guard=guard, reconciler_error=reconciler.last_error, mlflow=mlflow
+        db,
+        name,
+        mirror=reconciler.mirror,
+        guard=guard,
+        reconciler_error=reconciler.last_error,
+        mlflow=mlflow,
+        pending_grace_s=reconciler.retry.pending_grace_s,
     )
 
 

@@ -373,6 +373,7 @@ def test_parked_write_is_visible_keeps_drift_repair_and_admin_retry_drop_work(
     assert h["status"] == "degraded" and h["parked_mlflow_writes"] == 2 and h["pending_mlflow_writes"] == 0
     st = reg.c.get(f"/v1/models/{alpha}/status", headers=auth(READ)).json()
     assert st["parked_mlflow_writes"] == 2 and "INVALID_PARAMETER_VALUE" in st["last_mlflow_error"]
+    assert st["mlflow_state"] == "degraded"
     assert [e["alias"] for e in reg.history(alpha) if e["action"] == "mlflow_parked"] == ["poison", "doomed"]
     # a parked row does not switch off drift repair for the rest of the model
     ml = MlflowClient(mlflow_url)
