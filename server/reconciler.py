@@ -356,7 +356,9 @@ class Reconciler:
             self.pass_started = time.time()
             deadline = time.monotonic() + self.retry.pass_deadline_s
             self._apply_pending(result, deadline, ignore_backoff)
-            if check_drift and not result.outage and time.monotonic() < deadline:
+            # Only "MLflow does not answer" skips the drift check: a row that fails or backs off must not turn
+            # drift repair off for every model (it skips that row's model itself).
+            if check_drift and not result.unreachable and time.monotonic() < deadline:
                 self._repair_drift(result, models, deadline)
 
     def refresh_stats(self) -> OutboxStats:
@@ -406,6 +408,7 @@ class Reconciler:
                         continue
                     if row.next_attempt_at is not None and row.next_attempt_at > now:
                         result.waiting += 1
+                        result.outage = True  # backing off: calling run_once again now changes nothing
                         self._hold(waiting_version, row)
                         continue
                     left = deadline - time.monotonic()
@@ -426,7 +429,7 @@ class Reconciler:
                         if not parked:
                             self._hold(waiting_version, row)
                         if cls == UNREACHABLE:
-                            result.outage = True  # no answer: the next row would only wait again
+                            result.unreachable = True  # no answer: the next row would only wait again
                             return
                         continue
                     done.append(row)
@@ -606,7 +609,9 @@ class _PassResult(ReconcileResult):
     busy: bool = False
     """``run_once(wait=False)`` found a pass of this process running."""
     outage: bool = False
-    """A write failed and is to be retried (unreachable, transient, internal): waiting will not help now."""
+    """A write failed or is backing off (it is retried later): running another pass right away will not help."""
+    unreachable: bool = False
+    """A call got no answer (connection refused, timeout): the pass stopped there and skipped the drift check."""
     failed: int = 0
     """Rows that failed in this pass and wait for their next attempt."""
     waiting: int = 0
