@@ -316,9 +316,9 @@ def _render_status(s: dict) -> None:
     if s["pending_mlflow_writes"] or parked or s["last_mlflow_error"]:
         age = s.get("oldest_pending_age_s")
         console.print(
-            f"[yellow]MLflow {s.get('mlflow_state', 'ok')}: {s['pending_mlflow_writes']} pending writes"
-            f"{f' (oldest {age:.0f} s)' if age is not None else ''}, {parked} parked (refused by MLflow or failing "
-            f"past their budget: `oprd-ci outbox list`); last error: {s['last_mlflow_error']}[/]"
+            f"[yellow]MLflow {s.get('mlflow_state', 'ok')}: {s['pending_mlflow_writes']} pending writes, {parked} "
+            "parked (refused by MLflow or failing past their budget: `oprd-ci outbox list`)"
+            f"{f'; oldest pending {age:.0f} s' if age is not None else ''}; last error: {s['last_mlflow_error']}[/]"
         )
 
 
