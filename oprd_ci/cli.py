@@ -13,7 +13,16 @@ from typing import Annotated
 
 import typer
 
-from oprd_ci import bench_cli, failures_cli, grid_cli, init_cli, outbox_cli, params_cli, registry_cli
+from oprd_ci import (
+    bench_cli,
+    failures_cli,
+    grid_cli,
+    init_cli,
+    outbox_cli,
+    params_cli,
+    registry_cli,
+    signing_cli,
+)
 
 app = typer.Typer(
     name="oprd-ci",
@@ -29,6 +38,7 @@ grid_cli.register(app)
 failures_cli.register(app)
 params_cli.register(app)
 init_cli.register(app)
+signing_cli.register(app)
 
 
 @app.command()

@@ -1,9 +1,10 @@
-"""``oprd-ci failures add|show``: the failure bank (:mod:`pipelines.failures`, docs/tasks.md "The failure bank").
+"""``oprd-ci failures add|show|collect``: the failure bank (:mod:`pipelines.failures`, docs/tasks.md "The failure bank").
 
 ``add FILE --suite NAME`` validates every row of FILE with its grader, de-duplicates by normalized prompt and
 merges the rows into the bank (``failures.bank`` in params.yaml), each new problem assigned by hash to training
 prompts or to the regression suite NAME. Nothing is written when any row is bad. ``show`` lists the bank per suite
-(rich table, or ``--json``). Errors end with one ``error: ...`` line and exit code 2.
+(rich table, or ``--json``). ``collect`` writes the problems one role failed in an evaluate stage's results as
+an ``add`` input file (:mod:`pipelines.failures_collect`). Errors end with one ``error: ...`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ParamsOpt = Annotated[
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``failures`` group (``add``, ``show``) to ``app``."""
+    """Add the ``failures`` group (``add``, ``show``, ``collect``) to ``app``."""
     app.add_typer(failures_app, name="failures")
 
 
@@ -146,3 +147,44 @@ def show(
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     if not summary:
         typer.echo("the bank is empty: add failures with `oprd-ci failures add FILE --suite NAME`")
+
+
+@failures_app.command()
+def collect(
+    suite: Annotated[str, typer.Option("--suite", help="The evaluated suite whose failures to collect.")],
+    suite_file: Annotated[
+        Path, typer.Option("--suite-file", help="That suite's file, as evaluated (its sha256 is checked).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the `failures add` input (JSONL).")],
+    role: Annotated[
+        str, typer.Option("--role", help="The evaluate role whose failures these are.")
+    ] = "student",
+    from_dir: Annotated[
+        Path,
+        typer.Option("--from", help="The evaluate stage's output folder (responses.jsonl, suites.json)."),
+    ] = Path("artifacts/eval"),
+    below: Annotated[
+        float,
+        typer.Option("--below", help="A problem is a failure when its Avg@k (n_correct / k) is below this."),
+    ] = 0.5,
+    version: Annotated[
+        int | None,
+        typer.Option("--version", min=1, help="Registry version the evaluated model is (recorded)."),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Registered model name (recorded).")] = None,
+) -> None:
+    """Write the problems ROLE failed on SUITE in an evaluate stage's results as `failures add` input rows."""
+    from pipelines.failures import FailureBankError
+    from pipelines.failures_collect import collect_failures
+
+    try:
+        report = collect_failures(
+            from_dir, suite, suite_file, role, out, below=below, version=version, model=model
+        )
+    except FailureBankError as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"{report.failed} of {report.scored} problems of {suite}/{role} failed (Avg@k < {below:g})"
+        + (f" by v{version}" if version is not None else "")
+        + f"; wrote {report.out}. Next: oprd-ci failures add {report.out} --suite NAME"
+    )

@@ -64,8 +64,8 @@ class RegistryCall:
     """One connection to the registry: HTTP when ``url`` is set, else the app in-process."""
 
     def __init__(self, url: str | None, token: str | None, *, reconcile: bool = True) -> None:
-        # reconcile=False (read-only commands in-process): no background MLflow writer, so `status` reports
-        # drift as it is instead of racing the reconciler's repair (and starts faster).
+        # reconcile=False (read-only commands in-process): no exit-time MLflow writes, so `status` reports drift
+        # as it is instead of racing a repair.
         self.url, self.token, self.reconcile = url, token, reconcile
         self._client: Any = None
         self._pending_models: set[str] = set()
@@ -79,8 +79,11 @@ class RegistryCall:
 
             from server.app import create_app
 
+            # No background reconciler in-process: its pass may sit in an MLflow call the client retries for
+            # minutes, and stopping it joins that thread. This command's writes are applied once, at exit, by
+            # the bounded drain below (``_drain_mlflow_writes``).
             self._client = TestClient(
-                create_app(local_actor=getpass.getuser(), run_reconciler=self.reconcile),
+                create_app(local_actor=getpass.getuser(), run_reconciler=False),
                 raise_server_exceptions=False,
             )
             self._client.__enter__()
@@ -94,9 +97,11 @@ class RegistryCall:
             finally:
                 self._client.close()
             return
-        if self.reconcile:
-            self._drain_mlflow_writes()
-        self._client.__exit__(*exc)
+        try:
+            if self.reconcile:
+                self._drain_mlflow_writes()
+        finally:
+            self._client.__exit__(*exc)
 
     def _wait_remote_mirror(self, timeout_s: float = PENDING_WAIT_S) -> None:
         """Over HTTP: the server answered before its reconciler applied this command's MLflow writes. Poll the
@@ -122,31 +127,89 @@ class RegistryCall:
                 "database has them and the service keeps retrying (`oprd-ci status`)[/]"
             )
 
-    def _drain_mlflow_writes(self, timeout_s: float = 60.0) -> None:
-        """In-process, this command *is* the registry: its MLflow writes (pending outbox rows) are applied before it
-        exits, or nobody would apply them until the next in-process command. Bounded: an outage leaves them pending
-        (durable in the database, shown by ``status``) and says so."""
+    def _drain_mlflow_writes(self) -> None:
+        """In-process, this command *is* the registry: its pending MLflow writes (outbox rows) are applied before it
+        exits, or nobody would apply them until the next registry process. Bounded, never waiting on MLflow past
+        its settings: when rows are pending, one read first checks that MLflow answers within
+        ``OPRD_MLFLOW_REQUEST_TIMEOUT_S`` (remote stores only); then the reconciler's passes run on a daemon thread joined for at most
+        ``OPRD_MLFLOW_EXIT_DRAIN_S`` (an abandoned pass cannot hold up the exit; every write is idempotent and the
+        rows it did not mark stay pending). Whatever is left is said on one line; nothing is lost: the rows stay in
+        the registry database for the next registry process (``oprd-ci status`` / ``oprd-ci reconcile``)."""
+        import threading
         import time
+        from urllib.parse import urlsplit
 
-        reconciler = getattr(self._client.app.state, "reconciler", None)
-        if reconciler is None or reconciler.mirror is None:
+        from server.mlflow_guard import MlflowSkipped, MlflowUnavailable
+
+        state = self._client.app.state
+        reconciler, settings, guard = state.reconciler, state.settings, state.mlflow_guard
+        if reconciler.mirror is None:
             if self._pending_models:
                 err.print(
                     "[yellow]MLflow pending: mirroring is off (OPRD_MLFLOW_ENABLED=false); the registry database "
                     "has the change (`oprd-ci status`)[/]"
                 )
             return
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = reconciler.run_once()
-            if result.pending == 0 or result.outage or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        if result.pending:
-            err.print(
-                f"[yellow]MLflow pending: {result.pending} write(s) not applied yet ({reconciler.last_error or 'busy'});"
-                " the registry database has them; the next registry process applies them (`oprd-ci status`)[/]"
+        if not reconciler.pending_count():
+            return  # nothing to write: no MLflow call at all
+        if urlsplit(settings.mlflow_tracking_uri).scheme not in ("", "file", "sqlite"):
+            # A remote store may accept and never answer: ask one bounded read first. (A local store is skipped:
+            # a fresh SQLite store runs its migrations on first use, seconds, and it cannot be a black hole.)
+            probe = guard.deadline(settings.mlflow_request_timeout_s)
+            try:
+                guard.call(
+                    reconciler.mirror.aliases, next(iter(self._pending_models), "oprd-probe"), deadline=probe
+                )
+            except Exception as exc:  # an MLflow answer (an error code) is fine: it is up
+                if isinstance(exc, MlflowUnavailable):
+                    t = settings.mlflow_request_timeout_s
+                    why = (
+                        f"MLflow did not answer within {t:g} s"
+                        if isinstance(exc, MlflowSkipped)
+                        else str(exc)
+                    )
+                    self._say_pending(reconciler.pending_count(), why)
+                    return
+        reconciler.mirror.client  # noqa: B018 - imports mlflow here (local CPU), not on the clock of the join below
+        outcome: list[Any] = []
+
+        def drain() -> None:
+            try:
+                while True:
+                    result = reconciler.run_once()
+                    if (
+                        result.pending == 0 or result.outage or result.skipped
+                    ):  # skipped: another process applies
+                        break
+                    time.sleep(0.2)
+                outcome.append(result)
+            except Exception as e:  # reported below as the reason the rows stay pending
+                outcome.append(e)
+
+        worker = threading.Thread(target=drain, name="oprd-cli-drain", daemon=True)
+        worker.start()
+        worker.join(settings.mlflow_exit_drain_s)
+        left = reconciler.pending_count()
+        if worker.is_alive():
+            why = (
+                f"MLflow did not answer within {settings.mlflow_exit_drain_s:g} s (OPRD_MLFLOW_EXIT_DRAIN_S)"
             )
+        elif outcome and isinstance(outcome[0], Exception):
+            why = f"{type(outcome[0]).__name__}: {outcome[0]}"
+        else:
+            why = reconciler.last_error or "busy"
+        if left:
+            self._say_pending(left, why)
+
+    @staticmethod
+    def _say_pending(n: int, why: str) -> None:
+        err.print(
+            f"[yellow]MLflow pending: {n} write(s) not applied ({why[:300]}); nothing is lost: the registry "
+            "database keeps them and the next registry process applies them (`oprd-ci status`, `oprd-ci "
+            "reconcile`)[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def __call__(
         self,
@@ -267,7 +330,9 @@ def _emit(data: Any, as_json: bool, render) -> None:  # type: ignore[no-untyped-
 
 
 def _revision(call: RegistryCall, name: str, alias: str) -> int:
-    status = call("GET", f"/v1/models/{name}/status")
+    status = call(
+        "GET", f"/v1/models/{name}/status", params={"mlflow": "false"}
+    )  # the database's revision only
     return next((a["revision"] for a in status["aliases"] if a["alias"] == alias), 0)
 
 
@@ -582,6 +647,7 @@ def status(name: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonO
         with RegistryCall(url, token, reconcile=False) as call:
             s = call("GET", f"/v1/models/{name}/status")
     _emit(s, as_json, _render_status)
+    _say_mlflow_behind(s)
     if problems := alias_disagreements(s):
         _fail(
             EXIT_CONFLICT,
@@ -741,13 +807,53 @@ def _render_reconcile(o: dict) -> None:
 def history(
     name: str,
     limit: Annotated[int, typer.Option(min=1)] = 1000,
+    cost: Annotated[
+        bool,
+        typer.Option(
+            "--cost",
+            help="Per version: accuracy, tokens/response, device-hours, cost, $/point and what the gate flagged.",
+        ),
+    ] = False,
+    alias: Annotated[
+        str, typer.Option("--alias", help="With --cost: the alias whose promotions count.")
+    ] = "champion",
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The audit log of NAME (every alias move, retirement and policy change)."""
+    """The audit log of NAME (every alias move, retirement and policy change); with --cost, cost over time (the
+    ``limit`` most recent versions, at most 10,000)."""
+    if cost:
+        with RegistryCall(url, token, reconcile=False) as call:
+            rows = call(
+                "GET", f"/v1/models/{name}/cost-history", params={"alias": alias, "limit": min(limit, 10_000)}
+            )
+        _emit(rows, as_json, render_cost_history)
+        return
     with RegistryCall(url, token) as call:
         _emit(call("GET", f"/v1/models/{name}/history", params={"limit": limit}), as_json, _render_history)
+
+
+def render_cost_history(rows: list) -> None:
+    """The ``history --cost`` table: one row per version, suites as columns (Avg@k in %)."""
+    suites = sorted({s for r in rows for s in r["accuracy"]})
+    t = Table("version", "status", *(f"{s} %" for s in suites), "tokens/resp", "device-h", "cost $", "$/point",
+              "flagged")  # fmt: skip
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    colors = {"champion": "bold green", "promoted": "green", "rejected": "red", "retired": "dim"}
+    for r in rows:
+        style = colors.get(r["status"], "")
+        t.add_row(
+            f"v{r['version']}",
+            f"[{style}]{r['status']}[/]" if style else r["status"],
+            *(fmt(100 * r["accuracy"][s] if s in r["accuracy"] else None, ".1f") for s in suites),
+            fmt(r["tokens_per_response"], ".1f"),
+            fmt(r["device_hours"], ".4g"),
+            fmt(r["usd"], ".4g"),
+            fmt(r["usd_per_point"], ".4g"),
+            ", ".join(r["flagged"]) if r["flagged"] else "",
+        )
+    console.print(t)
 
 
 def parse_target(target: str) -> tuple[str, dict[str, Any]]:
@@ -792,6 +898,22 @@ def lineage(
     base = ui_base(mlflow_ui)
     out["links"] = [{"what": w, "identity": i, "url": u} for w, i, u in lineage_chain(out, base)]
     _emit(out, as_json, lambda o: _render_lineage(o, base))
+    _say_mlflow_behind(out)
+
+
+def _say_mlflow_behind(answer: dict) -> None:
+    """One line on stderr when the answer's MLflow part is incomplete (``mlflow_read``: the request's MLflow reads
+    ran past their bounds); the registry part of the answer is complete either way, and the exit code is
+    unchanged."""
+    read = answer.get("mlflow_read") or {}
+    if read.get("state") not in ("partial", "unavailable"):
+        return
+    missing = f"{read['missing']} of {read['answered'] + read['missing']} MLflow reads missing"
+    err.print(
+        f"[yellow]MLflow did not answer in time (budget {read['budget_s']:g} s, {missing}); showing the registry's view[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def gate(

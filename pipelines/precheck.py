@@ -19,7 +19,9 @@ Checks (all problems are collected and reported together, one line each, exit 2)
   grader known and every reference accepted by that grader's ``check_reference`` (``pipelines.suites.load_suite``);
 * ``gate.policy`` is a valid policy and equals the one installed for ``gate.model_name``
   (:func:`check_policy_installed`);
-* the MLflow tracking store answers (``pipelines.tracking.check_tracking_reachable``).
+* the MLflow tracking store answers (``pipelines.tracking.check_tracking_reachable``);
+* with ``signing.sign`` on, the signing key exists (``$OPRD_SIGNING_KEY`` or ``~/.config/oprd-ci/keys/signing.pem``:
+  :func:`check_signing_key`), so a missing key stops the run here rather than after distillation.
 
 With ``models.embedded: true`` a file that the ``bootstrap`` stage generates is checked only when it exists
 (bootstrap will write it otherwise). The stage is ``always_changed``; its output ``artifacts/precheck.ok`` has the
@@ -34,8 +36,9 @@ import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, Params, load_params
+from trainer.signing import KEY_ENV, signing_key_path
 
-__all__ = ["OK_FILE", "PrecheckFailed", "check_params", "main"]
+__all__ = ["OK_FILE", "PrecheckFailed", "check_params", "check_signing_key", "main"]
 
 OK_FILE = Path("artifacts/precheck.ok")
 OK_TEXT = "precheck passed\n"
@@ -71,6 +74,19 @@ def _check_model_dir(params: Params, key: str, path: str, problems: list[str]) -
         problems.append(f"{key}: {path!r} is not a Hugging Face model directory (no config.json)")
     elif not any(d.glob("*.safetensors")):
         problems.append(f"{key}: {path!r} holds no *.safetensors weights")
+
+
+def check_signing_key(params: Params) -> str | None:
+    """The problem line for a missing signing key, or None (``signing.sign`` off, or the key file exists)."""
+    if not params.signing.sign:
+        return None
+    path = signing_key_path()
+    if path.is_file():
+        return None
+    return (
+        f"signing: no private key at {path} (set ${KEY_ENV} to a PEM EC private key, or run "
+        "`oprd-ci keys generate`, which `bash scripts/setup.sh` does; or set signing.sign: false)"
+    )
 
 
 def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
@@ -154,6 +170,8 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
             )
         except TrackingUnreachable as exc:
             problems.append(f"tracking.uri: {exc}")
+    if key := check_signing_key(params):
+        problems.append(key)
     return problems
 
 

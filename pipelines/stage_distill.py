@@ -8,7 +8,8 @@ worker entry point is ``python -m pipelines.stage_distill --worker``. Checkpoint
 config, while an experiment with other params never resumes from them.
 
 Outputs: ``artifacts/models/student/`` (HF safetensors + tokenizer + manifest; the best-on-validation checkpoint
-when ``distill.select_best``), ``artifacts/models/student-final/`` (the last step's student), ``metrics/distill.json``,
+when ``distill.select_best``; with ``signing.sign`` signed by ``model.sig`` + ``distillation.sigstore.json``,
+docs/signing.md), ``artifacts/models/student-final/`` (the last step's student), ``metrics/distill.json``,
 ``plots/distill.tsv`` (per-step curves for ``dvc plots``), ``artifacts/distill/metrics.jsonl``.
 """
 
@@ -28,11 +29,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipelines.attestation import SigningKeyMissing, sign_student
 from pipelines.evaluation import grade_responses
 from pipelines.failures_stages import BANK_DATASET, log_bank_input, training_prompts
 from pipelines.stage_io import file_sha256, prompts_file, stage_cli, val_file, write_json
-from pipelines.suites import load_problems
-from pipelines.tracking import StageRun, TrackingUnreachable
+from pipelines.suites import load_problems, load_suite, suite_record
+from pipelines.tracking import StageRun, TrackingUnreachable, git_state
 from pipelines.tracking_metrics import MlflowMetricLogger
 from pipelines.tracking_models import log_dataset, log_logged_model, log_model_inputs, log_model_outputs
 from trainer.config import Params, load_params
@@ -296,6 +298,7 @@ def launch(params_path: str, overrides: list[str]) -> int:
             )
         if rc != 0:
             raise WorkerFailed(f"distillation workers exited with {rc} (their messages are above)")
+        sign_student(params, STUDENT_DIR, datasets, _eval_suite_records(params), _commit())
         model_id = log_logged_model(
             "student", STUDENT_DIR, role="student", run_id=run.run_id, client=run.client,
             tags={"oprd.method": params.distill.method}, copy_max_mb=params.tracking.copy_weights_max_mb,
@@ -310,6 +313,18 @@ def launch(params_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def _eval_suite_records(params: Params) -> dict[str, dict]:
+    """``{suite: {"digest", "graders"}}`` of the configured eval suites, as the evaluate stage records them (the
+    failure bank's regression suites are added by evaluate and are not part of the distillation plan)."""
+    suites = [load_suite(s, params.evaluate.embedded_path) for s in params.evaluate.suites]
+    return {s.name: suite_record(s) for s in suites}
+
+
+def _commit() -> str:
+    commit, dirty = git_state()
+    return commit + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     def body(args) -> int:
         return worker(args.params, args.overrides) if args.worker else launch(args.params, args.overrides)
@@ -322,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return stage_cli(
             "DVC stage: on-policy distillation", body, argv,
-            errors=(NonFiniteLossError, TrackingUnreachable, WorkerFailed), extra_args=worker_flag,
+            errors=(NonFiniteLossError, TrackingUnreachable, WorkerFailed, SigningKeyMissing), extra_args=worker_flag,
         )  # fmt: skip
     finally:
         if dist.is_initialized():

@@ -13,7 +13,8 @@
 4. The record: ``metrics/gate.json`` (numbers only), the gate run's tags (verdict, one ``n/a``/pass/fail tag per
    criterion), ``gate/decision.md`` + ``decision.json`` artifacts, the model version's markdown description
    (verdict, criteria table, policy, cost, links to every stage run and model from
-   :func:`pipelines.lineage.lineage_links`; also the gate run's note) and ``lineage/lineage.png`` (a picture).
+   :func:`pipelines.lineage.lineage_links`; also the gate run's note), ``lineage/lineage.png`` (a picture) and
+   ``cost/trend.png`` (accuracy, tokens per response and cost per version from ``oprd-ci history --cost``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from pipelines.cost_trend import log_cost_trend, registry_cost_history
 from pipelines.failures_stages import ChampionMoved, failures_evidence, fixes_lines
 from pipelines.lineage import LineageEdge, LineageNode, lineage_links, short_digest, verdict_kind
 from pipelines.stage_distill import METRICS as DISTILL_METRICS
@@ -40,6 +42,7 @@ from pipelines.tracking import StageRun, TrackingUnreachable, flatten_params, re
 from pipelines.tracking_models import log_lineage, registry_fields, set_version_record
 from trainer.config import Params, load_params
 from trainer.export import verify_manifest
+from trainer.signing import SIGNATURE_FILES
 
 STORE = Path("registry-store")
 PER_PROBLEM = Path("artifacts/eval/per_problem.jsonl")
@@ -63,6 +66,12 @@ def freeze_student(student_dir: Path = STUDENT_DIR, store: Path = STORE) -> tupl
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(student_dir, tmp)
         tmp.rename(dest)
+    # The signature files are outside the manifest identity: the same bytes signed again (or signed now, after
+    # an unsigned run) carry the current signatures into the stored copy the registry verifies.
+    for name in SIGNATURE_FILES:
+        src, dst = student_dir / name, dest / name
+        if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
+            shutil.copyfile(src, dst)
     verify_manifest(dest)
     return dest.resolve(), sha
 
@@ -99,6 +108,7 @@ def build_evidence(
         "lineage": {
             "teacher": f"{params.models.teacher.revision or Path(params.models.teacher.path).name}@{teacher_sha}",
             "student_base": _dir_sha(Path(params.models.student.path)),
+            "method": params.distill.method,  # a signed attestation's method must equal it (docs/signing.md)
             "dataset_digests": {},
             "mlflow_run_ids": {},
             "logged_model_ids": {},
@@ -182,7 +192,20 @@ def run(params_path: str, overrides: list[str]) -> int:
             run.run_id, nodes, edges, client=run.client,
             title=f"{params.gate.model_name} v{decision['version']}: {decision['verdict']}",
         )  # fmt: skip
+        _log_cost_trend(run, params, decision, env)
     return 0
+
+
+def _log_cost_trend(run: StageRun, params: Params, decision: dict, env: dict[str, str]) -> None:
+    """``cost/trend.png`` (+ ``cost/history.json``) on the gate run from the registry's ``history --cost``. The
+    decision is already recorded when this runs, so a registry read that fails is reported, not fatal."""
+    try:
+        rows = registry_cost_history(params.gate.model_name, params.gate.alias, env)
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+        print(f"gate: cost trend not logged: {exc}", file=sys.stderr)
+        return
+    title = f"{params.gate.model_name}: cost over time (v{decision['version']} {decision['verdict']})"
+    log_cost_trend(run.client, run.run_id, rows, int(decision["version"]), title=title)
 
 
 def stage_links(run: StageRun, params: Params, version: int) -> dict[str, str]:

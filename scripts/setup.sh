@@ -53,6 +53,17 @@ PY
   # 2.4.6 (checked); only mistral-common (unused: Mistral tokenizers) declares numpy<2.4. The project's pin wins.
 fi
 
+# The local development signing key (docs/signing.md): generated once outside the checkout
+# (~/.config/oprd-ci/keys/signing.pem, or $OPRD_SIGNING_KEY), and its public half trusted by the local registry
+# keyring (~/.config/oprd-ci/trusted-keys, or $OPRD_TRUSTED_KEYS_DIR). A team replaces both with its own keys.
+oprd-ci keys generate --if-missing
+KEY="${OPRD_SIGNING_KEY:-${XDG_CONFIG_HOME:-$HOME/.config}/oprd-ci/keys/signing.pem}"
+if [ -f "${KEY%.*}.pub" ]; then
+  oprd-ci keys add "${KEY%.*}.pub"
+else  # a team key from $OPRD_SIGNING_KEY: its registry admin trusts the public half (oprd-ci keys add)
+  echo "setup.sh: no ${KEY%.*}.pub next to the signing key; trust its public key with 'oprd-ci keys add PUB'" >&2
+fi
+
 python - <<'PY'
 import torch, transformers, mlflow
 print(f"oprd-ci env ready: torch {torch.__version__}, transformers {transformers.__version__}, mlflow {mlflow.__version__}")

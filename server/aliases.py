@@ -51,8 +51,46 @@ class Move:
 
 
 def get_alias(s: Session, model: RegisteredModel, alias: str, *, lock: bool = False) -> Alias | None:
+    """The alias row; ``lock`` takes its row lock, once per transaction (a locked row is remembered in the session
+    and cannot change under us, so later lock requests reuse it without a round trip)."""
     stmt = select(Alias).where(Alias.model_id == model.id, Alias.alias == alias)
-    return s.scalar(stmt.with_for_update() if lock else stmt)
+    locked = s.info.setdefault("oprd.locked_aliases", {})
+    if (model.id, alias) in locked:
+        return locked[(model.id, alias)]
+    if not lock:
+        return s.scalar(stmt)
+    row = s.scalar(stmt.with_for_update())
+    if row is not None:
+        locked[(model.id, alias)] = row
+    return row
+
+
+def check_revision(s: Session, model: RegisteredModel, alias: str, expected_revision: int) -> None:
+    """Lock the alias and raise the compare-and-set's Conflict when it is not at ``expected_revision``.
+
+    Called right after the model lock, before the other reads of a move: under load most moves lose the race,
+    and each of them used to read the version, the policy and the decision under the model lock before failing,
+    which lengthened the queue of every writer of the model. A stale revision is therefore reported before a missing version or a
+    policy refusal (the client re-reads, then gets those)."""
+    row = get_alias(s, model, alias, lock=True)
+    current = row.revision if row is not None else 0
+    if expected_revision != current:
+        raise stale_revision(model, alias, current, expected_revision)
+
+
+def stale_revision(model: RegisteredModel, alias: str, current: int, expected: int) -> Conflict:
+    return Conflict(f"expected_revision: {model.name}@{alias} is at revision {current}, not {expected}")
+
+
+def revision_passed(s: Session, model: RegisteredModel, alias: str, expected_revision: int) -> int | None:
+    """The alias's revision when it is already past ``expected_revision`` in this (read) snapshot, else None.
+
+    Revisions only grow (one per move, rows are never deleted), so such a move is certain to lose its
+    compare-and-set: the routes refuse it from a read snapshot, without hashing the artifact or queueing on the
+    model lock (under load most moves are such lost races)."""
+    row = get_alias(s, model, alias)
+    current = row.revision if row is not None else 0
+    return current if current > expected_revision else None
 
 
 def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, move: Move) -> Alias:
@@ -65,9 +103,7 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
     row = get_alias(s, model, alias, lock=True)
     current = row.revision if row is not None else 0
     if move.expected_revision != current:
-        raise Conflict(
-            f"expected_revision: {model.name}@{alias} is at revision {current}, not {move.expected_revision}"
-        )
+        raise stale_revision(model, alias, current, move.expected_revision)
     from_version = row.version if row is not None else None
     if from_version == move.to_version:
         raise Conflict(f"version: {model.name}@{alias} already points to v{move.to_version}")
@@ -110,9 +146,15 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
 
 
 def current_policy(s: Session, model: RegisteredModel) -> Policy | None:
-    return s.scalar(
+    """The newest policy of ``model``. The row stays referenced by the session (``s.info``) so that later
+    ``s.get(Policy, id)`` calls in the same transaction (submit, the decision view) hit the identity map, which
+    only holds objects someone references, instead of the database."""
+    policy = s.scalar(
         select(Policy).where(Policy.model_id == model.id).order_by(Policy.version.desc()).limit(1)
     )
+    if policy is not None:
+        s.info.setdefault("oprd.policies", {})[policy.id] = policy
+    return policy
 
 
 def check_promotable(
@@ -163,6 +205,7 @@ def promote(
     override: bool,
 ) -> Alias:
     model = get_model(s, name, lock=True)
+    check_revision(s, model, alias, expected_revision)
     mv = get_version(s, model, version)
     decision, policy = check_promotable(s, who, model, mv, override=override)
     return move_alias(
@@ -241,6 +284,7 @@ def rollback(
     decision_id: int | None = None,
 ) -> Alias:
     model = get_model(s, name, lock=True)
+    check_revision(s, model, alias, expected_revision)
     target = rollback_target(s, model, alias, to_version)
     return move_alias(
         s,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The one implementation of the manifest format (standard library only: importing it does not load torch).
-from trainer.export import MANIFEST_NAME, manifest_digest
+from trainer.export import MANIFEST_NAME, UNLISTED, manifest_digest
 from trainer.export import file_sha256 as sha256_file
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -88,9 +88,11 @@ def verify_artifact(path: Path, expected_files: dict[str, str] | None = None) ->
         raise ArtifactError("artifact: manifest sha256 does not match its file listing")
     if expected_files is not None and files != expected_files:
         raise ArtifactError("artifact: manifest.json differs from the one recorded at registration")
-    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink()} - {
-        "manifest.json"
-    }
+    # The signature files sign the manifest, so it cannot list them (trainer.export.UNLISTED); the signing
+    # check (server.signatures) verifies them.
+    on_disk = {
+        p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink()
+    } - UNLISTED
     for rel in sorted(on_disk | set(files)):
         if rel.endswith(FORBIDDEN_SUFFIXES):
             raise ArtifactError(

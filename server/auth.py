@@ -37,6 +37,7 @@ ACCESS_RULES: dict[str, str] = {
     "get_decision": "read",
     "model_status": "read",
     "model_history": "read",
+    "model_cost_history": "read",
     "model_lineage": "read",
     "promote": "ci",
     "rollback": "ci",

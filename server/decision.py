@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.drift import PromotedValues, drift_criteria
 from server.policy import Budget, PolicySpec, SuiteRule
 from server.schemas import Cost, Criterion, EvidenceBody, ProblemResult, Verdict
 
@@ -29,9 +30,14 @@ class ChampionEvidence:
 
 
 def decide(
-    policy: PolicySpec, evidence: EvidenceBody, champion: ChampionEvidence | None
+    policy: PolicySpec,
+    evidence: EvidenceBody,
+    champion: ChampionEvidence | None,
+    recent: Sequence[PromotedValues] = (),
 ) -> tuple[Verdict, list[Criterion]]:
-    """Evaluate every criterion of ``policy``; returns the verdict and the table explaining it."""
+    """Evaluate every criterion of ``policy``; returns the verdict and the table explaining it. ``recent``: the
+    last promoted versions' values, newest first (``server.cost_history.recent_promoted``), for the
+    ``max_ratio_to_recent_median`` criteria."""
     rows: list[Criterion] = []
     for suite, rule in policy.suites.items():
         rows.extend(_suite_criteria(suite, rule, evidence, champion, policy))
@@ -40,6 +46,7 @@ def decide(
     rows.extend(
         _cost_criteria("device_hours", policy.device_hours, evidence, champion, lambda c: c.device_hours)
     )
+    rows.extend(drift_criteria(policy, evidence, recent))
     statuses = {r.status for r in rows}
     verdict: Verdict = (
         "REJECT" if "FAIL" in statuses else "INCONCLUSIVE" if "INCONCLUSIVE" in statuses else "PROMOTE"

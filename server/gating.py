@@ -12,13 +12,16 @@ from sqlalchemy.orm import Session
 from server.aliases import Move, current_policy, get_alias, move_alias, rollback_target
 from server.artifacts import ArtifactError, verify_artifact
 from server.auth import Principal
+from server.cost_history import recent_promoted
 from server.db import Database
 from server.decision import ChampionEvidence, decide
-from server.errors import Conflict
-from server.orm import AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
+from server.drift import needed_k
+from server.errors import Conflict, RegistryError
+from server.orm import Alias, AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
 from server.policy import PolicySpec
 from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
 from server.schemas import Criterion, EvidenceBody, Verdict
+from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 SYSTEM = Principal(name="system:auto-rollback", role="admin")
@@ -103,6 +106,36 @@ def prepare_decision(
     return replace(plan, rollback_target=target_mv.version)
 
 
+def verify_signing(
+    db: Database,
+    settings: ServerSettings,
+    name: str,
+    path: Path,
+    manifest_sha256: str,
+    evidence: EvidenceBody | None,
+    *,
+    error: type[RegistryError],
+) -> None:
+    """Apply the model's current ``signing`` rule to the artifact at ``path`` with ``evidence`` (outside any
+    transaction: it hashes every file). Raises ``error`` (422 at gate, 409 at promote) naming the mismatch. A
+    model without a policy is not checked here: the gate refuses it for that."""
+    with db.read() as s:
+        model = s.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+        policy = current_policy(s, model) if model is not None else None
+    if policy is None:
+        return
+    rule = PolicySpec.model_validate(policy.spec).signing
+    if not rule.required:
+        return
+    # Imported here: the crypto stack (~50 ms) stays out of every CLI start-up that never checks a signature.
+    from server.signatures import SigningRefused, check_signed, load_keyring
+
+    try:
+        check_signed(path, manifest_sha256, rule, load_keyring(settings.trusted_keys_dir), evidence)
+    except SigningRefused as exc:
+        raise error(str(exc)) from exc
+
+
 def latest_evidence(s: Session, mv_id: int) -> EvidenceBody | None:
     ev = s.scalar(
         select(Evidence).where(Evidence.model_version_id == mv_id).order_by(Evidence.id.desc()).limit(1)
@@ -126,11 +159,10 @@ class Planned:
 
 
 def champion_evidence(
-    s: Session, model: RegisteredModel, alias: str
+    s: Session, model: RegisteredModel, row: Alias | None
 ) -> tuple[ChampionEvidence | None, int | None]:
-    """The champion's version with its latest stored evidence (empty suites if it has none: fail closed), and
-    that evidence's id."""
-    row = get_alias(s, model, alias)
+    """The champion's version (``row``: its alias row, as read by the caller) with its latest stored evidence
+    (empty suites if it has none: fail closed), and that evidence's id."""
     if row is None:
         return None, None
     mv = s.scalar(
@@ -165,8 +197,9 @@ def plan_decision(
     spec = PolicySpec.model_validate(policy.spec)
     champ_row = get_alias(s, model, alias)
     is_champion = champ_row is not None and version is not None and champ_row.version == version
-    champ, champ_ev_id = (None, None) if is_champion else champion_evidence(s, model, alias)
-    verdict, criteria = decide(spec, body, champ)
+    champ, champ_ev_id = (None, None) if is_champion else champion_evidence(s, model, champ_row)
+    recent = recent_promoted(s, model, spec, alias, exclude=version) if needed_k(spec) else ()
+    verdict, criteria = decide(spec, body, champ, recent)
     return Planned(
         policy_id=policy.id,
         champion_version=champ_row.version if champ_row else None,

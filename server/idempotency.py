@@ -19,12 +19,12 @@ from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.auth import Principal
 from server.errors import Invalid
-from server.orm import IdempotencyRecord, RegisteredModel, enqueued
+from server.orm import IdempotencyRecord, enqueued
+from server.registry import lock_model
 
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -34,6 +34,20 @@ def request_fingerprint(request: Request) -> str:
     body: bytes = request.scope.get("oprd.body", b"")
     query = urlencode(sorted(request.query_params.multi_items()))
     return hashlib.sha256(f"{request.method} {request.url.path}?{query}\n".encode() + body).hexdigest()
+
+
+def _key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _KEY.match(key):
+        raise Invalid("Idempotency-Key: 1-128 characters from [A-Za-z0-9._:-]")
+    return key
+
+
+def has_record(s: Session, request: Request, who: Principal) -> bool:
+    """Whether this request's Idempotency-Key already has a stored outcome (``run_mutation`` then replays it, or
+    refuses the reuse of the key); raises Invalid on a malformed key, as ``run_mutation`` would."""
+    key = _key(request)
+    return key is not None and s.get(IdempotencyRecord, (key, who.name)) is not None
 
 
 def run_mutation(
@@ -48,15 +62,13 @@ def run_mutation(
     requests' rows). If they are not applied by then the answer says so with ``OPRD-MLflow: pending``; the body
     is the same either way (it describes the database, which is the source of truth)."""
     state = request.app.state
-    key = request.headers.get("idempotency-key")
-    if key is not None and not _KEY.match(key):
-        raise Invalid("Idempotency-Key: 1-128 characters from [A-Za-z0-9._:-]")
+    key = _key(request)
     fingerprint = request_fingerprint(request)
 
     def tx(s: Session) -> tuple[int, dict, bool, list[int]]:
         if model_name is not None:
             # Lock first, then look for the key: a concurrent duplicate waits here and then replays.
-            s.scalar(select(RegisteredModel.id).where(RegisteredModel.name == model_name).with_for_update())
+            lock_model(s, model_name)  # the work's own get_model(lock=True) reuses this row and lock
         if key is not None:
             rec = s.get(IdempotencyRecord, (key, who.name))
             if rec is not None:

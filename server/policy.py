@@ -44,10 +44,22 @@ class SuiteRule(_Strict):
 
 
 class Budget(_Strict):
-    """An absolute cap and/or a cap relative to the champion's value of the same metric."""
+    """An absolute cap and/or a cap relative to the champion's value of the same metric, and/or one relative to
+    the median of the last ``recent_k`` promoted versions (catches a slow drift that stays under the per-step
+    ratio; ``server.drift``)."""
 
     max: float | None = Field(default=None, ge=0.0)
     max_ratio_to_champion: Ratio | None = None
+    max_ratio_to_recent_median: Ratio | None = None
+    """candidate / median(value of the last ``recent_k`` promoted versions) must not exceed this; NOT_APPLICABLE
+    while fewer than 2 promoted versions have the value on record."""
+    recent_k: int = Field(default=5, ge=2, le=100)
+    """How many of the most recently promoted versions (distinct, not retired) the median is taken over."""
+
+
+_ADDED_DEFAULTS = {"max_ratio_to_recent_median": None, "recent_k": 5}
+"""Budget keys added after policies were first stored: left out of the canonical form while at their default, so
+the digest of a policy that does not use them is what it was before they existed."""
 
 
 class Bootstrap(_Strict):
@@ -56,6 +68,21 @@ class Bootstrap(_Strict):
     """At most 10,000: with ``schemas.MAX_PROBLEMS`` problems that is 1e8 draws per criterion (about a second)."""
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
     """One-sided confidence of the non-inferiority bound."""
+
+
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+"""sha256 hex of a public key's SubjectPublicKeyInfo PEM (``oprd-ci keys list``; model-signing's key hint)."""
+
+
+class SigningRule(_Strict):
+    """Signed distillation attestations (docs/signing.md). With ``required`` the registry refuses, at gate and
+    at promote, an artifact that is unsigned, signed by a key it does not trust, changed after signing, or whose
+    attestation disagrees with the evidence (teacher, student base, method, training data, eval suites)."""
+
+    required: bool = False
+    trusted_keys: list[Fingerprint] = Field(default_factory=list, max_length=64)
+    """Fingerprints of the keys this model's artifacts may be signed by; each must be in the registry's keyring
+    (``OPRD_TRUSTED_KEYS_DIR``, ``oprd-ci keys add``). Empty: every key in the keyring."""
 
 
 class PolicySpec(_Strict):
@@ -69,6 +96,8 @@ class PolicySpec(_Strict):
     bootstrap: Bootstrap = Bootstrap()
     auto_rollback: bool = False
     """Roll the champion back when new evidence about it fails this policy (also needs OPRD_AUTO_ROLLBACK)."""
+    signing: SigningRule = SigningRule()
+    """Whether artifacts must carry a verified signature and distillation attestation, and by which keys."""
 
 
 def load_policy_file(path: str | Path) -> PolicySpec:
@@ -82,7 +111,14 @@ def policy_digest(spec: PolicySpec) -> str:
     import hashlib
     import json
 
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    data = spec.model_dump(mode="json")
+    for key in ("length_tokens", "cost_usd", "device_hours"):
+        for added, default in _ADDED_DEFAULTS.items():
+            if data[key].get(added, default) == default:
+                data[key].pop(added, None)
+    if data.get("signing") == SigningRule().model_dump(mode="json"):
+        data.pop("signing")  # added later too: a policy that does not use it keeps its digest
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -19,21 +19,39 @@ if TYPE_CHECKING:  # annotations only: the status query imports this module with
     from server.auth import Principal
 
 
+_LOCKED = "oprd.locked_models"
+
+
+def lock_model(s: Session, name: str) -> RegisteredModel | None:
+    """Lock the model row (PostgreSQL ``FOR UPDATE``; SQLite's write lock is already held) and remember it in the
+    session, so later lock requests in the same transaction reuse the locked row instead of another round trip
+    (the lock lasts until commit or rollback, and a locked row cannot change under us). None: no such model."""
+    locked = s.info.setdefault(_LOCKED, {})
+    if name in locked:
+        return locked[name]
+    model = s.scalar(select(RegisteredModel).where(RegisteredModel.name == name).with_for_update())
+    if model is not None:
+        locked[name] = model  # a strong reference also keeps it in the identity map
+    return model
+
+
 def get_model(s: Session, name: str, *, lock: bool = False) -> RegisteredModel:
     """The model row; ``lock`` takes a row lock (PostgreSQL) that serialises writers of this model."""
-    stmt = select(RegisteredModel).where(RegisteredModel.name == name)
-    model = s.scalar(stmt.with_for_update() if lock else stmt)
+    model = (
+        lock_model(s, name) if lock else s.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+    )
     if model is None:
         raise NotFound(f"name: model {name!r} is not registered")
     return model
 
 
 def lock_or_create_model(s: Session, name: str) -> RegisteredModel:
-    model = s.scalar(select(RegisteredModel).where(RegisteredModel.name == name).with_for_update())
+    model = lock_model(s, name)
     if model is None:
         model = RegisteredModel(name=name)
         s.add(model)
         s.flush()  # a concurrent creator gets a unique violation here; Database.transact retries
+        s.info.setdefault(_LOCKED, {})[name] = model
     return model
 
 

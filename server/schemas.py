@@ -103,6 +103,8 @@ class Lineage(_In):
     teacher: ShortStr | None = None
     """Teacher identity (name@sha256 or artifact sha256); ``retire --teacher`` matches it exactly."""
     student_base: ShortStr | None = None
+    method: ShortStr | None = None
+    """Distillation method (``distill.method``); compared with a signed attestation's ``method``."""
     dataset_digests: dict[Name, ShortStr] = Field(default_factory=dict, max_length=64)
     eval_suites: dict[SuiteName, EvalSuiteRecord] = Field(default_factory=dict, max_length=64)
     """Suite -> what its scores are comparable by (file digest, grader names and versions). Optional: evidence
@@ -244,6 +246,20 @@ class AuditOut(_Out):
     created_at: datetime
 
 
+class MlflowReadOut(BaseModel):
+    """How complete the MLflow part of a read answer is (``status``, ``lineage``); the registry part is always
+    complete and authoritative."""
+
+    state: Literal["ok", "partial", "unavailable", "off"]
+    """``ok`` MLflow answered every read; ``partial`` some reads did not answer within their bound; ``unavailable``
+    none did; ``off`` MLflow was not read (``mlflow=false`` or mirroring disabled)."""
+    budget_s: float
+    """The request's total budget for MLflow reads (``OPRD_MLFLOW_REQUEST_BUDGET_S``)."""
+    answered: int
+    missing: int
+    """Reads that timed out, failed, were refused by the breaker, or were skipped when the budget ran out."""
+
+
 class StatusOut(BaseModel):
     model: str
     aliases: list[AliasOut]
@@ -261,6 +277,7 @@ class StatusOut(BaseModel):
     """``degraded`` while this model's MLflow writes are parked, failing, or pending past the grace (as ``/health``)."""
     oldest_pending_age_s: float | None = None
     """Seconds since this model's oldest pending MLflow write was committed (``None``: nothing pending)."""
+    mlflow_read: MlflowReadOut | None = None
 
 
 class PolicyOut(BaseModel):
@@ -282,6 +299,7 @@ class LineageOut(BaseModel):
     audit: list[AuditOut]
     mlflow: dict[str, Any]
     """What MLflow reports for the linked runs / logged models / model version (or an ``error``)."""
+    mlflow_read: MlflowReadOut | None = None
 
 
 class TokenOut(BaseModel):

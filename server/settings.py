@@ -18,6 +18,10 @@ def _default_mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+def default_keyring() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "oprd-ci" / "trusted-keys"
+
+
 class ServerSettings(BaseSettings):
     """Registry service settings; every field maps to ``OPRD_<FIELD>``."""
 
@@ -61,7 +65,17 @@ class ServerSettings(BaseSettings):
     """After a mutation commits, wait up to this long for *its own* MLflow writes before answering; past it the
     answer carries ``OPRD-MLflow: pending`` and the reconciler applies them later."""
     mlflow_request_timeout_s: float = Field(default=2.0, gt=0)
-    """Bound on one MLflow read made inside a request (``status``, ``lineage``); past it the read reports an error."""
+    """Bound on one MLflow read made inside a request (``status``, ``lineage``); past it the read reports an error
+    (and counts towards the circuit breaker)."""
+    mlflow_request_budget_s: float = Field(default=5.0, gt=0)
+    """Bound on *all* MLflow reads of one request together (``lineage`` of a version with many linked runs): reads
+    the budget does not reach are skipped and the answer says ``mlflow_read.state: partial`` (or ``unavailable``)."""
+    mlflow_read_concurrency: int = Field(default=8, ge=1)
+    """MLflow reads in flight at once in one process (``lineage`` reads its runs concurrently up to this)."""
+    mlflow_exit_drain_s: float = Field(default=30.0, ge=0)
+    """An in-process CLI command (no ``--url``) applies its pending MLflow writes before it exits for at most this
+    long (for a remote store, after a first read shows MLflow answers within ``mlflow_request_timeout_s``); what is
+    left stays in the outbox for the next registry process."""
     mlflow_breaker_failures: int = Field(default=3, ge=1)
     """Consecutive failed MLflow reads in requests that open the circuit breaker."""
     mlflow_breaker_open_s: float = Field(default=10.0, gt=0)
@@ -70,6 +84,10 @@ class ServerSettings(BaseSettings):
     """Token lookups are cached this long (a rotated or revoked token keeps working at most this long)."""
     public_docs: bool | None = None
     """Serve ``/openapi.json``, ``/docs`` and ``/redoc`` without a token. Default: only when no token is configured."""
+    trusted_keys_dir: Path = Field(default_factory=default_keyring)
+    """The registry's keyring: public keys (``*.pub`` PEM) artifacts may be signed by; a policy's
+    ``signing.trusted_keys`` picks among them by fingerprint. Admin-managed (``oprd-ci keys add``); default
+    ``~/.config/oprd-ci/trusted-keys`` (``bash scripts/setup.sh`` adds the local development key)."""
     sqlite_busy_timeout_ms: int = Field(default=30_000, gt=0)
     db_pool_size: int = Field(default=20, gt=0)
 

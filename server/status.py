@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from server.db import Database
 from server.errors import Invalid
-from server.mlflow_guard import MlflowGuard, MlflowUnavailable
+from server.mlflow_guard import Deadline, MlflowGuard, MlflowUnavailable
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem
@@ -23,7 +23,7 @@ from server.reconciler import OutboxStats
 from server.registry import get_model
 from server.schemas import StatusOut
 from server.settings import ServerSettings
-from server.views import alias_out, decision_out, version_out
+from server.views import alias_out, decision_out, mlflow_read_out, version_out
 
 __all__ = ["local_status", "model_status"]
 
@@ -36,11 +36,13 @@ def model_status(
     guard: MlflowGuard,
     reconciler_error: str | None = None,
     mlflow: bool = True,
+    deadline: Deadline | None = None,
     pending_grace_s: float = 30.0,
 ) -> StatusOut:
     """Aliases (with revisions), the champion with its decision, the outbox backlog, and (``mlflow``) the aliases
     MLflow holds. Raises ``NotFound`` for an unknown model. An MLflow failure is reported in
-    ``last_mlflow_error`` (``mlflow_aliases`` stays ``None``): the database state is authoritative.
+    ``last_mlflow_error`` (``mlflow_aliases`` stays ``None``) and ``mlflow_read``: the database state is
+    authoritative. The MLflow read is bounded by ``deadline`` (default: the guard's request budget).
     ``mlflow_state`` is ``degraded`` while this model's writes are parked, failing or pending past
     ``pending_grace_s`` seconds."""
     with db.read() as s:
@@ -111,12 +113,16 @@ def model_status(
             oldest_pending_age_s=backlog.oldest_pending_age_s(),
         )
     if mlflow and mirror is not None:
+        deadline = deadline or guard.deadline()
         try:
-            out.mlflow_aliases = guard.call(mirror.aliases, name)
+            out.mlflow_aliases = guard.call(mirror.aliases, name, deadline=deadline)
         except Exception as exc:  # MLflow down: report it, the DB state above is still authoritative
             out.last_mlflow_error = (str(exc) if isinstance(exc, MlflowUnavailable) else f"MLflow: {exc}")[
                 :500
             ]
+        out.mlflow_read = mlflow_read_out(deadline)
+    else:
+        out.mlflow_read = mlflow_read_out(None)
     return out
 
 

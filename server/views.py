@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from server.mlflow_guard import Deadline
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel
 from server.policy import PolicySpec, policy_digest
-from server.schemas import AliasOut, AuditOut, Criterion, DecisionOut, VersionOut
+from server.schemas import AliasOut, AuditOut, Criterion, DecisionOut, MlflowReadOut, VersionOut
 
 
 def version_out(model: RegisteredModel, mv: ModelVersion) -> VersionOut:
@@ -51,3 +52,12 @@ def alias_out(model: RegisteredModel, a: Alias) -> AliasOut:
 
 def audit_out(e: AuditEvent) -> AuditOut:
     return AuditOut.model_validate(e)
+
+
+def mlflow_read_out(deadline: Deadline | None) -> MlflowReadOut:
+    """How the request's MLflow reads went (``None``: MLflow was not read)."""
+    if deadline is None:
+        return MlflowReadOut(state="off", budget_s=0.0, answered=0, missing=0)
+    return MlflowReadOut(
+        state=deadline.state, budget_s=deadline.budget_s, answered=deadline.answered, missing=deadline.missing
+    )

@@ -479,6 +479,15 @@ class FailuresConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------------- root
+class SigningConfig(_Section):
+    """Signing the exported student (docs/signing.md). The private key's path comes from ``$OPRD_SIGNING_KEY``
+    (default ``~/.config/oprd-ci/keys/signing.pem``), never from here: params are logged to MLflow and git."""
+
+    sign: bool = True
+    """Sign ``artifacts/models/student`` with model-signing plus a distillation attestation at export; a missing
+    key fails precheck. Whether the registry *requires* a signature is the policy's ``signing.required``."""
+
+
 class Params(_Section):
     """The root of ``params.yaml``."""
 
@@ -494,6 +503,7 @@ class Params(_Section):
     tracking: TrackingConfig = TrackingConfig()
     gate: GateConfig = GateConfig()
     failures: FailuresConfig = FailuresConfig()
+    signing: SigningConfig = SigningConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

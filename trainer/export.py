@@ -5,7 +5,8 @@
     {"files": {"<relpath>": "<sha256 hex>", ...}, "sha256": "<sha256 of the manifest lines>"}
 
 ``relpath`` is POSIX-style and relative to the directory; every regular file below it is listed except
-``manifest.json`` itself. The manifest lines are ``f"{relpath}  {hash}\\n"`` (two spaces, as ``sha256sum``
+``manifest.json`` itself and the two top-level signature files (``model.sig``, ``distillation.sigstore.json``:
+:mod:`trainer.signing`), which sign the directory *including* its manifest. The manifest lines are ``f"{relpath}  {hash}\\n"`` (two spaces, as ``sha256sum``
 prints them) sorted by ``relpath`` and concatenated; their sha256 is the directory's single identity.
 
 Pure standard library on purpose: this is the one implementation of the format, shared by the trainer's export,
@@ -21,6 +22,7 @@ from pathlib import Path
 
 __all__ = [
     "MANIFEST_NAME",
+    "UNLISTED",
     "ManifestError",
     "file_sha256",
     "hash_directory",
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+UNLISTED = frozenset({MANIFEST_NAME, "model.sig", "distillation.sigstore.json"})
+"""Top-level files a manifest never lists: itself and the signatures over it (trainer.signing.SIGNATURE_FILES)."""
 _CHUNK = 1 << 20  # bytes read at a time, so multi-GB safetensors never sit in memory whole
 
 
@@ -53,7 +57,7 @@ def manifest_digest(files: dict[str, str]) -> str:
 
 
 def hash_directory(directory: str | Path) -> dict[str, str]:
-    """``{relpath: sha256}`` of every regular file under ``directory``, excluding the top-level manifest.
+    """``{relpath: sha256}`` of every regular file under ``directory``, excluding the top-level :data:`UNLISTED`.
 
     Raises:
         NotADirectoryError: ``directory`` is not a directory.
@@ -64,7 +68,7 @@ def hash_directory(directory: str | Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): file_sha256(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME
+        if p.is_file() and p.relative_to(root).as_posix() not in UNLISTED
     }
 
 

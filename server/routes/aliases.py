@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -11,41 +12,84 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server import aliases as ops
-from server.auth import CurrentPrincipal
+from server.auth import CurrentPrincipal, Principal
+from server.cost_history import CostHistoryRow, cost_history
 from server.db import Database
-from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep
+from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep, SettingsDep
 from server.errors import Conflict
-from server.gating import latest_evidence
-from server.idempotency import run_mutation
-from server.mlflow_guard import MlflowGuard
+from server.gating import latest_evidence, verify_signing
+from server.idempotency import has_record, run_mutation
+from server.mlflow_guard import Deadline, MlflowGuard
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
 from server.orm import Alias, AuditEvent, Decision, RegisteredModel
 from server.registry import ensure_ready, get_model, get_version, verify_registered
 from server.schemas import AliasOut, AuditOut, LineageOut, PromoteIn, RollbackIn, StatusOut
+from server.settings import ServerSettings
 from server.status import model_status as status_query
-from server.views import alias_out, audit_out, decision_out, version_out
+from server.views import alias_out, audit_out, decision_out, mlflow_read_out, version_out
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models/{name}", tags=["aliases"])
 
 
-def _verify_before_move(db: Database, name: str, version: int) -> None:
-    # Hash check outside the write transaction (large artifacts must not hold the write lock).
+def _refuse_lost_race(
+    s: Session,
+    request: Request,
+    who: Principal,
+    model: RegisteredModel,
+    alias: str,
+    expected_revision: int,
+) -> None:
+    """Raise the 409 the write transaction would raise when the alias is already past ``expected_revision`` in
+    this read snapshot (``ops.revision_passed``), unless the Idempotency-Key is on record (the transaction
+    replays that answer). The alias is read before the key: under READ COMMITTED a move seen committed by the
+    first read has its key record visible to the second (both commit together). Checked first, like the
+    transaction's compare-and-set (``ops.check_revision``): a lost race is refused without hashing."""
+    current = ops.revision_passed(s, model, alias, expected_revision)
+    if current is not None and not has_record(s, request, who):
+        raise ops.stale_revision(model, alias, current, expected_revision)
+
+
+def _verify_before_move(
+    db: Database,
+    request: Request,
+    who: Principal,
+    name: str,
+    alias: str,
+    body: PromoteIn,
+    settings: ServerSettings | None = None,
+) -> None:
+    # Refuse a lost race and check the hashes (and, when the policy requires it, the signature) outside the write
+    # transaction (large artifacts must not hold the write lock).
     with db.read() as s:
         model = get_model(s, name)
-        mv = get_version(s, model, version)
+        _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
+        mv = get_version(s, model, body.version)
         ensure_ready(mv)
+        evidence = latest_evidence(s, mv.id) if settings is not None else None
     verify_registered(mv)
+    # Promote: the policy's signing rule again, against the version's latest evidence.
+    if settings is not None:
+        verify_signing(
+            db, settings, name, Path(mv.artifact_path), mv.manifest_sha256, evidence, error=Conflict
+        )
 
 
 @router.post("/aliases/{alias}/promote", name="promote", response_model=AliasOut)
 def promote(
-    name: ModelName, alias: AliasName, body: PromoteIn, request: Request, db: DbDep, who: CurrentPrincipal
+    name: ModelName,
+    alias: AliasName,
+    body: PromoteIn,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    who: CurrentPrincipal,
 ) -> JSONResponse:
-    """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision)."""
+    """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision);
+    the artifact's hashes and, when the policy requires it, its signature and attestation are re-verified."""
     ops.check_alias(alias)
-    _verify_before_move(db, name, body.version)
+    _verify_before_move(db, request, who, name, alias, body, settings)
 
     def work(s: Session) -> AliasOut:
         row = ops.promote(
@@ -69,9 +113,13 @@ def rollback(
 ) -> JSONResponse:
     """Move the alias back to the previously promoted version, or to ``to_version`` from its history."""
     ops.check_alias(alias)
-    with db.read() as s:
-        target = ops.rollback_target(s, get_model(s, name), alias, body.to_version)
-    _verify_before_move(db, name, target)
+    with db.read() as s:  # one snapshot: target, lost race, the target's row
+        model = get_model(s, name)
+        _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
+        target = ops.rollback_target(s, model, alias, body.to_version)
+        mv = get_version(s, model, target)
+        ensure_ready(mv)
+    verify_registered(mv)
 
     def work(s: Session) -> AliasOut:
         row = ops.rollback(
@@ -127,6 +175,20 @@ def model_history(
         return [audit_out(e) for e in reversed(rows)]
 
 
+@router.get("/cost-history", name="model_cost_history", response_model=list[CostHistoryRow])
+def model_cost_history(
+    name: ModelName,
+    db: DbDep,
+    _: CurrentPrincipal,
+    alias: str = Query(default="champion", pattern=NAME_PATTERN, max_length=128),
+    limit: int = Query(default=100, ge=1, le=10_000),
+) -> list[CostHistoryRow]:
+    """Per version (the ``limit`` most recent, oldest first): accuracy per suite, tokens per response, cost, USD
+    per accuracy point and the cost/length criteria its latest decision flagged (``server.cost_history``)."""
+    with db.read() as s:
+        return cost_history(s, get_model(s, name), alias, limit=limit)
+
+
 @router.get("/lineage", name="model_lineage", response_model=LineageOut)
 def model_lineage(
     name: ModelName,
@@ -170,7 +232,8 @@ def model_lineage(
     if ev is not None:
         run_ids.update(ev.lineage.mlflow_run_ids)
         model_ids.update(ev.lineage.logged_model_ids)
-    out.mlflow = _mlflow_lineage(reconciler.mirror, guard, name, mv.version, run_ids, model_ids)
+    out.mlflow, deadline = _mlflow_lineage(reconciler.mirror, guard, name, mv.version, run_ids, model_ids)
+    out.mlflow_read = mlflow_read_out(deadline)
     return out
 
 
@@ -181,47 +244,56 @@ def _mlflow_lineage(
     version: int,
     runs: dict[str, str],
     models: dict[str, str],
-) -> dict[str, Any]:
-    """Each MLflow read goes through ``guard`` (bounded; fails at once while MLflow is known to be down)."""
+) -> tuple[dict[str, Any], Deadline | None]:
+    """The model version, the linked runs and LoggedModels as MLflow reports them, read concurrently through
+    ``guard`` within ONE ``deadline`` for all of them: an entry whose read did not answer in time (or was skipped
+    when the budget ran out, or refused by the open breaker) carries an ``error`` instead. Returns the entries and
+    the deadline (``None``: mirroring is off, nothing was read)."""
     if mirror is None:
-        return {"error": "MLflow mirroring is disabled"}
+        return {"error": "MLflow mirroring is disabled"}, None
+    c = mirror.client  # imports mlflow on first use (local CPU, once per process): before the budget starts
+    deadline = guard.deadline()
+    calls: dict[tuple[str, str], tuple[Any, tuple[object, ...]]] = {
+        ("model_version", ""): (c.get_model_version, (name, str(version)))
+    }
+    calls.update({("runs", stage): (c.get_run, (rid,)) for stage, rid in runs.items()})
+    calls.update({("logged_models", stage): (c.get_logged_model, (mid,)) for stage, mid in models.items()})
+    answers = guard.call_all(calls, deadline)
     out: dict[str, Any] = {"runs": {}, "logged_models": {}}
-    c = mirror.client
-    try:
-        mv = guard.call(c.get_model_version, name, str(version))
-        out["model_version"] = {
-            "source": mv.source,
-            "run_id": mv.run_id,
-            "tags": mv.tags,
-            "aliases": list(mv.aliases),
-        }
-    except Exception as exc:
-        out["model_version"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    for stage, rid in runs.items():
-        try:
-            r = guard.call(c.get_run, rid)
-            out["runs"][stage] = {
-                "run_id": rid,
-                "status": r.info.status,
-                "experiment_id": r.info.experiment_id,
-                "metrics": r.data.metrics,
-                "tags": {k: v for k, v in r.data.tags.items() if k.startswith(("oprd.", "lineage."))},
-                "inputs": [d.dataset.name + "@" + d.dataset.digest for d in r.inputs.dataset_inputs]
-                if r.inputs
+    for (kind, stage), got in answers.items():
+        ident = {"runs": {"run_id": runs.get(stage)}, "logged_models": {"model_id": models.get(stage)}}.get(
+            kind, {}
+        )
+        if isinstance(got, BaseException):
+            entry = {**ident, "error": f"{type(got).__name__}: {got}"[:300]}
+        elif kind == "model_version":
+            entry = {
+                "source": got.source,
+                "run_id": got.run_id,
+                "tags": got.tags,
+                "aliases": list(got.aliases),
+            }
+        elif kind == "runs":
+            entry = {
+                **ident,
+                "status": got.info.status,
+                "experiment_id": got.info.experiment_id,
+                "metrics": got.data.metrics,
+                "tags": {k: v for k, v in got.data.tags.items() if k.startswith(("oprd.", "lineage."))},
+                "inputs": [d.dataset.name + "@" + d.dataset.digest for d in got.inputs.dataset_inputs]
+                if got.inputs
                 else [],
             }
-        except Exception as exc:
-            out["runs"][stage] = {"run_id": rid, "error": f"{type(exc).__name__}: {exc}"[:300]}
-    for stage, mid in models.items():
-        try:
-            lm = guard.call(c.get_logged_model, mid)
-            out["logged_models"][stage] = {
-                "model_id": mid,
-                "name": lm.name,
-                "status": str(lm.status),
-                "source_run_id": lm.source_run_id,
-                "tags": lm.tags,
+        else:
+            entry = {
+                **ident,
+                "name": got.name,
+                "status": str(got.status),
+                "source_run_id": got.source_run_id,
+                "tags": got.tags,
             }
-        except Exception as exc:
-            out["logged_models"][stage] = {"model_id": mid, "error": f"{type(exc).__name__}: {exc}"[:300]}
-    return out
+        if kind == "model_version":
+            out["model_version"] = entry
+        else:
+            out[kind][stage] = entry
+    return out, deadline

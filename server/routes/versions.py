@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 from server.aliases import check_alias
 from server.auth import CurrentPrincipal
 from server.deps import AliasQuery, DbDep, ModelName, ReasonQuery, ReconcilerDep, SettingsDep, VersionPath
-from server.errors import NotFound
-from server.gating import prepare_decision, promote_on_verdict
+from server.errors import Invalid, NotFound
+from server.gating import prepare_decision, promote_on_verdict, verify_signing
 from server.gating import submit_evidence as _submit
 from server.idempotency import run_mutation
 from server.orm import Alias, Decision, ModelVersion, RegisteredModel
@@ -121,6 +121,8 @@ def gate(
     verified, source = prepare_registration(settings, reg)
     check_logged_model(reconciler.mirror, source, settings.mlflow_validate_timeout_s)
     evidence = EvidenceBody(suites=body.suites, cost=body.cost, lineage=body.lineage)
+    # The policy's signing rule: signature, attestation and its agreement with this evidence (422 naming it).
+    verify_signing(db, settings, body.model, verified.path, verified.sha256, evidence, error=Invalid)
     auto = settings.auto_rollback
     # Outside the transaction: integrity of the stored bytes the alias may move to, and the decision itself.
     plan = prepare_decision(

@@ -147,6 +147,11 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert distill.data.tags["oprd.upstream.rollout"] == by_stage["rollout"][0].info.run_id
     assert "loss/total" in distill.data.metrics and distill.data.tags["oprd.method"] == "oprd"
     assert by_stage["gate"][0].data.tags["oprd.gate.verdict"] == gate["decision"]["verdict"]
+    for g in by_stage["gate"]:  # the cost trend drawn from `oprd-ci history --cost` (pipelines/cost_trend.py)
+        assert {a.path for a in client.list_artifacts(g.info.run_id, "cost")} == {
+            "cost/trend.png",
+            "cost/history.json",
+        }
     # how each suite was scored (file digest, grader and its version): the evaluate stage's record, both runs'
     # tags, the gate's evidence and its decision record
     from pipelines.graders import grader_version

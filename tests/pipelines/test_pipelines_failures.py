@@ -253,3 +253,88 @@ def test_precheck_reports_a_hand_edited_bank_row(tmp_path):
     bank.write_text("\n".join([rows[0], json.dumps(broken), *rows[2:]]) + "\n")
     found = [p for p in check_params(params, check_tracking=False) if p.startswith("failures.bank")]
     assert len(found) == 1 and f"id {broken['id']}" in found[0] and "non-empty string reference" in found[0]
+
+
+# --------------------------------------------------------------------------------------------- collect
+def _evaluated(tmp_path: Path, grades: dict[str, list[bool]]) -> tuple[Path, Path]:
+    """A suite file and the evaluate stage's outputs for it (the stage's own writers), role ``student``."""
+    from pipelines.evaluation import ProblemResult, summarize, write_eval_outputs
+    from pipelines.suites import load_suite, suite_record
+    from trainer.config import EvalSuite
+
+    suite_file = _write(tmp_path / "traffic.jsonl", [
+        {"id": pid, "prompt": f"{i}+{i}=", "reference": str(2 * i), "grader": "math"}
+        for i, pid in enumerate(grades)
+    ])  # fmt: skip
+    suite = load_suite(EvalSuite(name="traffic", path=str(suite_file)), None)
+    rows = [ProblemResult(suite="traffic", role="student", problem_id=pid, k=len(ok), n_correct=sum(ok),
+                          mean_length=3.0, responses=[f"\\boxed{{{j}}}" for j in range(len(ok))], correct=ok,
+                          lengths=[3] * len(ok), grader="math", reasons=[""] * len(ok))
+            for pid, ok in grades.items()]  # fmt: skip
+    eval_dir = tmp_path / "eval"
+    write_eval_outputs({"student": ({"traffic": summarize(rows, k=4, seed=0)}, rows)},
+                       tmp_path / "eval.json", eval_dir / "per_problem.jsonl", eval_dir / "responses.jsonl")  # fmt: skip
+    (eval_dir / "suites.json").write_text(json.dumps({"traffic": suite_record(suite)}))
+    return suite_file, eval_dir
+
+
+def test_collect_writes_the_failed_problems_as_bank_input(tmp_path):
+    T, F = True, False
+    grades = {"a": [F, F, F, F], "b": [T, T, F, F], "c": [T, F, F, F], "d": [T, T, T, T]}
+    suite_file, eval_dir = _evaluated(tmp_path, grades)
+    (tmp_path / "params.yaml").write_text("failures:\n  regression_fraction: 0.5\n")
+    out = tmp_path / "incoming" / "v3.jsonl"
+    r = _cli("collect", "--from", str(eval_dir), "--suite", "traffic", "--suite-file", str(suite_file),
+             "--role", "student", "--version", "3", "--model", "m", "--out", str(out), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "2 of 4 problems of traffic/student failed" in r.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # Avg@k below 0.5: a (0/4) and c (1/4); b (2/4) is not a failure at the default threshold
+    assert [row["id"] for row in rows] == ["a", "c"]
+    assert rows[1] == {"id": "c", "prompt": "2+2=", "grader": "math", "reference": "4", "response": "\\boxed{1}",
+                       "source": "evaluate traffic/student: 1 of 4 correct", "version": 3, "model": "m"}  # fmt: skip
+    r = _cli("add", str(out), "--suite", "prod", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    bank = load_bank(tmp_path / "failures" / "bank.jsonl")
+    assert sorted(b.failures[0]["external_id"] for b in bank.rows) == ["a", "c"]
+    assert all(b.versions() == [3] for b in bank.rows)
+    r = _cli("collect", "--from", str(eval_dir), "--suite", "traffic", "--suite-file", str(suite_file),
+             "--below", "0.75", "--out", str(tmp_path / "all.jsonl"), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "3 of 4" in r.stdout
+
+
+def test_collect_refuses_another_suite_file_or_role(tmp_path):
+    suite_file, eval_dir = _evaluated(tmp_path, {"a": [False] * 4, "b": [True] * 4})
+    out = tmp_path / "out.jsonl"
+    args = ("collect", "--from", str(eval_dir), "--suite", "traffic", "--out", str(out))
+    edited = _write(tmp_path / "edited.jsonl", [{"id": "a", "prompt": "9+9=", "reference": "18"},
+                                                {"id": "b", "prompt": "1+1=", "reference": "2"}])  # fmt: skip
+    r = _cli(*args, "--suite-file", str(edited), cwd=tmp_path)
+    assert r.returncode == 2 and "is not the file suite 'traffic' was evaluated on" in r.stderr
+    r = _cli(*args, "--suite-file", str(suite_file), "--role", "teacher", cwd=tmp_path)
+    assert r.returncode == 2 and "no results for suite 'traffic' role 'teacher'" in r.stderr
+    assert "traffic/student" in r.stderr and not out.exists()
+
+
+def test_toolcall_requests_are_new_distinct_and_deterministic(tmp_path):
+    import itertools
+
+    from pipelines.task_toolcall import iter_problems
+    from pipelines.toolcall_requests import main
+
+    first = [p.prompt for p in itertools.islice(iter_problems(1), 30)]
+    task = tmp_path / "task"
+    task.mkdir()
+    for name, prompts in (("train", first[:10]), ("val", first[10:20]), ("eval", first[20:])):
+        _write(task / f"{name}.jsonl", [{"prompt": p} for p in prompts])
+    out = tmp_path / "req.jsonl"
+    assert main(["--seed", "1", "--num", "300", "--out", str(out), "--task-dir", str(task)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows]
+    assert len(rows) == 300 == len(set(prompts)) and not set(prompts) & set(first)
+    assert [p.problem_id for p in load_problems(out)] == [f"req-s1-{i:05d}" for i in range(300)]
+    again = tmp_path / "again.jsonl"
+    main(["--seed", "1", "--num", "300", "--out", str(again), "--task-dir", str(task)])
+    assert again.read_bytes() == out.read_bytes()
+    (task / "val.jsonl").unlink()
+    assert main(["--seed", "1", "--num", "5", "--out", str(out), "--task-dir", str(task)]) == 2
