@@ -13,7 +13,16 @@ from typing import Annotated
 
 import typer
 
-from oprd_ci import bench_cli, failures_cli, grid_cli, init_cli, params_cli, registry_cli, signing_cli
+from oprd_ci import (
+    bench_cli,
+    failures_cli,
+    grid_cli,
+    init_cli,
+    outbox_cli,
+    params_cli,
+    registry_cli,
+    signing_cli,
+)
 
 app = typer.Typer(
     name="oprd-ci",
@@ -23,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
 )
 registry_cli.register(app)
+outbox_cli.register(app)
 bench_cli.register(app)
 grid_cli.register(app)
 failures_cli.register(app)

@@ -382,9 +382,11 @@ def _render_status(s: dict) -> None:
         _render_decision(s["champion_decision"])
     parked = s.get("parked_mlflow_writes", 0)
     if s["pending_mlflow_writes"] or parked or s["last_mlflow_error"]:
+        age = s.get("oldest_pending_age_s")
         console.print(
-            f"[yellow]MLflow: {s['pending_mlflow_writes']} pending writes, {parked} parked (refused by MLflow; "
-            f"see history); last error: {s['last_mlflow_error']}[/]"
+            f"[yellow]MLflow {s.get('mlflow_state', 'ok')}: {s['pending_mlflow_writes']} pending writes, {parked} "
+            "parked (refused by MLflow or failing past their budget: `oprd-ci outbox list`)"
+            f"{f'; oldest pending {age:.0f} s' if age is not None else ''}; last error: {s['last_mlflow_error']}[/]"
         )
 
 
@@ -747,7 +749,6 @@ def _reconcile_local(name: str | None, timeout_s: float) -> dict:
     from server.db import Database
     from server.migrate import upgrade
     from server.mlflow_guard import MlflowGuard
-    from server.mlflow_mirror import MlflowMirror
     from server.orm import RegisteredModel
     from server.reconciler import Reconciler, ReconcileResult
     from server.settings import ServerSettings
@@ -768,14 +769,14 @@ def _reconcile_local(name: str | None, timeout_s: float) -> dict:
         _fail(
             EXIT_NOT_FOUND, f"name: no model {name!r}{hint} (known models: {', '.join(names[:20]) or 'none'})"
         )
-    mirror = MlflowMirror(settings.mlflow_tracking_uri)
-    reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
+    reconciler = Reconciler.from_settings(db, settings)
+    mirror = reconciler.mirror
     total = ReconcileResult()
     failure: list[BaseException] = []
 
     def work() -> None:
         try:
-            r = reconciler.run_once(check_drift=True, models=[name] if name else None)
+            r = reconciler.run_once(check_drift=True, models=[name] if name else None, now=True)
             total.applied, total.pending, total.parked = r.applied, r.pending, r.parked
             total.errors, total.drift_fixed = r.errors, r.drift_fixed
             if r.skipped:

@@ -3,6 +3,7 @@ caller's transaction. Rollback is a new event (a move back), never a deletion of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -10,12 +11,33 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from server.auth import Principal
-from server.errors import Conflict, Forbidden, NotFound
+from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.events import add_audited
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel, enqueue, utcnow
 from server.registry import ensure_ready, get_model, get_version, next_audit_seq
 
 MOVE_ACTIONS = ("promote", "rollback", "auto_rollback")
+# MLflow 3.x's own alias rules (mlflow/utils/validation.py: _REGISTERED_MODEL_ALIAS_REGEX,
+# _validate_model_alias_name_reserved): only [\w-] characters; "latest" (any case) and v<N>/V<N> are reserved.
+_MLFLOW_ALIAS = re.compile(r"^[\w\-]+$", re.ASCII)
+_MLFLOW_VERSION_ALIAS = re.compile(r"^[vV]\d+$")
+
+
+def mlflow_alias_problem(alias: str) -> str | None:
+    """Why MLflow can never hold ``alias`` (so the registry refuses it up front), or ``None``."""
+    if alias.lower() == "latest":
+        return "'latest' (any case) is reserved by MLflow (models:/<name>/latest means the newest version)"
+    if _MLFLOW_VERSION_ALIAS.match(alias):
+        return f"{alias!r} is reserved by MLflow (v<N> names version N)"
+    if not _MLFLOW_ALIAS.match(alias):
+        return f"{alias!r}: MLflow aliases may only contain letters, digits, '_' and '-'"
+    return None
+
+
+def check_alias(alias: str) -> None:
+    """Raise ``Invalid`` (422) for an alias MLflow can never hold (see :func:`mlflow_alias_problem`)."""
+    if (why := mlflow_alias_problem(alias)) is not None:
+        raise Invalid(f"alias: {why}")
 
 
 @dataclass(frozen=True)
@@ -75,8 +97,10 @@ def revision_passed(s: Session, model: RegisteredModel, alias: str, expected_rev
 def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, move: Move) -> Alias:
     """CAS the alias from ``move.expected_revision`` to ``revision + 1``; write the audit and outbox rows.
 
-    The caller holds the model lock. Raises Conflict on a stale revision or a no-op move.
+    The caller holds the model lock. Raises Invalid (422) for an alias MLflow can never hold, Conflict on a
+    stale revision or a no-op move.
     """
+    check_alias(alias)
     row = get_alias(s, model, alias, lock=True)
     current = row.revision if row is not None else 0
     if move.expected_revision != current:

@@ -60,8 +60,7 @@ def create_app(
     db = Database(settings)
     upgrade(db.engine)
     _bootstrap_tokens(db, settings)
-    mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
-    reconciler = Reconciler(db, mirror, settings.reconcile_interval_s)
+    reconciler = Reconciler.from_settings(db, settings)
     deliverer = Deliverer(db, settings)  # the event outbox -> webhooks (server.webhooks)
     watcher = (
         RetirementWatcher(db, settings.retirement_interval_s) if settings.retirement_interval_s else None

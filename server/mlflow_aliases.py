@@ -57,12 +57,27 @@ def read_aliases(tracking_uri: str, model: str, *, timeout_s: float = 10.0) -> d
     return None
 
 
-def _read_rest(uri: str, model: str, timeout_s: float) -> dict[str, int] | None:
-    headers, auth = {}, None
+def rest_modelled(tracking_uri: str) -> bool:
+    """True when ``tracking_uri`` is an MLflow tracking server this module's REST calls talk to exactly as
+    ``MlflowClient`` would (http(s), none of the client settings in ``_UNMODELLED_ENV``)."""
+    if any(os.environ.get(k) for k in _UNMODELLED_ENV):
+        return False
+    return urlsplit(tracking_uri).scheme in ("http", "https")
+
+
+def rest_credentials() -> tuple[dict[str, str], tuple[str, str] | None]:
+    """(headers, basic auth) from the standard ``MLFLOW_TRACKING_*`` credentials, as the client sends them."""
+    headers: dict[str, str] = {}
+    auth = None
     if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
         headers["Authorization"] = f"Bearer {token}"
     elif (user := os.environ.get("MLFLOW_TRACKING_USERNAME")) is not None:
         auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    return headers, auth
+
+
+def _read_rest(uri: str, model: str, timeout_s: float) -> dict[str, int] | None:
+    headers, auth = rest_credentials()
     r = httpx.get(
         uri.rstrip("/") + "/api/2.0/mlflow/registered-models/get",
         params={"name": model},

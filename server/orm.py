@@ -138,9 +138,11 @@ class AuditEvent(Base):
 class OutboxItem(Base):
     """A pending MLflow write. Applied in ``id`` order by the reconciler; every kind is idempotent.
 
-    States: pending (``applied_at`` and ``parked_at`` NULL), applied, or parked: MLflow refused the write
-    itself (not an outage), so retrying cannot help; it stays visible in ``/health``, ``status`` and the audit,
-    and the rows after it are still applied.
+    States: pending (``applied_at`` and ``parked_at`` NULL), applied (``applied_at`` set; also a row a later
+    write of the same alias or tag superseded), or parked (``parked_at`` set, ``applied_at`` NULL): MLflow refused
+    the write, or kept failing it past its budget; it stays visible in ``/health``, ``status``, the audit and
+    ``oprd-ci outbox list`` until an admin retries or drops it, and the rows after it are still applied.
+    A pending row that failed is tried again at ``next_attempt_at`` (per-row backoff, docs/registry.md).
     """
 
     __tablename__ = "outbox"
@@ -155,6 +157,10 @@ class OutboxItem(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     parked_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    """A failed pending row is not tried before this (UTC); NULL = due now."""
+    failing_since: Mapped[datetime | None]
+    """First failure of the current run of failures (UTC); NULL once applied or never failed."""
 
 
 _ENQUEUED = "oprd.outbox"

@@ -275,6 +275,10 @@ class StatusOut(BaseModel):
     mlflow_aliases: dict[str, int] | None
     """Aliases as MLflow reports them right now (``None`` when MLflow could not be read)."""
     last_mlflow_error: str | None
+    mlflow_state: Literal["ok", "degraded"] = "ok"
+    """``degraded`` while this model's MLflow writes are parked, failing, or pending past the grace (as ``/health``)."""
+    oldest_pending_age_s: float | None = None
+    """Seconds since this model's oldest pending MLflow write was committed (``None``: nothing pending)."""
     mlflow_read: MlflowReadOut | None = None
 
 
@@ -317,10 +321,37 @@ class ReconcileOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"]
+    """``degraded``: MLflow writes are parked, failing, or pending longer than ``OPRD_MLFLOW_PENDING_GRACE_S``
+    (the registry itself still serves; the database is the source of truth)."""
     database: str
     pending_mlflow_writes: int
     parked_mlflow_writes: int
+    failing_mlflow_writes: int = 0
+    """Pending writes whose last attempt failed (each waits for its own next attempt)."""
+    oldest_pending_age_s: float | None = None
+    """Seconds since the oldest pending MLflow write was committed (``None``: nothing pending)."""
     last_mlflow_error: str | None
+    reconcile_pass_running_s: float | None = None
+    """How long the reconciler's current pass has been running (``None``: between passes)."""
     counts_age_s: float
-    """Age of the counts (taken by the reconciler at the end of its last pass)."""
+    """Age of the counts: 0 when read from the database for this answer; the age of the last pass's counts when
+    the database did not answer within a second."""
+
+
+class OutboxRowOut(BaseModel):
+    id: int
+    kind: str
+    model: str
+    payload: dict[str, Any]
+    state: Literal["pending", "parked", "dropped"]
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime
+    parked_at: datetime | None
+
+
+class OutboxActionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: Reason

@@ -45,6 +45,22 @@ class ServerSettings(BaseSettings):
     """Local directories under which registered artifacts must live (JSON list or comma-separated)."""
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     """Background reconciler period: pending outbox rows are retried at least this often."""
+    reconcile_pass_deadline_s: float = Field(default=10.0, gt=0)
+    """Bound on one reconciler pass (all the MLflow writes it makes plus the drift check); the rest waits."""
+    mlflow_write_timeout_s: float = Field(default=5.0, gt=0)
+    """Bound on one MLflow write call (one REST request: one attempt; retries are the outbox's, with backoff)."""
+    mlflow_retry_base_s: float = Field(default=1.0, gt=0)
+    """A failed write is tried again after ``base * 2**(attempts-1)`` seconds, at most ``mlflow_retry_max_s``."""
+    mlflow_retry_max_s: float = Field(default=300.0, gt=0)
+    mlflow_internal_error_attempts: int = Field(default=3, ge=1)
+    """A write MLflow answers with a server error (500 / INTERNAL_ERROR) this many times is parked."""
+    mlflow_retry_budget_s: float = Field(default=86_400.0, gt=0)
+    """A write still failing (MLflow unreachable, 429/503) this long after its first failure is parked."""
+    mlflow_pending_grace_s: float = Field(default=30.0, ge=0)
+    """``/health`` reports ``degraded`` once a write has been pending longer than this (or is failing, parked)."""
+    mlflow_validate_timeout_s: float = Field(default=2.0, gt=0)
+    """Bound on the registration-time check that a ``models:/`` source's LoggedModel exists (past it: accepted,
+    and the applier re-validates)."""
     sync_wait_s: float = Field(default=0.1, ge=0)
     """After a mutation commits, wait up to this long for *its own* MLflow writes before answering; past it the
     answer carries ``OPRD-MLflow: pending`` and the reconciler applies them later."""

@@ -14,11 +14,19 @@ artifact directory) and are only used with a local MLflow store; an MLflow serve
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
+import threading
 import urllib.parse
+from typing import TYPE_CHECKING
 
 from server.errors import Invalid
+
+if TYPE_CHECKING:
+    from server.mlflow_mirror import MlflowMirror
+
+log = logging.getLogger(__name__)
 
 _SCHEMES = ("runs", "models", "mlflow-artifacts")
 _LOGGED_MODEL = re.compile(r"^m-[A-Za-z0-9]+$")
@@ -66,3 +74,31 @@ def validate_source(source: str, run_id: str | None, logged_model_id: str | None
             raise _refuse(source, "mlflow-artifacts: sources need mlflow_run_id (or logged_model_id)")
         if not any(i in parts for i in owners):
             raise _refuse(source, "the URI is not under the artifact root of mlflow_run_id / logged_model_id")
+
+
+def check_logged_model(mirror: MlflowMirror | None, source: str, timeout_s: float) -> None:
+    """Raise ``Invalid`` (422) when ``source`` is ``models:/<id>`` and MLflow answers, within ``timeout_s``, that it
+    has no LoggedModel ``<id>`` (MLflow's API accepts such a version, then fails every use of it with an internal
+    error). When MLflow does not answer in time (or fails) the source is accepted: the reconciler's write
+    re-validates it, and a refusal parks that one row."""
+    if mirror is None or not source.startswith("models:/"):
+        return
+    model_id = source.removeprefix("models:/").strip("/")
+    answer: list[object] = []
+
+    def ask() -> None:
+        try:
+            answer.append(mirror.logged_model_exists(model_id, timeout_s))
+        except Exception as exc:  # not an answer about the id: accept, the applier re-validates
+            answer.append(exc)
+
+    # A daemon thread, joined with the bound: a stuck MLflow call must neither hold the request nor block exit.
+    worker = threading.Thread(target=ask, name="oprd-logged-model-check", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if answer and answer[0] is False:
+        raise _refuse(source, f"MLflow has no LoggedModel {model_id!r} (log the model first)")
+    if not answer or isinstance(answer[0], Exception):
+        log.info(
+            "LoggedModel %s not checked (%s); the applier re-validates it", model_id, answer or "timeout"
+        )

@@ -19,6 +19,7 @@ from server.mlflow_guard import Deadline, MlflowGuard, MlflowUnavailable
 from server.mlflow_mirror import MlflowMirror
 from server.names import NAME_PATTERN
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, OutboxItem
+from server.reconciler import OutboxStats
 from server.registry import get_model
 from server.schemas import StatusOut
 from server.settings import ServerSettings
@@ -36,11 +37,14 @@ def model_status(
     reconciler_error: str | None = None,
     mlflow: bool = True,
     deadline: Deadline | None = None,
+    pending_grace_s: float = 30.0,
 ) -> StatusOut:
     """Aliases (with revisions), the champion with its decision, the outbox backlog, and (``mlflow``) the aliases
     MLflow holds. Raises ``NotFound`` for an unknown model. An MLflow failure is reported in
     ``last_mlflow_error`` (``mlflow_aliases`` stays ``None``) and ``mlflow_read``: the database state is
-    authoritative. The MLflow read is bounded by ``deadline`` (default: the guard's request budget)."""
+    authoritative. The MLflow read is bounded by ``deadline`` (default: the guard's request budget).
+    ``mlflow_state`` is ``degraded`` while this model's writes are parked, failing or pending past
+    ``pending_grace_s`` seconds."""
     with db.read() as s:
         model = get_model(s, name)
         rows = s.scalars(select(Alias).where(Alias.model_id == model.id).order_by(Alias.alias)).all()
@@ -70,12 +74,19 @@ def model_status(
             or 0
         )
         unapplied = s.execute(
-            select(OutboxItem.parked_at.is_not(None), func.count(), func.max(OutboxItem.id))
+            select(
+                OutboxItem.parked_at.is_not(None),
+                func.count(),
+                func.min(OutboxItem.created_at),
+                func.count(OutboxItem.last_error),
+            )
             .where(OutboxItem.model_name == name, OutboxItem.applied_at.is_(None))
             .group_by(OutboxItem.parked_at.is_not(None))
         ).all()
-        counts = {bool(parked): (n, newest) for parked, n, newest in unapplied}
-        pending, parked = counts.get(False, (0, None))[0], counts.get(True, (0, None))[0]
+        counts = {bool(parked): (n, oldest, failing) for parked, n, oldest, failing in unapplied}
+        pending, oldest_at, failing = counts.get(False, (0, None, 0))
+        parked = counts.get(True, (0, None, 0))[0]
+        backlog = OutboxStats(pending=pending, parked=parked, failing=failing, oldest_pending_at=oldest_at)
         # this model's oldest MLflow error on record: the root cause (a parked row's refusal, or a pending row's outage)
         model_error = s.scalar(
             select(OutboxItem.last_error)
@@ -98,6 +109,8 @@ def model_status(
             parked_mlflow_writes=parked,
             mlflow_aliases=None,
             last_mlflow_error=guard.last_error or model_error or (reconciler_error if pending else None),
+            mlflow_state=backlog.state(pending_grace_s),
+            oldest_pending_age_s=backlog.oldest_pending_age_s(),
         )
     if mlflow and mirror is not None:
         deadline = deadline or guard.deadline()
@@ -125,7 +138,14 @@ def local_status(settings: ServerSettings, name: str, *, mlflow: bool = True) ->
     try:
         upgrade(db.engine)
         mirror = MlflowMirror(settings.mlflow_tracking_uri) if settings.mlflow_enabled else None
-        return model_status(db, name, mirror=mirror, guard=guard, mlflow=mlflow)
+        return model_status(
+            db,
+            name,
+            mirror=mirror,
+            guard=guard,
+            mlflow=mlflow,
+            pending_grace_s=settings.mlflow_pending_grace_s,
+        )
     finally:
         guard.shutdown()
         db.dispose()

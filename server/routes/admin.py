@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import select
@@ -16,11 +18,14 @@ from server.deps import DbDep, ModelName, ReconcilerDep, VersionPath
 from server.errors import NotFound
 from server.gating import set_policy as _set_policy
 from server.idempotency import run_mutation
-from server.orm import ModelVersion, Policy, RegisteredModel
+from server.orm import ModelVersion, OutboxItem, Policy, RegisteredModel
 from server.policy import PolicySpec, policy_digest
+from server.reconciler import drop_parked, list_outbox, outbox_stats, retry_parked
 from server.registry import get_model, get_version, lock_or_create_model, retire
 from server.schemas import (
     HealthOut,
+    OutboxActionIn,
+    OutboxRowOut,
     PolicyOut,
     PolicySetIn,
     ReconcileOut,
@@ -33,6 +38,11 @@ from server.schemas import (
 from server.views import version_out
 
 router = APIRouter(tags=["admin"])
+_HEALTH_DB_S = (
+    1.0  # /health reads the outbox from the database at most this long, else the last pass's counts
+)
+_RECONCILE_WAIT_S = 2.0  # POST /v1/reconcile waits this long for a running pass to end, then answers 202
+OutboxId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Outbox row id (`oprd-ci outbox list`)")]
 
 
 class RetireOut(BaseModel):
@@ -56,17 +66,29 @@ def _policy_out(model: RegisteredModel, p: Policy) -> PolicyOut:
 
 @router.get("/health", name="health", response_model=HealthOut)
 async def health(request: Request) -> HealthOut:
-    """Liveness plus the outbox counts as of the reconciler's last pass. Async and free of I/O: it answers on the
-    event loop even when every worker thread is busy, and never touches MLflow."""
+    """Liveness plus the MLflow outbox as the database holds it now: ``degraded`` while writes are parked,
+    failing, or pending past the grace. Async: the database read runs on asyncio's own executor bounded by
+    ``_HEALTH_DB_S`` (not on the request thread pool, which may be full), and falls back to the counts of the
+    reconciler's last pass. Never touches MLflow."""
     state = request.app.state
-    stats = state.reconciler.stats
+    reconciler = state.reconciler
+    try:
+        stats = await asyncio.wait_for(asyncio.to_thread(outbox_stats, state.db), _HEALTH_DB_S)
+        age = 0.0
+    except Exception:  # the database is slow or down: say what the last pass saw, and how old that is
+        stats = reconciler.stats
+        age = round(max(0.0, time.time() - stats.at), 3)
+    started = reconciler.pass_started
     return HealthOut(
-        status="ok",
+        status=stats.state(reconciler.retry.pending_grace_s),
         database=state.db.engine.dialect.name,
         pending_mlflow_writes=stats.pending,
         parked_mlflow_writes=stats.parked,
-        last_mlflow_error=state.mlflow_guard.last_error or stats.last_error,
-        counts_age_s=round(max(0.0, time.time() - stats.at), 3),
+        failing_mlflow_writes=stats.failing,
+        oldest_pending_age_s=stats.oldest_pending_age_s(),
+        last_mlflow_error=state.mlflow_guard.last_error or reconciler.last_error or stats.last_error,
+        reconcile_pass_running_s=None if started is None else round(max(0.0, time.time() - started), 3),
+        counts_age_s=age,
     )
 
 
@@ -137,13 +159,70 @@ def retire_teacher(body: RetireTeacherIn, request: Request, who: CurrentPrincipa
     return run_mutation(request, who, None, work)
 
 
-@router.post("/v1/reconcile", name="reconcile", response_model=ReconcileOut)
-def reconcile(reconciler: ReconcilerDep, _: CurrentPrincipal) -> ReconcileOut:
-    """Apply pending MLflow writes now and repair alias drift (idempotent)."""
-    r = reconciler.run_once(check_drift=True)
-    return ReconcileOut(
+@router.post(
+    "/v1/reconcile",
+    name="reconcile",
+    response_model=ReconcileOut,
+    responses={202: {"model": ReconcileOut, "description": "a pass is running; nothing was started"}},
+)
+def reconcile(reconciler: ReconcilerDep, _: CurrentPrincipal) -> JSONResponse:
+    """Apply pending MLflow writes now and repair alias drift (idempotent), within the pass deadline
+    (``OPRD_RECONCILE_PASS_DEADLINE_S``). When a pass is already running and does not end within
+    ``_RECONCILE_WAIT_S``, this answers 202 with the current counts instead of waiting for it."""
+    r = reconciler.run_once(check_drift=True, wait=_RECONCILE_WAIT_S, now=True)
+    out = ReconcileOut(
         applied=r.applied, pending=r.pending, parked=r.parked, errors=r.errors, drift_fixed=r.drift_fixed
     )
+    if r.busy:
+        out.errors.append("a reconcile pass is running; its writes are in progress (see /health)")
+        return JSONResponse(out.model_dump(mode="json"), status_code=202)
+    return JSONResponse(out.model_dump(mode="json"))
+
+
+def _outbox_out(row: OutboxItem) -> OutboxRowOut:
+    return OutboxRowOut(
+        id=row.id,
+        kind=row.kind,
+        model=row.model_name,
+        payload=row.payload,
+        state="dropped"
+        if row.applied_at is not None
+        else "parked"
+        if row.parked_at is not None
+        else "pending",
+        attempts=row.attempts,
+        last_error=row.last_error,
+        next_attempt_at=row.next_attempt_at,
+        created_at=row.created_at,
+        parked_at=row.parked_at,
+    )
+
+
+@router.get("/v1/outbox", name="list_outbox", response_model=list[OutboxRowOut])
+def outbox_list(
+    db: DbDep,
+    _: CurrentPrincipal,
+    parked: bool = Query(default=False, description="Only parked rows."),
+    limit: int = Query(default=1000, ge=1, le=100_000),
+) -> list[OutboxRowOut]:
+    """MLflow writes not applied yet: parked first, then pending (oldest first), with attempts and last error."""
+    return [_outbox_out(r) for r in list_outbox(db, include_pending=not parked, limit=limit)]
+
+
+@router.post("/v1/outbox/{row_id}/retry", name="retry_outbox", response_model=OutboxRowOut)
+def outbox_retry(
+    row_id: OutboxId, body: OutboxActionIn, db: DbDep, reconciler: ReconcilerDep, who: CurrentPrincipal
+) -> OutboxRowOut:
+    """Make a parked (or backing-off) row due now with a fresh retry budget; audited as ``mlflow_retry``."""
+    row = retry_parked(db, row_id, who.name, who.role, body.reason)
+    reconciler.kick()
+    return _outbox_out(row)
+
+
+@router.post("/v1/outbox/{row_id}/drop", name="drop_outbox", response_model=OutboxRowOut)
+def outbox_drop(row_id: OutboxId, body: OutboxActionIn, db: DbDep, who: CurrentPrincipal) -> OutboxRowOut:
+    """Give up on a row for good: MLflow never gets this write; audited as ``mlflow_dropped``."""
+    return _outbox_out(drop_parked(db, row_id, who.name, who.role, body.reason))
 
 
 @router.post("/v1/tokens", name="create_token", response_model=TokenOut, status_code=201)

@@ -88,6 +88,7 @@ def promote(
 ) -> JSONResponse:
     """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision);
     the artifact's hashes and, when the policy requires it, its signature and attestation are re-verified."""
+    ops.check_alias(alias)
     _verify_before_move(db, request, who, name, alias, body, settings)
 
     def work(s: Session) -> AliasOut:
@@ -111,6 +112,7 @@ def rollback(
     name: ModelName, alias: AliasName, body: RollbackIn, request: Request, db: DbDep, who: CurrentPrincipal
 ) -> JSONResponse:
     """Move the alias back to the previously promoted version, or to ``to_version`` from its history."""
+    ops.check_alias(alias)
     with db.read() as s:  # one snapshot: target, lost race, the target's row
         model = get_model(s, name)
         _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
@@ -147,7 +149,13 @@ def model_status(
 ) -> StatusOut:
     """Aliases (with revisions), the champion with its decision, and whether MLflow agrees."""
     return status_query(
-        db, name, mirror=reconciler.mirror, guard=guard, reconciler_error=reconciler.last_error, mlflow=mlflow
+        db,
+        name,
+        mirror=reconciler.mirror,
+        guard=guard,
+        reconciler_error=reconciler.last_error,
+        mlflow=mlflow,
+        pending_grace_s=reconciler.retry.pending_grace_s,
     )
 
 

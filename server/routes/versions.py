@@ -7,8 +7,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from server.aliases import check_alias
 from server.auth import CurrentPrincipal
-from server.deps import AliasQuery, DbDep, ModelName, ReasonQuery, SettingsDep, VersionPath
+from server.deps import AliasQuery, DbDep, ModelName, ReasonQuery, ReconcilerDep, SettingsDep, VersionPath
 from server.errors import Invalid, NotFound
 from server.gating import prepare_decision, promote_on_verdict, verify_signing
 from server.gating import submit_evidence as _submit
@@ -16,6 +17,7 @@ from server.idempotency import run_mutation
 from server.orm import Alias, Decision, ModelVersion, RegisteredModel
 from server.registry import get_model, get_version, prepare_registration, record_version
 from server.schemas import DecisionOut, EvidenceBody, EvidenceIn, GateOut, RegisterVersionIn, VersionOut
+from server.sources import check_logged_model
 from server.views import alias_out, decision_out, version_out
 
 router = APIRouter(prefix="/v1", tags=["versions"])
@@ -30,10 +32,16 @@ def list_models(db: DbDep, _: CurrentPrincipal) -> list[str]:
 
 @router.post("/models/{name}/versions", name="register_version", response_model=VersionOut, status_code=201)
 def register_version(
-    name: ModelName, body: RegisterVersionIn, request: Request, settings: SettingsDep, who: CurrentPrincipal
+    name: ModelName,
+    body: RegisterVersionIn,
+    request: Request,
+    settings: SettingsDep,
+    reconciler: ReconcilerDep,
+    who: CurrentPrincipal,
 ) -> JSONResponse:
     """Register an artifact directory (hashes verified against its manifest) as the next version."""
     verified, source = prepare_registration(settings, body)
+    check_logged_model(reconciler.mirror, source, settings.mlflow_validate_timeout_s)
 
     def work(s: Session) -> VersionOut:
         mv = record_version(s, who, name, body, verified, source)
@@ -94,6 +102,7 @@ def gate(
     request: Request,
     settings: SettingsDep,
     db: DbDep,
+    reconciler: ReconcilerDep,
     who: CurrentPrincipal,
     promote: bool = True,
     alias: AliasQuery = "champion",
@@ -101,6 +110,7 @@ def gate(
 ) -> JSONResponse:
     """Register the candidate (if new), record its evidence, decide, and on PROMOTE move the alias (the audit row
     records ``reason`` after the decision id)."""
+    check_alias(alias)
     reg = RegisterVersionIn(
         artifact_path=body.artifact_path,
         mlflow_run_id=body.mlflow_run_id,
@@ -109,6 +119,7 @@ def gate(
         teacher=body.lineage.teacher,
     )
     verified, source = prepare_registration(settings, reg)
+    check_logged_model(reconciler.mirror, source, settings.mlflow_validate_timeout_s)
     evidence = EvidenceBody(suites=body.suites, cost=body.cost, lineage=body.lineage)
     # The policy's signing rule: signature, attestation and its agreement with this evidence (422 naming it).
     verify_signing(db, settings, body.model, verified.path, verified.sha256, evidence, error=Invalid)

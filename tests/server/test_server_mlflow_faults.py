@@ -143,7 +143,8 @@ def test_mlflow_unreachable_concurrent_readers_fail_fast_and_health_stays_up(tmp
                 # generous bound: the broken server takes minutes (MLflow's retries) or never answers here
                 h = c.get("/health", timeout=20)
                 results = [f.result() for f in futures]
-            assert h.status_code == 200 and h.json()["status"] == "ok"
+            # alive, and honest: the gate's MLflow writes are failing (issue 19)
+            assert h.status_code == 200 and h.json()["status"] == "degraded"
             for r, elapsed in results:
                 assert r.status_code == 200, r.text
                 body = r.json()

@@ -1,7 +1,7 @@
 """issue 21: registry events (transactional outbox), webhook subscriptions and their delivery state
 
 Revision ID: 0004_events
-Revises: 0002
+Revises: 0003_outbox_faults
 Create Date: 2026-12-03 11:20:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_events"
-down_revision = "0002"
+down_revision = "0003_outbox_faults"
 branch_labels = None
 depends_on = None
 
