@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.aliases import Move, current_policy, get_alias, move_alias, rollback_target
+from server.aliases import Move, checked_policy, current_policy, get_alias, move_alias, rollback_target
 from server.artifacts import ArtifactError, verify_artifact
 from server.auth import Principal
 from server.cost_history import recent_promoted
@@ -19,7 +19,7 @@ from server.drift import needed_k
 from server.errors import Conflict, RegistryError
 from server.events import add_audited
 from server.orm import Alias, AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
-from server.policy import InvalidStoredPolicy, PolicySpec, stored_policy
+from server.policy import PolicySpec
 from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
 from server.schemas import Criterion, EvidenceBody, Verdict
 from server.settings import ServerSettings
@@ -127,7 +127,7 @@ def verify_signing(
         policy = current_policy(s, model) if model is not None else None
     if policy is None:
         return
-    rule = PolicySpec.model_validate(policy.spec).signing
+    rule = checked_policy(model, policy).signing
     if not rule.required:
         return
     # Imported here: the crypto stack (~50 ms) stays out of every CLI start-up that never checks a signature.
@@ -211,15 +211,6 @@ def plan_decision(
         verdict=verdict,
         criteria=criteria,
     )
-
-
-def checked_policy(model: RegisteredModel, policy: Policy) -> PolicySpec:
-    """The stored ``policy`` parsed under today's bounds; a row that fails them (stored before a bound existed)
-    is a 409 naming the field, so no gate runs a policy that could make the decision itself fail."""
-    try:
-        return stored_policy(policy.spec, model.name, policy.version)
-    except InvalidStoredPolicy as exc:
-        raise Conflict(str(exc)) from exc
 
 
 def still_valid(s: Session, model: RegisteredModel, version: int, alias: str, plan: Planned) -> bool:

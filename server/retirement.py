@@ -17,12 +17,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.aliases import current_policy, rollback_target
+from server.aliases import checked_policy, current_policy, rollback_target
 from server.auth import Principal
 from server.db import Database
 from server.errors import Conflict, NotFound
 from server.orm import Alias, AuditEvent, ModelVersion, RegisteredModel, utcnow
-from server.policy import PolicySpec, RetirementRule
+from server.policy import RetirementRule
 from server.registry import get_model, retire
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def apply_retirement_policy(
     each planned version with its reason (``note`` appended): one audit row and one event per version."""
     model = get_model(s, name, lock=True)
     policy = current_policy(s, model)
-    rule = PolicySpec.model_validate(policy.spec).retirement if policy is not None else None
+    rule = checked_policy(model, policy).retirement if policy is not None else None
     plan = plan_retirement(s, model, rule, now=now)
     plan.policy_version = policy.version if policy is not None else None
     if dry_run or not plan.retire:

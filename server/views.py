@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from server.aliases import checked_policy
 from server.mlflow_guard import Deadline
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel
-from server.policy import PolicySpec, policy_digest
+from server.policy import policy_digest
 from server.schemas import AliasOut, AuditOut, Criterion, DecisionOut, MlflowReadOut, VersionOut
 
 
@@ -37,7 +38,7 @@ def decision_out(s: Session, model: RegisteredModel, d: Decision) -> DecisionOut
         version=mv.version,
         verdict=d.verdict,
         policy_version=policy.version,
-        policy_digest=policy_digest(PolicySpec.model_validate(policy.spec)),
+        policy_digest=policy_digest(checked_policy(model, policy)),
         champion_version=d.champion_version,
         criteria=[Criterion.model_validate(c) for c in d.criteria],
         created_at=d.created_at,

@@ -12,14 +12,14 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.aliases import current_policy
+from server.aliases import checked_policy, current_policy
 from server.auth import CurrentPrincipal, ensure_token, new_token
 from server.deps import DbDep, ModelName, ReconcilerDep, VersionPath
 from server.errors import NotFound
 from server.gating import set_policy as _set_policy
 from server.idempotency import run_mutation
 from server.orm import ModelVersion, OutboxItem, Policy, RegisteredModel
-from server.policy import PolicySpec, policy_digest
+from server.policy import policy_digest
 from server.reconciler import drop_parked, list_outbox, outbox_stats, retry_parked
 from server.registry import get_model, get_version, lock_or_create_model, retire
 from server.schemas import (
@@ -52,7 +52,7 @@ class RetireOut(BaseModel):
 
 
 def _policy_out(model: RegisteredModel, p: Policy) -> PolicyOut:
-    spec = PolicySpec.model_validate(p.spec)
+    spec = checked_policy(model, p)
     return PolicyOut(
         model=model.name,
         version=p.version,
