@@ -14,7 +14,6 @@ from server.auth import Principal
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.events import add_audited
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel, enqueue, utcnow
-from server.policy import InvalidStoredPolicy, PolicySpec, stored_policy
 from server.registry import ensure_ready, get_model, get_version, next_audit_seq
 
 MOVE_ACTIONS = ("promote", "rollback", "auto_rollback")
@@ -147,15 +146,6 @@ def move_alias(s: Session, who: Principal, model: RegisteredModel, alias: str, m
     )
     enqueue(s, "set_alias", model.name, {"alias": alias, "version": move.to_version})
     return row
-
-
-def checked_policy(model: RegisteredModel, policy: Policy) -> PolicySpec:
-    """The stored ``policy`` parsed under today's bounds; a row that fails them (stored before a bound existed)
-    is a 409 naming the field, so no gate runs a policy that could make the decision itself fail."""
-    try:
-        return stored_policy(policy.spec, model.name, policy.version)
-    except InvalidStoredPolicy as exc:
-        raise Conflict(str(exc)) from exc
 
 
 def current_policy(s: Session, model: RegisteredModel) -> Policy | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.aliases import Move, checked_policy, current_policy, get_alias, move_alias, rollback_target
+from server.aliases import Move, current_policy, get_alias, move_alias, rollback_target
 from server.artifacts import ArtifactError, verify_artifact
 from server.auth import Principal
 from server.cost_history import recent_promoted
@@ -20,7 +20,7 @@ from server.errors import Conflict, RegistryError
 from server.events import add_audited
 from server.orm import Alias, AuditEvent, Decision, Evidence, ModelVersion, Policy, RegisteredModel
 from server.policy import PolicySpec
-from server.registry import ensure_ready, get_model, next_audit_seq, verify_registered
+from server.registry import checked_policy, ensure_ready, get_model, next_audit_seq, verify_registered
 from server.schemas import Criterion, EvidenceBody, Verdict
 from server.settings import ServerSettings
 

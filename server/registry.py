@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 from server.artifacts import ArtifactError, VerifiedArtifact, resolve_artifact_path, verify_artifact
 from server.errors import Conflict, Invalid, NotFound
 from server.events import add_audited
-from server.orm import Alias, AuditEvent, ModelVersion, RegisteredModel, enqueue
+from server.orm import Alias, AuditEvent, ModelVersion, Policy, RegisteredModel, enqueue
+from server.policy import InvalidStoredPolicy, PolicySpec, stored_policy
 from server.schemas import RegisterVersionIn
 from server.settings import ServerSettings
 from server.sources import validate_source
@@ -200,3 +201,12 @@ def ensure_ready(mv: ModelVersion) -> None:
         raise Conflict(
             f"version: v{mv.version} is {mv.status} ({mv.retired_reason or 'no reason'}) and cannot be aliased"
         )
+
+
+def checked_policy(model: RegisteredModel, policy: Policy) -> PolicySpec:
+    """The stored ``policy`` parsed under today's bounds; a row that fails them (stored before a bound existed)
+    is a 409 naming the field, so no gate runs a policy that could make the decision itself fail."""
+    try:
+        return stored_policy(policy.spec, model.name, policy.version)
+    except InvalidStoredPolicy as exc:
+        raise Conflict(str(exc)) from exc

@@ -17,13 +17,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.aliases import checked_policy, current_policy, rollback_target
+from server.aliases import current_policy, rollback_target
 from server.auth import Principal
 from server.db import Database
 from server.errors import Conflict, NotFound
 from server.orm import Alias, AuditEvent, ModelVersion, RegisteredModel, utcnow
 from server.policy import RetirementRule
-from server.registry import get_model, retire
+from server.registry import checked_policy, get_model, retire
 
 log = logging.getLogger(__name__)
 _HEX = re.compile(r"([0-9a-f]{64})$")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from server.aliases import checked_policy
 from server.mlflow_guard import Deadline
 from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel
 from server.policy import policy_digest
+from server.registry import checked_policy
 from server.schemas import AliasOut, AuditOut, Criterion, DecisionOut, MlflowReadOut, VersionOut
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.aliases import checked_policy, current_policy
+from server.aliases import current_policy
 from server.auth import CurrentPrincipal, ensure_token, new_token
 from server.deps import DbDep, ModelName, ReconcilerDep, VersionPath
 from server.errors import NotFound
@@ -21,7 +21,7 @@ from server.idempotency import run_mutation
 from server.orm import ModelVersion, OutboxItem, Policy, RegisteredModel
 from server.policy import policy_digest
 from server.reconciler import drop_parked, list_outbox, outbox_stats, retry_parked
-from server.registry import get_model, get_version, lock_or_create_model, retire
+from server.registry import checked_policy, get_model, get_version, lock_or_create_model, retire
 from server.schemas import (
     HealthOut,
     OutboxActionIn,
