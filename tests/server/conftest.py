@@ -3,6 +3,7 @@ artifact directories with sha256 manifests, and evidence builders."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -261,9 +262,10 @@ def stack():
         yield s
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """A lean ``mlflow server`` (sqlite store, local artifacts) on loopback; yields its URL."""
+@contextlib.contextmanager
+def running_mlflow_server(directory: Path) -> Iterator[str]:
+    """A lean ``mlflow server`` (sqlite store and local artifacts under ``directory``) on loopback; yields its URL
+    once ``/health`` answers and stops it on exit."""
     import subprocess
     import sys
     import time
@@ -272,28 +274,11 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (tmp_path / "mlflow.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/ml.db",
-            "--artifacts-destination",
-            str(tmp_path / "mlart"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log = (directory / "mlflow.log").open("wb")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{directory}/ml.db",
+           "--artifacts-destination", str(directory / "mlart"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -309,3 +294,10 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A lean ``mlflow server`` per test; yields its URL."""
+    with running_mlflow_server(tmp_path) as url:
+        yield url

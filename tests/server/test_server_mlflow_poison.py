@@ -7,10 +7,7 @@ MLflow can never hold is refused up front."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +18,17 @@ from typing import Any
 import httpx
 import pytest
 import typer
-from conftest import ADMIN, CI, POLICY, READ, LiveServer, auth, evidence, free_port, server_env
+from conftest import (
+    ADMIN,
+    CI,
+    POLICY,
+    READ,
+    LiveServer,
+    auth,
+    evidence,
+    running_mlflow_server,
+    server_env,
+)
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from typer.testing import CliRunner
@@ -129,28 +136,8 @@ class FaultProxy:
 @pytest.fixture(scope="module")
 def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One lean real ``mlflow server`` for this module (models are named per test, so tests do not collide)."""
-    d = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (d / "mlflow.log").open("wb")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/ml.db",
-           "--artifacts-destination", str(d / "art"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("mlflow server did not start")
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture
