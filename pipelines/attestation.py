@@ -15,7 +15,7 @@ from typing import Any
 
 from pipelines.precheck import check_signing_key
 from trainer.config import Params
-from trainer.export import verify_manifest
+from trainer.export import file_sha256, verify_manifest
 from trainer.models import TOKENIZER_FILES
 from trainer.signing import SIGNATURE_NAME, sign_directory, signing_key_path
 
@@ -36,17 +36,13 @@ def model_ref(path: str | Path) -> dict[str, Any]:
     return {
         "name": path.name,
         "manifest_sha256": json.loads(manifest.read_text())["sha256"] if manifest.is_file() else "unknown",
-        "signature_sha256": hashlib.sha256(sig.read_bytes()).hexdigest() if sig.is_file() else None,
+        "signature_sha256": file_sha256(sig) if sig.is_file() else None,
     }
 
 
 def _files_digest(directory: Path, names: tuple[str, ...]) -> str | None:
     """sha256 over ``"<name>  <sha256>\\n"`` lines of the listed files present in ``directory`` (None: none)."""
-    lines = [
-        f"{n}  {hashlib.sha256((directory / n).read_bytes()).hexdigest()}\n"
-        for n in sorted(names)
-        if (directory / n).is_file()
-    ]
+    lines = [f"{n}  {file_sha256(directory / n)}\n" for n in sorted(names) if (directory / n).is_file()]
     return hashlib.sha256("".join(lines).encode()).hexdigest() if lines else None
 
 
@@ -90,9 +86,7 @@ def distillation_predicate(
         "eval_suites": eval_suites,
         "code": {
             "commit": commit,
-            "dvc_lock_sha256": hashlib.sha256(DVC_LOCK.read_bytes()).hexdigest()
-            if DVC_LOCK.is_file()
-            else None,
+            "dvc_lock_sha256": file_sha256(DVC_LOCK) if DVC_LOCK.is_file() else None,
         },
         "gate_decision_id": None,
     }

@@ -30,6 +30,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from trainer.export import file_sha256
+
 __all__ = [
     "ATTESTATION_NAME",
     "KEY_ENV",
@@ -191,7 +193,7 @@ def sign_directory(
         "predicateType": PREDICATE_TYPE,
         "predicate": {
             **predicate,
-            "model_signature_sha256": hashlib.sha256((directory / SIGNATURE_NAME).read_bytes()).hexdigest(),
+            "model_signature_sha256": file_sha256(directory / SIGNATURE_NAME),
         },
     }
     key = serialization.load_pem_private_key(private_key.read_bytes(), None)
@@ -292,7 +294,7 @@ def verify_directory(directory: Path, trusted: dict[str, bytes]) -> Verified:
     payload = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
     files = {r["name"]: r["digest"] for r in payload["predicate"]["resources"]}
     fp, statement = read_attestation(directory, trusted)
-    sig_sha = hashlib.sha256(sig_path.read_bytes()).hexdigest()
+    sig_sha = file_sha256(sig_path)
     if statement["predicate"].get("model_signature_sha256") != sig_sha:
         raise SignatureError("attestation: names another model signature than this directory's model.sig")
     return Verified(key_fingerprint=fp, files=files, statement=statement, signature_sha256=sig_sha)
