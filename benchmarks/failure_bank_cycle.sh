@@ -95,5 +95,6 @@ step cycle1_repro dvc repro
 snapshot "$RUN/cycle1"
 python -m oprd_ci status "$MODEL" --json >"$RUN/cycle1/status.json"
 uptime >"$RUN/loadavg-end.txt"
+sed -i "s#$PWD/##g" "$RUN"/cycle*/status.json   # the registry's absolute artifact paths -> repo-relative
 
 python benchmarks/failure_bank_report.py "$RUN" --out benchmarks/failure-bank-toolcall.json

@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     result = build(args.run)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    # The registry stores absolute artifact paths; the committed record keeps them repo-relative.
+    text = json.dumps(result, indent=2).replace(str(Path.cwd().resolve()) + "/", "")
+    args.out.write_text(text + "\n")
     print(f"wrote {args.out}")
     for line in result["cycle1"]["fixes"]:
         print(f"  {line}")
