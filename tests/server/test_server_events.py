@@ -48,6 +48,18 @@ def _gate(c, ev, **params):
     return r.json()
 
 
+def _rollback_then_retire_v2(c) -> None:
+    """The sequence's last two changes: champion back to v1, then v2 retired (each must be a 200)."""
+    r = c.post(
+        f"/v1/models/{NAME}/aliases/champion/rollback",
+        json={"expected_revision": _rev(c), "reason": "canary regression"},
+        headers=auth(CI),
+    )
+    assert r.status_code == 200, r.text
+    r = c.post(f"/v1/models/{NAME}/versions/2/retire", json={"reason": "license"}, headers=auth(ADMIN))
+    assert r.status_code == 200, r.text
+
+
 def _rev(c) -> int:
     s = c.get(f"/v1/models/{NAME}/status?mlflow=false", headers=auth(READ)).json()
     return next(a["revision"] for a in s["aliases"] if a["alias"] == "champion")
@@ -78,14 +90,7 @@ def test_promote_rollback_retire_each_event_delivered_once_and_signed(
         )
         g1 = _gate(c, evidence(NAME, make_artifact("v1"), 0.5, seed=1))
         _gate(c, evidence(NAME, make_artifact("v2"), 0.55, seed=1))
-        r = c.post(
-            f"/v1/models/{NAME}/aliases/champion/rollback",
-            json={"expected_revision": _rev(c), "reason": "canary regression"},
-            headers=auth(CI),
-        )
-        assert r.status_code == 200, r.text
-        r = c.post(f"/v1/models/{NAME}/versions/2/retire", json={"reason": "license"}, headers=auth(ADMIN))
-        assert r.status_code == 200, r.text
+        _rollback_then_retire_v2(c)
         receiver.wait_processed(5)
         time.sleep(0.5)  # a late duplicate would arrive within a few poll periods
         listed = _events(c)
@@ -244,14 +249,7 @@ def test_kill_9_between_commit_and_delivery_delivers_each_event_once(tmp_path, m
             while [a.id for a in receiver.attempts].count(held_id) < 2:
                 assert time.monotonic() < deadline, "the held delivery was never resent"
                 time.sleep(0.05)
-        r = c.post(
-            f"/v1/models/{NAME}/aliases/champion/rollback",
-            json={"expected_revision": _rev(c), "reason": "canary regression"},
-            headers=auth(CI),
-        )
-        assert r.status_code == 200, r.text
-        r = c.post(f"/v1/models/{NAME}/versions/2/retire", json={"reason": "license"}, headers=auth(ADMIN))
-        assert r.status_code == 200, r.text
+        _rollback_then_retire_v2(c)
         receiver.wait_processed(5)
         time.sleep(0.5)
         listed = _events(c)
