@@ -142,6 +142,27 @@ def webhooks_remove(
     )
 
 
+@webhooks_app.command("redeliver")
+def webhooks_redeliver(
+    name: str,
+    event: Annotated[
+        int | None, typer.Option("--event", min=1, help="Only this event (its seq in `oprd-ci events`).")
+    ] = None,
+    idempotency_key: KeyOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send NAME's dead deliveries again (same event ids, fresh attempts), e.g. once its receiver is fixed."""
+    with RegistryCall(url, token) as call:  # in-process: delivered at exit, bounded (drain_local_events)
+        out = call("POST", f"/v1/webhooks/{name}/redeliver", body={"event": event}, key=idempotency_key)
+    _emit(
+        out,
+        as_json,
+        lambda o: console.print(f"webhook {o['name']}: {o['redelivered']} delivery(ies) due again"),
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add ``events`` and the ``webhooks`` group to ``app``."""
     app.command("events")(events)

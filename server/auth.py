@@ -54,6 +54,7 @@ ACCESS_RULES: dict[str, str] = {
     "add_webhook": "admin",
     "list_webhooks": "admin",
     "remove_webhook": "admin",
+    "redeliver_webhook": "admin",
     "retire_by_policy": "admin",
     # only registered when OPRD_PUBLIC_DOCS is off (the default with tokens configured)
     "openapi": "read",

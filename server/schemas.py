@@ -337,6 +337,13 @@ class HealthOut(BaseModel):
     counts_age_s: float
     """Age of the counts: 0 when read from the database for this answer; the age of the last pass's counts when
     the database did not answer within a second."""
+    pending_webhook_deliveries: int | None = None
+    """Event deliveries to active webhooks not yet acknowledged (``None``: the database did not answer in time)."""
+    dead_webhook_deliveries: int | None = None
+    """Deliveries that used up their attempts: ``degraded`` until redelivered (``oprd-ci webhooks redeliver``) or
+    the webhook is removed; a subscriber missed those events."""
+    oldest_pending_delivery_age_s: float | None = None
+    """Seconds since the oldest event still pending delivery was committed."""
 
 
 class OutboxRowOut(BaseModel):

@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -145,6 +145,61 @@ def delivery_counts(s: Session) -> dict[int, dict[str, int]]:
     ):
         out.setdefault(wid, {})[state] = n
     return out
+
+
+def redeliver(s: Session, name: str, event_seq: int | None = None) -> int:
+    """Give the ``dead`` deliveries of the active webhook ``name`` (only event ``event_seq``'s when given) a fresh
+    set of attempts: state ``pending``, attempts 0, due now. The same event id goes out again, so a receiver that
+    de-duplicates on ``webhook-id`` still sees each event once. Returns how many were revived.
+
+    Raises NotFound for an unknown or removed webhook, or an ``event_seq`` with no dead delivery to it."""
+    row = s.scalar(select(Webhook).where(Webhook.name == name, Webhook.removed_at.is_(None)))
+    if row is None:
+        raise NotFound(f"name: no active webhook {name!r}")
+    q = update(EventDelivery).where(EventDelivery.webhook_pk == row.id, EventDelivery.state == "dead")
+    if event_seq is not None:
+        q = q.where(EventDelivery.event_pk == event_seq)
+    res = s.execute(
+        q.values(state="pending", attempts=0, next_attempt_at=utcnow(), lease_until=None).execution_options(
+            synchronize_session=False
+        )
+    )
+    if event_seq is not None and res.rowcount == 0:
+        raise NotFound(
+            f"event: no dead delivery of event {event_seq} to webhook {name!r} (oprd-ci events --state dead)"
+        )
+    return res.rowcount
+
+
+@dataclass(frozen=True)
+class DeliveryStats:
+    """Deliveries to active webhooks as ``/health`` reports them."""
+
+    pending: int
+    dead: int
+    oldest_pending_at: datetime | None
+
+    def oldest_pending_age_s(self) -> float | None:
+        if self.oldest_pending_at is None:
+            return None
+        return round(max(0.0, (utcnow() - self.oldest_pending_at).total_seconds()), 3)
+
+
+def delivery_stats(s: Session) -> DeliveryStats:
+    """Pending and dead deliveries to active webhooks (a removed webhook's dead rows are history, not a fault)."""
+    active = Webhook.removed_at.is_(None)
+    base = (
+        select(func.count()).select_from(EventDelivery).join(Webhook, Webhook.id == EventDelivery.webhook_pk)
+    )
+    pending, oldest = s.execute(
+        select(func.count(), func.min(RegistryEvent.created_at))
+        .select_from(EventDelivery)
+        .join(Webhook, Webhook.id == EventDelivery.webhook_pk)
+        .join(RegistryEvent, RegistryEvent.id == EventDelivery.event_pk)
+        .where(active, EventDelivery.state == "pending")
+    ).one()
+    dead = s.scalar(base.where(active, EventDelivery.state == "dead")) or 0
+    return DeliveryStats(pending=pending or 0, dead=dead, oldest_pending_at=oldest)
 
 
 # ------------------------------------------------------------------------------------------------ delivery

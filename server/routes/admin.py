@@ -20,7 +20,7 @@ from server.gating import set_policy as _set_policy
 from server.idempotency import run_mutation
 from server.orm import ModelVersion, OutboxItem, Policy, RegisteredModel
 from server.policy import policy_digest
-from server.reconciler import drop_parked, list_outbox, outbox_stats, retry_parked
+from server.reconciler import OutboxStats, drop_parked, list_outbox, outbox_stats, retry_parked
 from server.registry import checked_policy, get_model, get_version, lock_or_create_model, retire
 from server.schemas import (
     HealthOut,
@@ -36,6 +36,7 @@ from server.schemas import (
     VersionOut,
 )
 from server.views import version_out
+from server.webhooks import DeliveryStats, delivery_stats
 
 router = APIRouter(tags=["admin"])
 _HEALTH_DB_S = (
@@ -72,15 +73,19 @@ async def health(request: Request) -> HealthOut:
     reconciler's last pass. Never touches MLflow."""
     state = request.app.state
     reconciler = state.reconciler
+    hooks: DeliveryStats | None = None
     try:
-        stats = await asyncio.wait_for(asyncio.to_thread(outbox_stats, state.db), _HEALTH_DB_S)
+        stats, hooks = await asyncio.wait_for(asyncio.to_thread(_health_reads, state.db), _HEALTH_DB_S)
         age = 0.0
     except Exception:  # the database is slow or down: say what the last pass saw, and how old that is
         stats = reconciler.stats
         age = round(max(0.0, time.time() - stats.at), 3)
     started = reconciler.pass_started
+    status = stats.state(reconciler.retry.pending_grace_s)
+    if hooks is not None and hooks.dead:
+        status = "degraded"
     return HealthOut(
-        status=stats.state(reconciler.retry.pending_grace_s),
+        status=status,
         database=state.db.engine.dialect.name,
         pending_mlflow_writes=stats.pending,
         parked_mlflow_writes=stats.parked,
@@ -89,7 +94,17 @@ async def health(request: Request) -> HealthOut:
         last_mlflow_error=state.mlflow_guard.last_error or reconciler.last_error or stats.last_error,
         reconcile_pass_running_s=None if started is None else round(max(0.0, time.time() - started), 3),
         counts_age_s=age,
+        pending_webhook_deliveries=None if hooks is None else hooks.pending,
+        dead_webhook_deliveries=None if hooks is None else hooks.dead,
+        oldest_pending_delivery_age_s=None if hooks is None else hooks.oldest_pending_age_s(),
     )
+
+
+def _health_reads(db) -> tuple[OutboxStats, DeliveryStats]:
+    """The MLflow outbox and the webhook deliveries, as the database holds them now."""
+    stats = outbox_stats(db)
+    with db.read() as s:
+        return stats, delivery_stats(s)
 
 
 @router.get("/v1/models/{name}/policy", name="get_policy", response_model=PolicyOut)

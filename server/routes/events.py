@@ -19,7 +19,7 @@ from server.names import NAME_PATTERN, Name, Reason
 from server.orm import EventDelivery, RegistryEvent, Webhook
 from server.registry import get_model
 from server.retirement import apply_retirement_policy
-from server.webhooks import add_webhook, delivery_counts, remove_webhook
+from server.webhooks import add_webhook, delivery_counts, redeliver, remove_webhook
 
 router = APIRouter(tags=["events"])
 EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
@@ -55,6 +55,16 @@ class WebhookCreatedOut(WebhookOut):
 class WebhookRemovedOut(BaseModel):
     name: str
     cancelled_deliveries: int
+
+
+class RedeliverIn(_In):
+    event: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    """Only this event (its ``seq`` in ``oprd-ci events``); default: every dead delivery of the webhook."""
+
+
+class RedeliverOut(BaseModel):
+    name: str
+    redelivered: int
 
 
 class DeliveryOut(BaseModel):
@@ -188,6 +198,27 @@ def delete_webhook(
         return WebhookRemovedOut(name=hook.name, cancelled_deliveries=n)
 
     return run_mutation(request, who, None, work)
+
+
+@router.post("/v1/webhooks/{webhook}/redeliver", name="redeliver_webhook", response_model=RedeliverOut)
+def redeliver_webhook(
+    webhook: Annotated[str, Path(pattern=NAME_PATTERN, max_length=128)],
+    body: RedeliverIn,
+    request: Request,
+    who: CurrentPrincipal,
+) -> JSONResponse:
+    """Send ``webhook``'s dead deliveries again (same event ids, fresh attempts), e.g. after its receiver was
+    fixed."""
+
+    def work(s: Session) -> RedeliverOut:
+        n = redeliver(s, webhook, body.event)
+        return RedeliverOut(name=webhook, redelivered=n)
+
+    out = run_mutation(request, who, None, work)
+    deliverer = getattr(request.app.state, "deliverer", None)
+    if deliverer is not None:
+        deliverer.kick()
+    return out
 
 
 @router.post("/v1/models/{name}/retire-by-policy", name="retire_by_policy", response_model=RetirePolicyOut)

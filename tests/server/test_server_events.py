@@ -304,6 +304,10 @@ def test_cli_events_and_webhooks_in_process(tmp_path, make_artifact, receiver, m
     assert r.exit_code == 0 and "delivered 1" in r.output
     r = run(cli, ["webhooks", "add", "bad", "ftp://x"])
     assert r.exit_code == 2 and "url" in r.output
+    r = run(cli, ["webhooks", "redeliver", "ops"])
+    assert r.exit_code == 0 and "0 delivery(ies) due again" in r.output  # nothing dead
+    r = run(cli, ["webhooks", "redeliver", "ops", "--event", str(rows[0]["seq"])])
+    assert r.exit_code == 6 and "no dead delivery" in r.output
     assert run(cli, ["webhooks", "remove", "ops"]).exit_code == 0
     assert run(cli, ["webhooks", "remove", "ops"]).exit_code == 6
 
@@ -354,3 +358,39 @@ def test_two_deliverers_on_postgres_post_each_delivery_once(pg_fresh_url, settin
         db.dispose()
     ids = [a.id for a in receiver.attempts]
     assert len(ids) == 20 and len(set(ids)) == 20 and not receiver.duplicates
+
+
+def test_dead_delivery_degrades_health_until_redelivered(settings_factory, make_artifact, receiver):
+    """A receiver that is down past the attempts makes its delivery ``dead``: ``/health`` says ``degraded`` and
+    counts it; ``POST /v1/webhooks/ops/redeliver`` (admin) sends the same event id again once it is fixed."""
+    down = {"on": True}
+    receiver.plan = lambda env, i: "fail" if down["on"] else "ok"
+    settings = settings_factory(mlflow_enabled=False, webhook_max_attempts=2, **FAST)
+    with TestClient(create_app(settings)) as c:
+        receiver.secret = _add_webhook(c, receiver.url)
+        assert c.get("/health").json()["dead_webhook_deliveries"] == 0
+        c.put(f"/v1/models/{NAME}/policy", json={"spec": POLICY, "reason": "initial"}, headers=auth(ADMIN))
+        deadline = time.monotonic() + 20
+        while c.get("/health").json()["dead_webhook_deliveries"] != 1:
+            assert time.monotonic() < deadline, c.get("/health").json()
+            time.sleep(0.05)
+        health = c.get("/health").json()
+        assert health["status"] == "degraded" and health["pending_webhook_deliveries"] == 0
+        assert len(receiver.attempts) == 2 and not receiver.processed
+        seq = _events(c)[0]["seq"]
+        r = c.post("/v1/webhooks/ops/redeliver", json={"event": seq}, headers=auth(CI))
+        assert r.status_code == 403
+        r = c.post("/v1/webhooks/ops/redeliver", json={"event": seq + 99}, headers=auth(ADMIN))
+        assert r.status_code == 404 and "no dead delivery" in r.json()["detail"]
+        down["on"] = False
+        r = c.post("/v1/webhooks/ops/redeliver", json={}, headers=auth(ADMIN))
+        assert r.status_code == 200 and r.json() == {"name": "ops", "redelivered": 1}
+        receiver.wait_processed(1)
+        c.app.state.deliverer.drain(5)
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["dead_webhook_deliveries"] == 0
+        [ev] = _events(c)
+        assert ev["deliveries"][0]["state"] == "delivered"
+        assert [a.id for a in receiver.attempts] == [ev["event"]["id"]] * 3  # the same event id, sent again
+        r = c.post("/v1/webhooks/ops/redeliver", json={}, headers=auth(ADMIN))
+        assert r.json()["redelivered"] == 0
