@@ -118,18 +118,22 @@ def verify_signing(
     evidence: EvidenceBody | None,
     *,
     error: type[RegistryError],
-) -> None:
+) -> int | None:
     """Apply the model's current ``signing`` rule to the artifact at ``path`` with ``evidence`` (outside any
     transaction: it hashes every file). Raises ``error`` (422 at gate, 409 at promote) naming the mismatch. A
-    model without a policy is not checked here: the gate refuses it for that."""
+    model without a policy is not checked here: the gate refuses it for that.
+
+    Returns the id of the policy whose rule was applied (None: no policy yet); the caller's write transaction
+    passes it to :func:`ensure_policy_unchanged`, so a policy that starts requiring signatures while this check
+    runs cannot let an unchecked artifact through."""
     with db.read() as s:
         model = s.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
         policy = current_policy(s, model) if model is not None else None
     if policy is None:
-        return
+        return None
     rule = checked_policy(model, policy).signing
     if not rule.required:
-        return
+        return policy.id
     # Imported here: the crypto stack (~50 ms) stays out of every CLI start-up that never checks a signature.
     from server.signatures import SigningRefused, check_signed, load_keyring
 
@@ -137,6 +141,19 @@ def verify_signing(
         check_signed(path, manifest_sha256, rule, load_keyring(settings.trusted_keys_dir), evidence)
     except SigningRefused as exc:
         raise error(str(exc)) from exc
+    return policy.id
+
+
+def ensure_policy_unchanged(s: Session, model: RegisteredModel, checked_policy_id: int | None) -> None:
+    """Under the model lock: the policy is still the one :func:`verify_signing` applied, else a 409 to retry
+    (the new policy's signing rule has not been checked against this artifact)."""
+    policy = current_policy(s, model)
+    current = policy.id if policy is not None else None
+    if current != checked_policy_id:
+        raise Conflict(
+            f"policy: {model.name}'s policy changed while this request verified the artifact against it; "
+            "submit again (it is checked against the new policy)"
+        )
 
 
 def latest_evidence(s: Session, mv_id: int) -> EvidenceBody | None:

@@ -17,7 +17,7 @@ from server.cost_history import CostHistoryRow, cost_history
 from server.db import Database
 from server.deps import AliasName, DbDep, GuardDep, ModelName, ReconcilerDep, SettingsDep
 from server.errors import Conflict
-from server.gating import latest_evidence, verify_signing
+from server.gating import ensure_policy_unchanged, latest_evidence, verify_signing
 from server.idempotency import has_record, run_mutation
 from server.mlflow_guard import Deadline, MlflowGuard
 from server.mlflow_mirror import MlflowMirror
@@ -58,8 +58,9 @@ def _verify_before_move(
     name: str,
     alias: str,
     body: PromoteIn,
-    settings: ServerSettings | None = None,
-) -> None:
+    settings: ServerSettings,
+) -> int | None:
+    """Returns the id of the policy the signing rule was checked under (None: no policy yet)."""
     # Refuse a lost race and check the hashes (and, when the policy requires it, the signature) outside the write
     # transaction (large artifacts must not hold the write lock).
     with db.read() as s:
@@ -67,13 +68,12 @@ def _verify_before_move(
         _refuse_lost_race(s, request, who, model, alias, body.expected_revision)
         mv = get_version(s, model, body.version)
         ensure_ready(mv)
-        evidence = latest_evidence(s, mv.id) if settings is not None else None
+        evidence = latest_evidence(s, mv.id)
     verify_registered(mv)
     # Promote: the policy's signing rule again, against the version's latest evidence.
-    if settings is not None:
-        verify_signing(
-            db, settings, name, Path(mv.artifact_path), mv.manifest_sha256, evidence, error=Conflict
-        )
+    return verify_signing(
+        db, settings, name, Path(mv.artifact_path), mv.manifest_sha256, evidence, error=Conflict
+    )
 
 
 @router.post("/aliases/{alias}/promote", name="promote", response_model=AliasOut)
@@ -89,9 +89,10 @@ def promote(
     """Point the alias at a version whose latest decision is PROMOTE under the current policy (CAS on revision);
     the artifact's hashes and, when the policy requires it, its signature and attestation are re-verified."""
     ops.check_alias(alias)
-    _verify_before_move(db, request, who, name, alias, body, settings)
+    signing_policy = _verify_before_move(db, request, who, name, alias, body, settings)
 
     def work(s: Session) -> AliasOut:
+        ensure_policy_unchanged(s, get_model(s, name, lock=True), signing_policy)
         row = ops.promote(
             s,
             who,

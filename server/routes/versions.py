@@ -11,7 +11,7 @@ from server.aliases import check_alias
 from server.auth import CurrentPrincipal
 from server.deps import AliasQuery, DbDep, ModelName, ReasonQuery, ReconcilerDep, SettingsDep, VersionPath
 from server.errors import Invalid, NotFound
-from server.gating import prepare_decision, promote_on_verdict, verify_signing
+from server.gating import ensure_policy_unchanged, prepare_decision, promote_on_verdict, verify_signing
 from server.gating import submit_evidence as _submit
 from server.idempotency import run_mutation
 from server.orm import Alias, Decision, ModelVersion, RegisteredModel
@@ -122,7 +122,9 @@ def gate(
     check_logged_model(reconciler.mirror, source, settings.mlflow_validate_timeout_s)
     evidence = EvidenceBody(suites=body.suites, cost=body.cost, lineage=body.lineage)
     # The policy's signing rule: signature, attestation and its agreement with this evidence (422 naming it).
-    verify_signing(db, settings, body.model, verified.path, verified.sha256, evidence, error=Invalid)
+    signing_policy = verify_signing(
+        db, settings, body.model, verified.path, verified.sha256, evidence, error=Invalid
+    )
     auto = settings.auto_rollback
     # Outside the transaction: integrity of the stored bytes the alias may move to, and the decision itself.
     plan = prepare_decision(
@@ -140,6 +142,7 @@ def gate(
     def work(s: Session) -> GateOut:
         mv = record_version(s, who, body.model, reg, verified, source)
         model = get_model(s, body.model, lock=True)
+        ensure_policy_unchanged(s, model, signing_policy)
         d = _submit(s, who, model, mv, evidence, alias=alias, auto_rollback=auto, plan=plan)
         moved = promote and promote_on_verdict(s, who, model, mv, d, alias, reason=reason)
         row = (

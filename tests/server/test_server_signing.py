@@ -231,6 +231,43 @@ def test_promote_reverifies(client_no_mlflow, pair, tmp_path, case, reason):
     assert re.search(reason, r.json()["detail"]), r.json()["detail"]
 
 
+@pytest.mark.parametrize("route", ["gate", "promote"])
+def test_policy_requiring_signatures_mid_request_is_a_409(
+    client_no_mlflow, pair, tmp_path, monkeypatch, route
+):
+    """The signature is checked outside the write transaction (it hashes every file). An admin who makes the
+    policy require signatures while that check ran under the old policy must not let an unsigned artifact
+    through: the transaction sees another policy and answers 409 (submit again), recording nothing."""
+    import server.routes.aliases
+    import server.routes.versions
+
+    c = client_no_mlflow
+    _policy(c, POLICY)
+    d = _student(pair, tmp_path, "v1")
+    (d / SIGNATURE_NAME).unlink()
+    module = server.routes.versions if route == "gate" else server.routes.aliases
+    real = module.verify_signing
+
+    def then_admin_tightens(*args, **kwargs):
+        checked = real(*args, **kwargs)  # passed: the old policy does not require signing
+        _policy(c, SIGNED_POLICY)  # the concurrent admin, between the check and the write transaction
+        return checked
+
+    if route == "gate":
+        monkeypatch.setattr(module, "verify_signing", then_admin_tightens)
+        r = _gate(c, _evidence(pair, d))
+    else:
+        assert _gate(c, _evidence(pair, d), promote="false").json()["decision"]["verdict"] == "PROMOTE"
+        monkeypatch.setattr(module, "verify_signing", then_admin_tightens)
+        r = _promote(c, 1, 0)
+    assert r.status_code == 409 and "policy changed while this request verified" in r.json()["detail"], r.text
+    status = c.get(f"/v1/models/{NAME}/status", headers=auth(CI)).json()
+    assert status["aliases"] == [] and status["versions"] == (0 if route == "gate" else 1)
+    monkeypatch.setattr(module, "verify_signing", real)  # submitted again: checked under the new policy
+    r = _gate(c, _evidence(pair, d)) if route == "gate" else _promote(c, 1, 0)
+    assert r.status_code in (409, 422) and "signing: unsigned" in r.json()["detail"], r.text
+
+
 def test_the_signing_block_at_its_default_keeps_a_policys_digest():
     """Policies stored before the block existed keep their digest; turning it on changes it."""
     from server.policy import PolicySpec, policy_digest
