@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.failures import FailureBankError
-from pipelines.suites import file_digest, load_problems
+from pipelines.suites import load_problems
+from trainer.export import file_sha256
 
 __all__ = ["CollectReport", "collect_failures"]
 
@@ -92,7 +93,7 @@ def collect_failures(
     evaluated = (records.get(suite) or {}).get("digest")
     if evaluated is None:
         raise FailureBankError(f"{records_path}: no digest recorded for suite {suite!r}")
-    if file_digest(suite_file) != evaluated:
+    if file_sha256(suite_file) != evaluated:
         raise FailureBankError(
             f"{suite_file} is not the file suite {suite!r} was evaluated on (sha256 differs from {records_path})"
         )

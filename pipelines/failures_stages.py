@@ -23,9 +23,10 @@ from typing import Any
 import pandas as pd
 
 from pipelines.failures import Bank, load_bank, normalize_prompt, write_regression_suite
-from pipelines.suites import LoadedSuite, file_digest, load_problems
+from pipelines.suites import LoadedSuite, load_problems
 from trainer.config import Params
 from trainer.data import Prompt, load_prompts, mix_prompts
+from trainer.export import file_sha256
 
 __all__ = [
     "CHAMPION_RECORD",
@@ -147,7 +148,7 @@ def regression_suites(params: Params, out_dir: Path = REGRESSION_DIR) -> list[Lo
                 name=name,
                 path=path,
                 problems=load_problems(path),
-                digest=file_digest(path),
+                digest=file_sha256(path),
                 embedded=params.models.embedded,
             )
         )

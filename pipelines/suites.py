@@ -36,7 +36,6 @@ grader's message, raised by the ``precheck`` stage before any model loads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from pipelines.graders import (
     grader_version,
 )
 from trainer.config import EvalSuite
+from trainer.export import file_sha256
 
 __all__ = [
     "ANSWER_COLUMNS",
@@ -60,7 +60,6 @@ __all__ = [
     "LoadedSuite",
     "SuiteFormatError",
     "check_prompt_references",
-    "file_digest",
     "load_problems",
     "load_suite",
     "suite_record",
@@ -314,15 +313,6 @@ def check_prompt_references(path: str | Path) -> int:
     return checked
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 hex of the file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_suite(suite: EvalSuite, embedded_path: str | Path) -> LoadedSuite:
     """Resolve an :class:`~trainer.config.EvalSuite`: ``path=None`` means the embedded held-out set.
 
@@ -335,7 +325,7 @@ def load_suite(suite: EvalSuite, embedded_path: str | Path) -> LoadedSuite:
     except SuiteFormatError as exc:
         raise SuiteFormatError(f"suite {suite.name!r}: {exc}") from None
     return LoadedSuite(
-        name=suite.name, path=path, problems=problems, digest=file_digest(path), embedded=embedded,
+        name=suite.name, path=path, problems=problems, digest=file_sha256(path), embedded=embedded,
         grader=suite.grader, prompt_suffix=suite.prompt_suffix,
     )  # fmt: skip
 

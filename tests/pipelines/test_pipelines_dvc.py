@@ -155,9 +155,9 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     # how each suite was scored (file digest, grader and its version): the evaluate stage's record, both runs'
     # tags, the gate's evidence and its decision record
     from pipelines.graders import grader_version
-    from pipelines.suites import file_digest
+    from trainer.export import file_sha256
 
-    digest, version = file_digest(project / "artifacts/task/eval.jsonl"), grader_version("math")
+    digest, version = file_sha256(project / "artifacts/task/eval.jsonl"), grader_version("math")
     record = {"embedded": {"digest": digest, "graders": {"math": version}}}
     assert json.loads((project / "artifacts/eval/suites.json").read_text()) == record
     assert (
