@@ -123,7 +123,7 @@ def _check_reachable(address: str) -> None:
     host, sep, port = hostport.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ConfigError(
-            f"parallel.ray_address={address!r} is not host:port, ray://host:port or auto "
+            f"parallel.ray_address={address} is not host:port, ray://host:port or auto "
             "(leave it unset to start a local Ray cluster)"
         )
     try:
