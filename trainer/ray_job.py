@@ -29,6 +29,7 @@ import json
 import os
 import socket
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "RayJobError",
     "RayJobResult",
     "RayPlacement",
+    "check_address",
     "connect",
     "in_ray_worker",
     "ray_placement",
@@ -136,6 +138,13 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def check_address(cfg: ParallelConfig) -> None:
+    """Pre-flight for ``cfg.ray_address`` (a TCP connect; nothing for ``None`` / ``auto``), so a wrong address is
+    one line before any work. Raises :class:`ConfigError`."""
+    if cfg.ray_address not in (None, "auto"):
+        _check_reachable(cfg.ray_address)
+
+
 def connect(cfg: ParallelConfig, *, local_cpus: int | None = None) -> None:
     """Join the cluster at ``cfg.ray_address`` or start a local one (``local_cpus`` CPUs, default the host's).
 
@@ -156,8 +165,7 @@ def connect(cfg: ParallelConfig, *, local_cpus: int | None = None) -> None:
             log_to_driver=True,
         )  # fmt: skip
         return
-    if cfg.ray_address != "auto":
-        _check_reachable(cfg.ray_address)
+    check_address(cfg)
     try:
         ray.init(address=cfg.ray_address, runtime_env=runtime_env, log_to_driver=True)
     except ConnectionError as exc:
@@ -205,7 +213,7 @@ def run_ray_job(
     args: list[Any],
     *,
     job_dir: str | Path,
-    name: str = "oprd-distill",
+    name: str | None = None,
     env: dict[str, str] | None = None,
 ) -> RayJobResult:
     """Run ``entry(*args)`` on every worker of a Ray Train ``TorchTrainer`` (see the module docstring).
@@ -213,6 +221,7 @@ def run_ray_job(
     Args:
         entry: ``"module:function"`` importable on the workers; it returns 0 on success.
         job_dir: the driver's directory for this job: :data:`PLACEMENT_FILE` and Ray Train's storage (``ray/``).
+        name: the Ray Train run's name (default ``oprd-distill-<random>``: a fresh run state every job).
         env: extra environment for the workers (e.g. the MLflow run id rank 0 logs to).
 
     Raises:
@@ -222,6 +231,7 @@ def run_ray_job(
     from ray.train import FailureConfig, RunConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    name = name or f"oprd-distill-{uuid.uuid4().hex[:8]}"
     job_dir = Path(job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     record = job_dir / PLACEMENT_FILE
