@@ -382,7 +382,8 @@ class ParallelConfig(_Section):
     digest."""
     ray_address: str | None = None
     """``launcher: ray`` only: the cluster to join (``host:port`` of a ``ray start --head`` GCS, ``auto``, or
-    ``ray://host:10001``); ``None`` starts a local one-node cluster for the run."""
+    ``ray://host:10001``); ``None``: the cluster in ``RAY_ADDRESS`` (set inside a ``ray job submit`` job), else a
+    local one-node cluster started for the run."""
     ray_max_failures: int = Field(default=1, ge=0)
     """``launcher: ray`` only: how many worker-group failures Ray Train recovers from (each restart resumes from
     the newest complete DCP checkpoint under ``checkpoint.dir``)."""

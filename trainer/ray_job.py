@@ -146,7 +146,8 @@ def check_address(cfg: ParallelConfig) -> None:
 
 
 def connect(cfg: ParallelConfig, *, local_cpus: int | None = None) -> None:
-    """Join the cluster at ``cfg.ray_address`` or start a local one (``local_cpus`` CPUs, default the host's).
+    """Join the cluster at ``cfg.ray_address``; with ``None``, the one in ``RAY_ADDRESS`` (set for a ``ray job
+    submit`` entrypoint) or else a new local one (``local_cpus`` CPUs, default the host's).
 
     The workers get the driver's ``sys.path`` as ``PYTHONPATH`` so they import the same code.
 
@@ -159,6 +160,10 @@ def connect(cfg: ParallelConfig, *, local_cpus: int | None = None) -> None:
         return
     paths = [p for p in sys.path if p and Path(p).is_dir()]
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+    # Inside a `ray job submit` entrypoint Ray sets RAY_ADDRESS: the job's own cluster.
+    if cfg.ray_address is None and os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        return
     if cfg.ray_address is None:
         ray.init(
             num_cpus=local_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
