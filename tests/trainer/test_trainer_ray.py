@@ -220,3 +220,36 @@ def test_ray_placement_refuses_what_the_cluster_cannot_hold():
         ray_placement(two.model_copy(update={"backend": "nccl"}), {"CPU": 2.0})
     with pytest.raises(ConfigError, match="2 Ray workers need 2 CPU and the Ray cluster has 1"):
         ray_placement(two, {"CPU": 1.0})
+
+
+def test_oprd_ci_train_hands_a_ray_launcher_to_the_ray_driver_not_torchrun(tiny_pair, tmp_path):
+    from typer.testing import CliRunner
+
+    from oprd_ci.cli import app
+
+    address = f"127.0.0.1:{_free_port()}"
+    args = _args(tiny_pair, tmp_path, "parallel.launcher=ray", f"parallel.ray_address={address}")
+    res = CliRunner().invoke(app, ["train", "--nproc-per-node", "2", *args])
+    # torchrun would start two ranks that each launch a Ray job; the driver refuses the address before any work
+    assert res.exit_code == 2, res.output
+    assert f"error: parallel.ray_address={address}: no Ray cluster answers there" in res.output
+
+
+def test_step_floor_passes_only_steps_a_restarted_sink_has_not_seen():
+    from trainer.metrics import StepFloor
+
+    class Sink:
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def log_metrics(self, metrics, step):
+            self.steps.append(step)
+
+        def close(self):
+            pass
+
+    sink = Sink()
+    floor = StepFloor(sink, floor=3)
+    for step in range(1, 7):  # a resumed trainer re-emits its restored steps 1..3 first
+        floor.log_metrics({"loss/total": 1.0}, step)
+    assert sink.steps == [4, 5, 6]
