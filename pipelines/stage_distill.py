@@ -334,7 +334,9 @@ def _launch_tags(params: Params, launcher: str) -> dict[str, str]:
     par = params.parallel
     return {
         "oprd.parallel.launcher": launcher,
-        "oprd.parallel.backend": par.backend,
+        "oprd.parallel.backend": (  # what init_distributed resolves ``auto`` to
+            par.backend if par.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        ),
         "oprd.parallel.world_size": str(par.nproc_per_node * par.nnodes),
         "oprd.parallel.nnodes": str(par.nnodes),
         "oprd.parallel.nproc_per_node": str(par.nproc_per_node),
