@@ -52,7 +52,10 @@ def train(
     ] = None,
     nproc_per_node: Annotated[
         int | None,
-        typer.Option(help="Processes per node; default parallel.nproc_per_node. >1 uses torchrun."),
+        typer.Option(
+            help="Processes per node; default parallel.nproc_per_node. >1 uses torchrun (or Ray workers with "
+            "parallel.launcher=ray)."
+        ),
     ] = None,
 ) -> None:
     """Run the on-policy distillation loop (OPRD or an OPD baseline) outside the DVC pipeline."""
@@ -65,8 +68,10 @@ def train(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     nproc = nproc_per_node or p.parallel.nproc_per_node
+    if nproc_per_node:
+        overrides.append(f"parallel.nproc_per_node={nproc_per_node}")
     args = ["--params", str(params), "--out", str(out), *(a for o in overrides for a in ("--set", o))]
-    if nproc > 1 or p.parallel.nnodes > 1:
+    if p.parallel.launcher != "ray" and (nproc > 1 or p.parallel.nnodes > 1):
         from trainer.distributed import torchrun_command
 
         raise typer.Exit(subprocess.call([*torchrun_command(p.parallel, "trainer.train", nproc), *args]))

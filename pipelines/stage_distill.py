@@ -3,7 +3,9 @@
     python -m pipelines.stage_distill --params params.yaml
 
 With ``parallel.nproc_per_node * nnodes > 1`` this process re-launches itself under ``torchrun`` (FSDP2); the
-worker entry point is ``python -m pipelines.stage_distill --worker``. Checkpoints live under
+worker entry point is ``python -m pipelines.stage_distill --worker``. With ``parallel.launcher: ray`` it is the
+driver of a Ray Train job instead (:mod:`trainer.ray_job`), whose workers run :func:`worker`; the MLflow run and
+the outputs are the same, plus the job's cluster size and placement as tags. Checkpoints live under
 ``checkpoint.dir/<config digest>``, so a stage killed mid-run resumes where it stopped when re-run with the same
 config, while an experiment with other params never resumes from them.
 
@@ -40,7 +42,8 @@ from pipelines.tracking_models import log_dataset, log_logged_model, log_model_i
 from trainer.config import Params, load_params
 from trainer.data import encode_prompts
 from trainer.distributed import all_reduce_sum, torchrun_command
-from trainer.metrics import JsonlLogger, LoggerGroup, MetricLogger
+from trainer.metrics import JsonlLogger, LoggerGroup, MetricLogger, StepFloor
+from trainer.ray_job import RayJobError, check_address, in_ray_worker, run_ray_job
 from trainer.rollout import RolloutEngine, provenance_tags
 from trainer.train import NonFiniteLossError, Trainer
 
@@ -74,7 +77,12 @@ PLOT_KEYS = (
 def config_digest(params: Params) -> str:
     """Digest of everything that changes the training trajectory (not evaluation, tracking or gate)."""
     keys = ("seed", "models", "task", "rollout", "distill", "optim", "parallel")
-    blob = json.dumps({k: params.model_dump(mode="json")[k] for k in keys}, sort_keys=True)
+    tree = {k: params.model_dump(mode="json")[k] for k in keys}
+    # Who launches the ranks does not change the trajectory (same world size, same ranks): a job moved between
+    # torchrun and Ray resumes from the same checkpoints, and older digests stay what they were.
+    for key in ("launcher", "ray_address", "ray_max_failures"):
+        tree["parallel"].pop(key)
+    blob = json.dumps(tree, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -148,6 +156,9 @@ def worker(params_path: str, overrides: list[str], logger: MetricLogger | None =
             os.environ[RUN_ENV], tracking_uri=os.environ.get(URI_ENV), retries=params.tracking.retries,
             backoff_s=params.tracking.backoff_s, flush_every=10,
         )  # fmt: skip
+        if in_ray_worker():  # a restarted Ray worker group logs into the run its first attempt began
+            history = logger.client.get_metric_history(logger.run_id, "loss/total")
+            logger = StepFloor(logger, max((m.step for m in history), default=0))
     digest = config_digest(params)
     ckpt_dir = str(Path(params.checkpoint.dir) / digest)
     params = params.model_copy(update={"checkpoint": params.checkpoint.model_copy(update={"dir": ckpt_dir})})
@@ -265,6 +276,8 @@ def launch(params_path: str, overrides: list[str]) -> int:
             AutoConfig.from_pretrained(params.models.student.path),
             "cuda" if torch.cuda.is_available() else "cpu",
         )
+    if par.launcher == "ray":
+        check_address(par)  # a wrong address is one line before the MLflow run opens
     prompts_sha = file_sha256(prompts)
     upstream, extra = (
         [UPSTREAM],
@@ -287,9 +300,13 @@ def launch(params_path: str, overrides: list[str]) -> int:
         inputs = dict(run.upstream["rollout"].models) if "rollout" in run.upstream else {}
         log_model_inputs(run.run_id, list(inputs.values()), client=run.client)
         run.set_tags({"oprd.config_digest": config_digest(params)})
-        if world == 1:
+        if par.launcher == "ray":
+            rc = _ray_job(run, params, params_path, overrides)
+        elif world == 1:
+            run.set_tags(_launch_tags(params, "in-process"))
             rc = worker(params_path, overrides, logger=run.metric_logger(flush_every=10))
         else:
+            run.set_tags(_launch_tags(params, "torchrun"))
             args = ["--params", params_path, *(a for o in overrides for a in ("--set", o))]
             env = {**os.environ, "OMP_NUM_THREADS": str(params.optim.num_threads or 1),
                    RUN_ENV: run.run_id, URI_ENV: run.tracking_uri}  # fmt: skip
@@ -310,6 +327,37 @@ def launch(params_path: str, overrides: list[str]) -> int:
         student_sha = json.loads((STUDENT_DIR / "manifest.json").read_text())["sha256"]
         bank_ref = {BANK_DATASET: bank.digest} if bank else {}  # -> the gate's dataset_digests
         run.write_ref(REF, {"student": student_sha, **bank_ref}, models={**inputs, "student": model_id})
+    return 0
+
+
+def _launch_tags(params: Params, launcher: str) -> dict[str, str]:
+    par = params.parallel
+    return {
+        "oprd.parallel.launcher": launcher,
+        "oprd.parallel.backend": (  # what init_distributed resolves ``auto`` to
+            par.backend if par.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        ),
+        "oprd.parallel.world_size": str(par.nproc_per_node * par.nnodes),
+        "oprd.parallel.nnodes": str(par.nnodes),
+        "oprd.parallel.nproc_per_node": str(par.nproc_per_node),
+    }
+
+
+def _ray_job(run: StageRun, params: Params, params_path: str, overrides: list[str]) -> int:
+    """``parallel.launcher: ray``: every rank's :func:`worker` as a Ray Train job (:mod:`trainer.ray_job`); the
+    run's tags record the cluster size and where each rank ran. Ray Train's own run state lives under
+    ``checkpoint.dir/ray`` and is removed after a successful job."""
+    job_dir = Path(params.checkpoint.dir) / "ray"
+    name = f"distill-{run.run_id[:12]}"
+    env = {
+        RUN_ENV: run.run_id,
+        URI_ENV: run.tracking_uri,
+        "OMP_NUM_THREADS": str(params.optim.num_threads or 1),
+    }
+    job = run_ray_job(params.parallel, "pipelines.stage_distill:worker", [params_path, overrides],
+                      job_dir=job_dir, name=name, env=env)  # fmt: skip
+    run.set_tags(job.tags())
+    shutil.rmtree(job_dir, ignore_errors=True)
     return 0
 
 
@@ -337,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return stage_cli(
             "DVC stage: on-policy distillation", body, argv,
-            errors=(NonFiniteLossError, TrackingUnreachable, WorkerFailed, SigningKeyMissing), extra_args=worker_flag,
+            errors=(NonFiniteLossError, TrackingUnreachable, WorkerFailed, SigningKeyMissing, RayJobError),
+            extra_args=worker_flag,
         )  # fmt: skip
     finally:
         if dist.is_initialized():

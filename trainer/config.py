@@ -12,7 +12,7 @@ Sections and who reads them:
 ``rollout``     trainer: on-policy sampling (engine, temperature, lengths) and the pre-flight checks
 ``distill``     trainer: the objective (OPRD / OPD baselines / combined), steps and batch shape
 ``optim``       trainer: AdamW + warm-up/cosine schedule, clipping, precision
-``parallel``    trainer: torchrun / FSDP2 topology
+``parallel``    trainer: FSDP2 topology and launcher (torchrun or Ray)
 ``checkpoint``  trainer: DCP checkpoint cadence and retention
 ``evaluate``    pipelines: sampling and suites for the evaluate stage
 ``tracking``    pipelines: MLflow location and cost accounting
@@ -366,10 +366,27 @@ class OptimConfig(_Section):
 
 
 class ParallelConfig(_Section):
+    """The distill stage's worker group: ``nproc_per_node x nnodes`` ranks (the world size), launched by
+    ``launcher``, talking over the torch process-group ``backend``."""
+
     nproc_per_node: PosInt = 1
     nnodes: PosInt = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """The torch process-group backend (as ``torch.distributed`` and Ray Train's ``TorchConfig`` name it);
+    ``auto`` = NCCL on CUDA, gloo on CPU."""
     rdzv_endpoint: str | None = None
+    launcher: Literal["torchrun", "ray"] = "torchrun"
+    """Who starts the ranks: ``torchrun`` (one agent per node; c10d rendezvous at ``rdzv_endpoint`` when
+    ``nnodes > 1``) or ``ray`` (a Ray Train ``TorchTrainer`` of ``nproc_per_node x nnodes`` workers on the cluster
+    at ``ray_address``; :mod:`trainer.ray_job`). The trajectory is the same, so it is not part of the checkpoint
+    digest."""
+    ray_address: str | None = None
+    """``launcher: ray`` only: the cluster to join (``host:port`` of a ``ray start --head`` GCS, ``auto``, or
+    ``ray://host:10001``); ``None``: the cluster in ``RAY_ADDRESS`` (set inside a ``ray job submit`` job), else a
+    local one-node cluster started for the run."""
+    ray_max_failures: int = Field(default=1, ge=0)
+    """``launcher: ray`` only: how many worker-group failures Ray Train recovers from (each restart resumes from
+    the newest complete DCP checkpoint under ``checkpoint.dir``)."""
 
 
 class CheckpointConfig(_Section):

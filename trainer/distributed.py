@@ -1,7 +1,8 @@
 """Process-group setup and FSDP2 sharding.
 
-One code path for 1 process and for ``torchrun`` (any number of nodes): the environment variables torchrun sets
-(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...) decide. Backend ``auto`` is NCCL on CUDA and gloo on
+One code path for 1 process, for ``torchrun`` (any number of nodes) and for Ray Train workers: the environment
+variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...) decide, or the process group
+Ray Train already initialized. Backend ``auto`` is NCCL on CUDA and gloo on
 CPU. With a world of 1 nothing is sharded and no process group is created.
 """
 
@@ -51,9 +52,17 @@ class DistEnv:
 
 
 def init_distributed(cfg: ParallelConfig) -> DistEnv:
-    """Initialize the default process group from torchrun's environment (idempotent)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    """Initialize the default process group from torchrun's environment (idempotent).
+
+    A group that is already initialized is used as it is: Ray Train's ``TorchTrainer`` creates it (``TorchConfig``
+    backend) before the worker's loop runs, and sets ``LOCAL_RANK`` for the device; rank and world size then come
+    from the group itself.
+    """
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and cfg.backend != "gloo"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

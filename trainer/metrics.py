@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, TextIO, runtime_checkable
 
-__all__ = ["ConsoleLogger", "JsonlLogger", "LoggerGroup", "MetricLogger", "NullLogger"]
+__all__ = ["ConsoleLogger", "JsonlLogger", "LoggerGroup", "MetricLogger", "NullLogger", "StepFloor"]
 
 
 @runtime_checkable
@@ -84,3 +84,20 @@ class LoggerGroup:
     def close(self) -> None:
         for lg in self.loggers:
             lg.close()
+
+
+class StepFloor:
+    """Forwards only steps after ``floor`` to ``inner``: a sink that outlives a restarted process (the MLflow run of
+    a Ray job whose worker group was restarted) already holds steps ``1..floor``, and a resumed trainer re-emits its
+    restored steps, so each step still reaches it exactly once."""
+
+    def __init__(self, inner: MetricLogger, floor: int):
+        self.inner = inner
+        self.floor = floor
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if step > self.floor:
+            self.inner.log_metrics(metrics, step)
+
+    def close(self) -> None:
+        self.inner.close()

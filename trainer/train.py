@@ -16,6 +16,7 @@ Usage::
 
     python -m trainer.train --params params.yaml --out artifacts/distill
     torchrun --nproc_per_node 2 -m trainer.train --params params.yaml --out artifacts/distill
+    python -m trainer.train --params params.yaml --set parallel.launcher=ray --set parallel.nproc_per_node=2
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from trainer.models import (
 from trainer.objective_bridge import BridgeObjective
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.ray_job import in_ray_worker
 from trainer.rollout import build_engine
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "fit_prompts", "main", "prompt_budget"]
@@ -457,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
+        if params.parallel.launcher == "ray" and not in_ray_worker():
+            return _ray_driver(params, args, sys.argv[1:] if argv is None else list(argv))
         trainer = Trainer(params, args.out)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -471,6 +475,21 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         trainer.close()
+    return 0
+
+
+def _ray_driver(params: Params, args: argparse.Namespace, argv: list[str]) -> int:
+    """``parallel.launcher: ray``: run this same ``main`` on every worker of a Ray Train job (trainer.ray_job)."""
+    from trainer.ray_job import RayJobError, run_ray_job
+
+    if args.stop_after is not None:
+        raise ConfigError("--stop-after is for single-process and torchrun runs, not parallel.launcher: ray")
+    try:
+        job = run_ray_job(params.parallel, "trainer.train:main", [argv], job_dir=Path(args.out))
+    except RayJobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(job.tags()), file=sys.stderr)
     return 0
 
 

@@ -500,3 +500,41 @@ def test_killed_distill_stage_resumes_and_matches_a_clean_run(project, tmp_path)
     assert _student_sha(broken_project) == resumed
     with pytest.raises(AssertionError, match="not computed by a process that resumed at step"):
         assert_resumed(_distill_rows(broken_project), newest, 10)
+
+
+@pytest.mark.slow
+def test_distill_stage_as_a_ray_job_records_launcher_and_cluster(project, tmp_path):
+    """`dvc repro -s distill` with `parallel.launcher: ray` (no address: a local Ray cluster, 2 workers): the
+    stage's outputs as under torchrun, and its MLflow run records launcher, cluster size and placement. (Loss
+    parity with torchrun and resume after a killed worker: tests/trainer/test_trainer_ray.py.)"""
+    import mlflow
+
+    from pipelines.lineage import read_run_ref
+
+    _run(["dvc", "repro", "distill"], project)  # a no-op after the first test; the upstream when run alone
+    ray_project = tmp_path / "ray"
+    shutil.copytree(project, ray_project, symlinks=True)
+    params = yaml.safe_load((ray_project / "params.yaml").read_text())
+    params["parallel"].update({"launcher": "ray", "nproc_per_node": 2})
+    (ray_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["dvc", "repro", "-s", "distill"], ray_project)
+    summary = json.loads((ray_project / "metrics/distill.json").read_text())
+    assert (summary["steps"], summary["world_size"]) == (TINY["distill"]["steps"], 2)
+    assert [r["step"] for r in _distill_rows(ray_project)] == [1, 2, 3, 4]
+    assert (ray_project / "artifacts/models/student/model.safetensors").is_file()
+    assert not (ray_project / "artifacts/checkpoints/ray").exists(), "Ray Train's run state is removed"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ray_project / 'mlflow.db'}")
+    run = client.get_run(read_run_ref(ray_project / "artifacts/distill/distill.mlflow.json").run_id)
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert (tags["oprd.parallel.launcher"], tags["oprd.parallel.backend"], tags["oprd.ray.workers"]) == (
+        "ray", "gloo", "2",
+    )  # fmt: skip
+    assert (tags["oprd.ray.cluster_nodes"], tags["oprd.ray.nodes"], tags["oprd.ray.attempts"]) == (
+        "1",
+        "1",
+        "1",
+    )
+    assert [p["rank"] for p in json.loads(tags["oprd.ray.placement"])] == [0, 1]
+    # rank 0 of the Ray job logged each step's metrics into the stage's run, once
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss/total")) == [1, 2, 3, 4]
