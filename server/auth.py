@@ -55,6 +55,10 @@ ACCESS_RULES: dict[str, str] = {
     "list_webhooks": "admin",
     "remove_webhook": "admin",
     "retire_by_policy": "admin",
+    "submit_trigger": "ci",
+    "list_triggers": "read",
+    "claim_trigger": "ci",
+    "set_trigger_state": "ci",
     # only registered when OPRD_PUBLIC_DOCS is off (the default with tokens configured)
     "openapi": "read",
     "docs": "read",
