@@ -870,16 +870,25 @@ def history(
         render_triggers(cycles)
 
 
+def _short_key(key: str) -> str:
+    """``failure-bank:<64 hex>`` -> ``failure-bank:<12 hex>`` (``--json`` keeps the whole key)."""
+    head, _, tail = key.rpartition(":")
+    return f"{head}:{tail[:12]}" if head and len(tail) == 64 else key
+
+
 def render_triggers(rows: list) -> None:
     """The ``history`` triggers table: trigger -> DVC experiment -> decision (docs/triggers.md)."""
     t = Table("trigger", "when", "kind", "key", "status", "experiment", "decision", "verdict", "version",
               title="triggers (oprd-ci watch)")  # fmt: skip
+    for col in t.columns:  # keys are identifiers: wrap them whole, never cut them
+        col.overflow = "fold"
+    t.columns[5].min_width = max((len(r["exp_name"] or "") for r in rows), default=10)  # `dvc exp` names it
     for r in rows:
         status = r["status"] + (f" into {r['coalesced_into']}" if r["coalesced_into"] else "")
         if r.get("error"):
             status += f": {r['error'][:120]}"
         t.add_row(
-            str(r["id"]), str(r["created_at"]), r["kind"], r["key"], status, r["exp_name"] or "",
+            str(r["id"]), str(r["created_at"])[:16].replace("T", " "), r["kind"], _short_key(r["key"]), status, r["exp_name"] or "",
             str(r["decision_id"] or ""), r["verdict"] or "", f"v{r['version']}" if r["version"] else "",
         )  # fmt: skip
     console.print(t)
