@@ -261,18 +261,22 @@ class Watcher:
         return [c for c in out if c is not None]
 
     # ---- one pass
-    def run_once(self) -> PassReport:
-        report = PassReport()
-        p = self.params()
+    def observe(self, p: Params, report: PassReport) -> list[dict[str, Any]]:
+        """Steps 1-2: submit every source's observation; returns the model's triggers afterwards."""
         model = p.gate.model_name
-        triggers = self._triggers(model)
-        for c in self.candidates(p, triggers):
+        for c in self.candidates(p, self._triggers(model)):
             report.observed.append(c.key)
             ans = self.call("POST", f"/v1/models/{model}/triggers", body=c.body())
             if ans["created"]:
                 t = ans["trigger"]
                 report.new.append({k: t[k] for k in ("id", "kind", "key", "status")})
-        triggers = self._triggers(model)
+        return self._triggers(model)
+
+    def run_once(self) -> PassReport:
+        report = PassReport()
+        p = self.params()
+        model = p.gate.model_name
+        triggers = self.observe(p, report)
         active = next((t for t in triggers if t["status"] in ("queued", "running")), None)
         if active is not None:
             active = self._follow(model, active, report)

@@ -174,3 +174,85 @@ def test_a_new_teacher_version_runs_exactly_one_cycle_linked_to_its_decision(tmp
     # nothing new: a further pass queues nothing
     again = json.loads(_oprd(["watch", "--once", "--json"], root).stdout)["pass"]
     assert again["new"] == [] and again["queued"] is None and again["active"] is None
+
+
+# ------------------------------------------------------------------ the sources, fast (no DVC, no experiment)
+def _registry(tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(
+        database_url=f"sqlite:///{tmp_path}/registry.db", mlflow_enabled=False, artifact_roots=[tmp_path]
+    )
+    client = TestClient(create_app(settings, local_actor="test", run_reconciler=False))
+
+    def call(method, path, body=None, params=None, missing_ok=False):
+        r = client.request(method, path, json=body, params=params)
+        if r.status_code == 404 and missing_ok:
+            return None
+        assert r.status_code < 400, r.text
+        return r.json()
+
+    return client, call
+
+
+def test_manifest_bank_and_policy_sources_fire_on_change_and_their_first_observation_is_a_baseline(tmp_path):
+    from pipelines.watch import PassReport, Watcher
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(REPO / "artifacts/models/teacher", teacher)
+    bank = tmp_path / "bank.jsonl"
+    params = {"models": {"teacher": {"path": str(teacher)}}, "failures": {"bank": str(bank)},
+              "watch": {"failure_rows": 2}, "gate": {"model_name": "m"}}  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    client, call = _registry(tmp_path)
+    watcher = Watcher(tmp_path, call)
+
+    def observe() -> list[tuple[str, str]]:
+        report = PassReport()
+        watcher.observe(watcher.params(), report)
+        return [(t["kind"], t["status"]) for t in report.new]
+
+    assert observe() == [("teacher_manifest", "baseline"), ("failure_bank", "baseline")]  # no policy yet
+    assert observe() == []  # nothing changed: every key is known
+    bank.write_text('{"id": "a"}\n')
+    assert observe() == []  # one row: below watch.failure_rows
+    bank.write_text('{"id": "a"}\n{"id": "b"}\n')
+    assert observe() == [("failure_bank", "pending")]  # two rows since the baseline
+    call("PUT", "/v1/models/m/policy", body={"spec": yaml.safe_load(TINY_POLICY), "reason": "first"})
+    assert observe() == [("policy", "baseline")]
+    call("PUT", "/v1/models/m/policy", body={"spec": {**yaml.safe_load(TINY_POLICY), "auto_rollback": True},
+                                             "reason": "second"})  # fmt: skip
+    manifest = json.loads((teacher / "manifest.json").read_text())
+    (teacher / "manifest.json").write_text(json.dumps({**manifest, "sha256": "f" * 64}))  # a new checkpoint
+    assert observe() == [("teacher_manifest", "pending"), ("policy", "pending")]
+    # the three pending triggers become one cycle: the newest owns it, the others are coalesced into it
+    cycle = call("POST", "/v1/models/m/triggers/claim", body={})["trigger"]
+    rows = {t["id"]: t for t in call("GET", "/v1/models/m/triggers")}
+    assert cycle["kind"] == "policy" and cycle["exp_name"] == f"watch-m-t{cycle['id']}"
+    assert sorted(t["kind"] for t in rows.values() if t["coalesced_into"] == cycle["id"]) == [
+        "failure_bank",
+        "teacher_manifest",
+    ]
+    client.close()
+
+
+def test_a_later_cycle_keeps_the_teacher_of_the_newest_teacher_version_cycle(tmp_path, monkeypatch):
+    from pipelines.watch import Watcher
+    from trainer.config import Params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    w = Watcher(tmp_path, call=None)
+    teacher = {"models.teacher.path": "/teachers/v2", "models.teacher.revision": "models:/t/2"}
+    triggers = [
+        {"id": 1, "kind": "teacher_version", "status": "done", "overrides": teacher},
+        {"id": 2, "kind": "failure_bank", "status": "queued", "overrides": {}},
+    ]
+    sets = w.exp_overrides(Params(), triggers[1], triggers)
+    assert {k: sets[k] for k in teacher} == teacher
+    assert (sets["watch.trigger_id"], sets["watch.trigger_kind"]) == (2, "failure_bank")
+    # what a queued experiment (a temporary copy of the repository) must share with the workspace is absolute
+    assert sets["gate.store"] == str(tmp_path.resolve() / "registry-store")
+    assert sets["tracking.uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
