@@ -22,6 +22,7 @@ from oprd_ci import (
     params_cli,
     registry_cli,
     signing_cli,
+    watch_cli,
 )
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ failures_cli.register(app)
 params_cli.register(app)
 init_cli.register(app)
 signing_cli.register(app)
+watch_cli.register(app)
 
 
 @app.command()

@@ -555,6 +555,11 @@ def serve(
         from server.app import prepare_for_workers
 
         prepare_for_workers()  # schemas and tokens once, before the workers race to create them
+    settings = ServerSettings()
+    if settings.watch_interval_s:  # OPRD_WATCH_INTERVAL_S: triggers -> cycles (docs/triggers.md)
+        from oprd_ci.watch_cli import start_watch_thread
+
+        start_watch_thread(settings.watch_interval_s, settings.watch_repo)
     uvicorn.run("server.app:app_from_env", factory=True, host=host, port=port, workers=workers)
 
 
@@ -837,12 +842,16 @@ def history(
     alias: Annotated[
         str, typer.Option("--alias", help="With --cost: the alias whose promotions count.")
     ] = "champion",
+    triggers: Annotated[
+        bool, typer.Option("--triggers", help="Only the triggers: trigger -> experiment -> decision.")
+    ] = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The audit log of NAME (every alias move, retirement and policy change); with --cost, cost over time (the
-    ``limit`` most recent versions, at most 10,000)."""
+    """The audit log of NAME (every alias move, retirement and policy change), then its triggers (trigger ->
+    experiment -> decision, `oprd-ci watch`); with --cost, cost over time (the ``limit`` most recent versions, at
+    most 10,000)."""
     if cost:
         with RegistryCall(url, token, reconcile=False) as call:
             rows = call(
@@ -851,7 +860,38 @@ def history(
         _emit(rows, as_json, render_cost_history)
         return
     with RegistryCall(url, token) as call:
-        _emit(call("GET", f"/v1/models/{name}/history", params={"limit": limit}), as_json, _render_history)
+        events = call("GET", f"/v1/models/{name}/history", params={"limit": limit})
+        cycles = call("GET", f"/v1/models/{name}/triggers", params={"limit": min(limit, 10_000)})
+    if triggers:
+        _emit(cycles, as_json, render_triggers)
+        return
+    _emit(events, as_json, _render_history)
+    if cycles and not as_json:
+        render_triggers(cycles)
+
+
+def _short_key(key: str) -> str:
+    """``failure-bank:<64 hex>`` -> ``failure-bank:<12 hex>`` (``--json`` keeps the whole key)."""
+    head, _, tail = key.rpartition(":")
+    return f"{head}:{tail[:12]}" if head and len(tail) == 64 else key
+
+
+def render_triggers(rows: list) -> None:
+    """The ``history`` triggers table: trigger -> DVC experiment -> decision (docs/triggers.md)."""
+    t = Table("trigger", "when", "kind", "key", "status", "experiment", "decision", "verdict", "version",
+              title="triggers (oprd-ci watch)")  # fmt: skip
+    for col in t.columns:  # keys are identifiers: wrap them whole, never cut them
+        col.overflow = "fold"
+    t.columns[5].min_width = max((len(r["exp_name"] or "") for r in rows), default=10)  # `dvc exp` names it
+    for r in rows:
+        status = r["status"] + (f" into {r['coalesced_into']}" if r["coalesced_into"] else "")
+        if r.get("error"):
+            status += f": {r['error'][:120]}"
+        t.add_row(
+            str(r["id"]), str(r["created_at"])[:16].replace("T", " "), r["kind"], _short_key(r["key"]), status, r["exp_name"] or "",
+            str(r["decision_id"] or ""), r["verdict"] or "", f"v{r['version']}" if r["version"] else "",
+        )  # fmt: skip
+    console.print(t)
 
 
 def render_cost_history(rows: list) -> None:
@@ -971,6 +1011,10 @@ def gate(
         str | None, typer.Option("--reason", help="Why; recorded on the alias move with the decision id.")
     ] = None,
     idempotency_key: KeyOpt = None,
+    trigger_id: Annotated[
+        int | None,
+        typer.Option("--trigger-id", min=1, help="The trigger whose cycle this gate ends (`oprd-ci watch`)."),
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -990,7 +1034,12 @@ def gate(
             "POST",
             "/v1/gate",
             body=body,
-            params={"promote": promote, "alias": alias, **({"reason": reason} if reason else {})},
+            params={
+                "promote": promote,
+                "alias": alias,
+                **({"reason": reason} if reason else {}),
+                **({"trigger_id": trigger_id} if trigger_id else {}),
+            },
             key=idempotency_key,
         )
     if out is not None:

@@ -136,7 +136,7 @@ def _dir_sha(path: Path) -> str:
 
 def run(params_path: str, overrides: list[str]) -> int:
     params = load_params(params_path, overrides)
-    artifact, sha = freeze_student()
+    artifact, sha = freeze_student(store=Path(params.gate.store))
     with StageRun("gate", params, upstream=[ROLLOUT_REF, DISTILL_REF, EVAL_REF]) as run:
         evidence = build_evidence(params, artifact)
         distill, rollout = run.upstream["distill"], run.upstream["rollout"]
@@ -159,6 +159,8 @@ def run(params_path: str, overrides: list[str]) -> int:
                "--reason", f"dvc gate stage, distill.method={params.distill.method}"]  # fmt: skip
         if params.gate.install_policy:  # a differing file becomes the next audited policy version
             cmd += ["--install-policy", "--policy-reason", str(params.gate.policy_reason)]
+        if params.watch.trigger_id is not None:  # the cycle `oprd-ci watch` queued: link its decision
+            cmd += ["--trigger-id", str(params.watch.trigger_id)]
         env = dict(os.environ)
         if params.gate.registry_url:
             env["OPRD_REGISTRY_URL"] = params.gate.registry_url
@@ -190,7 +192,8 @@ def run(params_path: str, overrides: list[str]) -> int:
         set_version_record(
             params.gate.model_name, int(decision["version"]), description=record, model_id=model_id,
             tags={"oprd.gate.verdict": decision["verdict"], "oprd.gate.decision_id": str(decision["id"]),
-                  "oprd.gate.run_id": run.run_id, "oprd.gate.policy_version": str(decision["policy_version"])},
+                  "oprd.gate.run_id": run.run_id, "oprd.gate.policy_version": str(decision["policy_version"]),
+                  **trigger_tags(params)},
             client=run.client,
         )  # fmt: skip
         nodes, edges = _lineage_graph(params, evidence, decision, sha)
@@ -200,6 +203,17 @@ def run(params_path: str, overrides: list[str]) -> int:
         )  # fmt: skip
         _log_cost_trend(run, params, decision, env)
     return 0
+
+
+def trigger_tags(params: Params) -> dict[str, str]:
+    """``oprd.trigger_id`` / ``oprd.trigger_kind`` of the cycle `oprd-ci watch` queued (none otherwise): on the
+    model version too, so MLflow shows trigger -> run -> version -> decision."""
+    w = params.watch
+    return (
+        {}
+        if w.trigger_id is None
+        else {"oprd.trigger_id": str(w.trigger_id), "oprd.trigger_kind": str(w.trigger_kind)}
+    )
 
 
 def _log_cost_trend(run: StageRun, params: Params, decision: dict, env: dict[str, str]) -> None:

@@ -266,6 +266,11 @@ def lineage_tags(
     tags: dict[str, str] = {"oprd.stage": stage, "oprd.git.commit": commit}
     if dirty is not None:
         tags["oprd.git.dirty"] = str(dirty).lower()
+    if (
+        params.watch.trigger_id is not None
+    ):  # a cycle `oprd-ci watch` queued: trigger -> run (docs/triggers.md)
+        tags["oprd.trigger_id"] = str(params.watch.trigger_id)
+        tags["oprd.trigger_kind"] = params.watch.trigger_kind or "unknown"
     for role, src in (("teacher", params.models.teacher), ("student_base", params.models.student)):
         path = Path(src.path) if Path(src.path).is_absolute() else base / src.path
         tags[f"oprd.{role}.path"] = repo_relative(path, base)

@@ -25,7 +25,7 @@ from server.mlflow_guard import MlflowGuard
 from server.mlflow_mirror import MlflowMirror
 from server.reconciler import Reconciler
 from server.retirement import RetirementWatcher
-from server.routes import admin, aliases, events, versions
+from server.routes import admin, aliases, events, triggers, versions
 from server.settings import ServerSettings
 from server.webhooks import Deliverer
 
@@ -108,7 +108,7 @@ def create_app(
     )
     app.state.mlflow_guard, app.state.token_cache = guard, TokenCache(settings.token_cache_s)
     app.state.deliverer = deliverer
-    for router in (versions.router, aliases.router, admin.router, events.router):
+    for router in (versions.router, aliases.router, admin.router, events.router, triggers.router):
         app.include_router(router)
     if not public_docs:
         _token_protected_docs(app)

@@ -56,6 +56,10 @@ ACCESS_RULES: dict[str, str] = {
     "remove_webhook": "admin",
     "redeliver_webhook": "admin",
     "retire_by_policy": "admin",
+    "submit_trigger": "ci",
+    "list_triggers": "read",
+    "claim_trigger": "ci",
+    "set_trigger_state": "ci",
     # only registered when OPRD_PUBLIC_DOCS is off (the default with tokens configured)
     "openapi": "read",
     "docs": "read",

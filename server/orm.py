@@ -245,3 +245,39 @@ class EventDelivery(Base):
     last_status: Mapped[int | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[datetime | None]
+
+
+class Trigger(Base):
+    """An event that asks for one distill-and-gate cycle of a model (``server.triggers``; docs/triggers.md).
+
+    ``dedup_key`` is unique per model: the same event seen twice is one row. States: ``baseline`` (the first
+    observation of a source, recorded as the reference, no cycle), ``pending`` (waits for a cycle), ``coalesced``
+    (folded into the cycle of ``coalesced_into``), ``queued`` / ``running`` (its DVC experiment ``exp_name``; at
+    most one such row per model, taken under the model lock), ``done`` (``decision_id`` links the gate's
+    decision) and ``failed`` (``error`` says why).
+    """
+
+    __tablename__ = "triggers"
+    __table_args__ = (
+        UniqueConstraint("model_id", "dedup_key"),
+        Index("ix_triggers_model_status", "model_id", "status"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    """teacher_version | teacher_manifest | failure_bank | policy"""
+    dedup_key: Mapped[str] = mapped_column(String(512))
+    overrides: Mapped[dict[str, Any]]
+    """``{params key: value}`` the cycle runs with (``dvc exp run -S``)."""
+    info: Mapped[dict[str, Any]]
+    """What the source observed (e.g. the bank's row count), for the next observation to compare with."""
+    detail: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    exp_name: Mapped[str | None] = mapped_column(String(128))
+    coalesced_into: Mapped[int | None] = mapped_column(ForeignKey("triggers.id"))
+    decision_id: Mapped[int | None] = mapped_column(ForeignKey("decisions.id"), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

@@ -200,6 +200,8 @@ class DecisionOut(_Out):
     champion_version: int | None
     criteria: list[Criterion]
     created_at: datetime
+    trigger_id: int | None = None
+    """The trigger whose cycle ended in this decision (``oprd-ci watch``; docs/triggers.md), if any."""
 
 
 class VersionOut(_Out):

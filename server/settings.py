@@ -100,6 +100,11 @@ class ServerSettings(BaseSettings):
     """After this many failed attempts a delivery is ``dead`` (kept and shown by ``oprd-ci events``)."""
     retirement_interval_s: float | None = Field(default=None, gt=0)
     """If set, ``serve`` applies every model's ``retirement:`` policy rules this often (the retirement watcher)."""
+    watch_interval_s: float | None = Field(default=None, gt=0)
+    """If set, ``oprd-ci serve`` also runs ``oprd-ci watch`` (triggers -> queued cycles, docs/triggers.md) on the
+    DVC project ``watch_repo`` this often, against this registry's database."""
+    watch_repo: Path = Field(default_factory=Path.cwd)
+    """The DVC project the watcher of ``serve`` queues cycles in (default: the working directory)."""
     sqlite_busy_timeout_ms: int = Field(default=30_000, gt=0)
     db_pool_size: int = Field(default=20, gt=0)
 

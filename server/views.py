@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.mlflow_guard import Deadline
-from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel
+from server.orm import Alias, AuditEvent, Decision, ModelVersion, Policy, RegisteredModel, Trigger
 from server.policy import policy_digest
 from server.registry import checked_policy
 from server.schemas import AliasOut, AuditOut, Criterion, DecisionOut, MlflowReadOut, VersionOut
@@ -42,6 +43,7 @@ def decision_out(s: Session, model: RegisteredModel, d: Decision) -> DecisionOut
         champion_version=d.champion_version,
         criteria=[Criterion.model_validate(c) for c in d.criteria],
         created_at=d.created_at,
+        trigger_id=s.scalar(select(Trigger.id).where(Trigger.decision_id == d.id).limit(1)),
     )
 
 

@@ -471,6 +471,9 @@ class GateConfig(_Section):
     version (audited, with ``policy_reason``) instead of refusing."""
     policy_reason: str | None = None
     """Why the policy changes (the audit log's reason); required with ``install_policy: true``."""
+    store: str = "registry-store"
+    """Where the gate freezes students (``<store>/<manifest sha256>/``), the copy the registry records and
+    re-verifies; a queued experiment (``oprd-ci watch``) gets an absolute one, its temporary copy being deleted."""
 
     @model_validator(mode="after")
     def _reason_with_install(self) -> GateConfig:
@@ -493,6 +496,30 @@ class FailuresConfig(_Section):
     train_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
     """Share of the distill stage's prompt pool taken by the bank's training failures (repeated as needed). No
     effect while the bank has no training failures; 0 turns mixing off."""
+
+
+class WatchConfig(_Section):
+    """Triggers (``oprd-ci watch``, docs/triggers.md): which events queue a distill-and-gate cycle of
+    ``gate.model_name`` as a DVC experiment, and the identity of the trigger an experiment runs for."""
+
+    teacher_model: str | None = None
+    """MLflow registered-model name of the teacher to follow: its newest version becomes ``models.teacher.path``
+    (the version's local directory) and ``models.teacher.revision`` (``models:/<name>/<version>``). None: off."""
+    teacher_manifest: bool = True
+    """A changed ``manifest.json`` sha256 under ``models.teacher.path`` queues a cycle."""
+    failure_rows: int | None = Field(default=20, ge=1)
+    """The failure bank grown by at least this many rows since the last cycle queues one. None: off."""
+    policy_changes: bool = True
+    """A new policy version of ``gate.model_name`` in the registry queues a cycle."""
+    interval_s: Annotated[float, Field(gt=0)] = 60.0
+    """Seconds between two passes of ``oprd-ci watch``."""
+    start_worker: bool = True
+    """After queueing, start a DVC queue worker (``dvc queue start -j 1``) so the cycle runs."""
+    trigger_id: int | None = Field(default=None, ge=1)
+    """Set by the watcher on its experiment (``-S``): the stages tag their MLflow runs with it and the gate links
+    its decision to it. Leave null in params.yaml."""
+    trigger_kind: Literal["teacher_version", "teacher_manifest", "failure_bank", "policy"] | None = None
+    """Set with ``trigger_id``: what caused the cycle."""
 
 
 # --------------------------------------------------------------------------------------------------- root
@@ -521,6 +548,7 @@ class Params(_Section):
     gate: GateConfig = GateConfig()
     failures: FailuresConfig = FailuresConfig()
     signing: SigningConfig = SigningConfig()
+    watch: WatchConfig = WatchConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

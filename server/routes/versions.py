@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,9 +20,13 @@ from server.orm import Alias, Decision, ModelVersion, RegisteredModel
 from server.registry import get_model, get_version, prepare_registration, record_version
 from server.schemas import DecisionOut, EvidenceBody, EvidenceIn, GateOut, RegisterVersionIn, VersionOut
 from server.sources import check_logged_model
+from server.triggers import check_link, link_decision
 from server.views import alias_out, decision_out, version_out
 
 router = APIRouter(prefix="/v1", tags=["versions"])
+TriggerQuery = Annotated[
+    int | None, Query(ge=1, le=2**31 - 1, description="The trigger whose cycle this gate ends (linked)")
+]
 
 
 @router.get("/models", name="list_models", response_model=list[str])
@@ -107,9 +113,11 @@ def gate(
     promote: bool = True,
     alias: AliasQuery = "champion",
     reason: ReasonQuery = None,
+    trigger_id: TriggerQuery = None,
 ) -> JSONResponse:
     """Register the candidate (if new), record its evidence, decide, and on PROMOTE move the alias (the audit row
-    records ``reason`` after the decision id)."""
+    records ``reason`` after the decision id). ``trigger_id``: the queued or running trigger whose cycle this
+    gate ends; the decision is linked to it in the same transaction (``server.triggers``)."""
     check_alias(alias)
     reg = RegisterVersionIn(
         artifact_path=body.artifact_path,
@@ -143,7 +151,11 @@ def gate(
         mv = record_version(s, who, body.model, reg, verified, source)
         model = get_model(s, body.model, lock=True)
         ensure_policy_unchanged(s, model, signing_policy)
+        if trigger_id is not None:
+            check_link(s, model, trigger_id)  # before deciding: a bad trigger id records nothing
         d = _submit(s, who, model, mv, evidence, alias=alias, auto_rollback=auto, plan=plan)
+        if trigger_id is not None:
+            link_decision(s, model, trigger_id, d)
         moved = promote and promote_on_verdict(s, who, model, mv, d, alias, reason=reason)
         row = (
             s.scalar(select(Alias).where(Alias.model_id == model.id, Alias.alias == alias)) if moved else None

@@ -48,7 +48,8 @@ def _upgrade_from_0001(url: str) -> None:
         conn.execute(sa.text("UPDATE outbox SET parked_at = CURRENT_TIMESTAMP"))
         assert conn.execute(sa.text("SELECT run_id FROM model_versions")).scalar_one() == "x" * 256
         heads = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert heads == ["0004_events"]
+    assert heads == ["0005_triggers"]
+    assert "triggers" in sa.inspect(engine).get_table_names()
     engine.dispose()
 
 
