@@ -221,8 +221,9 @@ class TeacherPool:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
             need = math.ceil(cfg.replicas * cfg.num_cpus)
+            # address="local": start a fresh cluster; ray.init() would attach to any cluster this host started.
             ray.init(
-                num_cpus=need, num_gpus=math.ceil(cfg.replicas * cfg.num_gpus), include_dashboard=False,
+                address="local", num_cpus=need, num_gpus=math.ceil(cfg.replicas * cfg.num_gpus), include_dashboard=False,
                 namespace=NAMESPACE, log_to_driver=False,
             )  # fmt: skip
             self._started_ray = True
