@@ -31,7 +31,9 @@ ray = pytest.importorskip("ray")
 def ray_cluster():
     """One local Ray for the module (starting Ray costs ~10-30 s here); the pools create their actors in it."""
     # address="local": always a fresh cluster (never attach to another process's cluster on this host).
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="oprd_ci_tests")
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="oprd_ci_tests"
+    )
     yield
     ray.shutdown()
 
@@ -153,7 +155,8 @@ def test_replica_killed_mid_step_is_replaced_and_the_step_is_identical(tiny_pair
         rows.append(trainer.train_step(state))
         watcher.join()
         w = _weights(trainer)
-        new_pid = wait_for_restart(trainer.pool, 0, pid)  # Ray restarts it: a fresh process reloads the teacher
+        # Ray restarts the replica: a fresh process that reloads the teacher.
+        new_pid = wait_for_restart(trainer.pool, 0, pid)
     finally:
         trainer.close()
     assert rows[1]["teacher/retries"] >= 1
@@ -170,7 +173,9 @@ def test_retries_exhausted_is_a_clear_error_and_the_weights_are_untouched(tiny_p
     try:
         before = _weights(trainer)
         os.kill(trainer.pool.pids()[0], signal.SIGKILL)
-        with pytest.raises(TeacherPoolError, match=r"failed 3 times.*max_retries=2 exhausted.*weights untouched"):
+        with pytest.raises(
+            TeacherPoolError, match=r"failed 3 times.*max_retries=2 exhausted.*weights untouched"
+        ):
             trainer.train_step(TrainState())
         assert trainer.pool.stats["retries"] == 2
         assert all(torch.equal(before[k], v) for k, v in _weights(trainer).items())
