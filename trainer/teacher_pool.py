@@ -200,7 +200,15 @@ class TeacherPool:
             self._owner = False
         self._inflight = [0] * len(self._actors)
         self._rr = 0
-        self.infos = ray.get([a.info.remote() for a in self._actors])
+        try:
+            self.infos = ray.get([a.info.remote() for a in self._actors], timeout=cfg.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise TeacherPoolError(
+                f"{cfg.replicas} teacher replicas did not start within teacher.call_timeout_s={cfg.call_timeout_s}s: "
+                f"does the Ray cluster have {cfg.replicas} x (num_cpus {cfg.num_cpus}, num_gpus {cfg.num_gpus}) free? "
+                f"(ray.cluster_resources() = {ray.cluster_resources()})"
+            ) from None
         for i, info in enumerate(self.infos):
             if info["identity"] != identity:
                 self.close()
