@@ -26,13 +26,22 @@ from trainer.train import Trainer
 
 ray = pytest.importorskip("ray")
 
+CUDA = torch.cuda.is_available()
+"""On a GPU machine the trainer computes on CUDA, so the replicas share the GPU (bitwise parity needs one device)."""
+GPU_SHARE = {"teacher.num_gpus": 0.25} if CUDA else {}
+
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     """One local Ray for the module (starting Ray costs ~10-30 s here); the pools create their actors in it."""
     # address="local": always a fresh cluster (never attach to another process's cluster on this host).
     ray.init(
-        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="oprd_ci_tests"
+        address="local",
+        num_cpus=4,
+        num_gpus=1 if CUDA else 0,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="oprd_ci_tests",
     )
     yield
     ray.shutdown()
@@ -42,7 +51,7 @@ def _params(tiny_pair, tmp, placement, **overrides):
     return tiny_params(tiny_pair, tmp, **{
         "teacher.placement": placement, "teacher.replicas": 2, "rollout.temperature": 0.0,
         "distill.micro_batch_tokens": 40,  # several micro-batches per step: several requests in flight
-        "checkpoint.every": 0, "checkpoint.resume": False, **overrides,
+        "checkpoint.every": 0, "checkpoint.resume": False, **GPU_SHARE, **overrides,
     })  # fmt: skip
 
 
@@ -106,7 +115,9 @@ def test_ray_teacher_matches_local_bitwise(method, tiny_pair, wide_teacher, tmp_
             trainer.student, trainer.prompt_ids[:2], n=2, temperature=r.temperature, top_p=r.top_p,
             max_new_tokens=r.max_new_tokens,
         )  # fmt: skip
-        teacher = load_model(trainer.p.models.teacher, trainer.p.models, role="teacher", trainable=False)
+        teacher = load_model(trainer.p.models.teacher, trainer.p.models, role="teacher", trainable=False).to(
+            trainer.env.device
+        )
         micro = micro_batches(batch, trainer.p.distill.micro_batch_tokens)
         assert len(micro) > 1
         pending = [trainer.objective.submit(trainer.student, trainer.pool, mb) for mb in micro]
@@ -187,12 +198,12 @@ def test_retries_exhausted_is_a_clear_error_and_the_weights_are_untouched(tiny_p
 def test_pool_refuses_another_teacher_and_a_foreign_layer_plan(tiny_pair):
     models = ModelsConfig(teacher=ModelSource(path=str(tiny_pair["teacher"])))
     good = TeacherIdentity(teacher_digest(tiny_pair["teacher"]), num_layers=2, hidden_size=32)
-    cfg = TeacherConfig(placement="ray", replicas=1)
+    cfg = TeacherConfig(placement="ray", replicas=1, num_gpus=0.25 if CUDA else 0.0)
     with pytest.raises(TeacherMismatchError, match="replica 0 loaded"):
         TeacherPool(cfg, models, TeacherIdentity("0" * 64, num_layers=2, hidden_size=32))
     pool = TeacherPool(cfg, models, good)
     try:
-        ids = torch.tensor([[1, 5, 6, 2]])
+        ids = torch.tensor([[1, 5, 6, 2]])  # CPU tensors: the pool moves them to the replica's device
         args = (ids, torch.ones_like(ids), torch.arange(4).unsqueeze(0), torch.ones(1, 2, dtype=torch.long))
         ok = pool.submit(*args, TeacherRequest(layers=(1, 2), positions="all", identity=good)).result()
         assert ok.states.shape == (1, 2, 2, 32) and ok.logprobs is None  # states only: no logits computed
