@@ -220,3 +220,64 @@ def test_pool_refuses_another_teacher_and_a_foreign_layer_plan(tiny_pair):
 def test_ray_teacher_refuses_full_kl():
     with pytest.raises(ConfigError, match="full_kl"):
         load_params(None, {"teacher.placement": "ray", "distill.method": "full_kl"})
+
+
+@pytest.mark.slow
+def test_two_ranks_share_one_pool_and_match_a_local_teacher(tiny_pair, tmp_path):
+    """torchrun, 2 ranks (gloo): rank 0 starts a fresh Ray and the replicas, broadcasts the address and names, rank 1
+    joins; both ranks' requests go to the same 2 replicas. Same losses as the local teacher under torchrun."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def args(tmp, placement):
+        sets = {
+            "models.teacher.path": tiny_pair["teacher"], "models.student.path": tiny_pair["student"],
+            "models.embedded": False, "task.prompts_file": tiny_pair["prompts"], "rollout.max_new_tokens": 8,
+            "rollout.temperature": 0, "distill.steps": 2, "distill.prompts_per_step": 4, "distill.n_responses": 1,
+            "distill.eval_every": 0, "distill.memory_every": 0, "optim.num_threads": 1,
+            "checkpoint.dir": tmp / "ckpt", "checkpoint.every": 0, "teacher.placement": placement,
+            "teacher.replicas": 2,
+        }  # fmt: skip
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "params.yaml").write_text("{}\n")
+        out = ["--params", str(tmp / "params.yaml"), "--out", str(tmp / "out")]
+        return out + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+    # The ranks start their own Ray (this module's in-process cluster is not theirs).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("RAY_ADDRESS", None)
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "trainer.train",
+    ]
+    rows = {}
+    for placement in ("local", "ray"):
+        p = subprocess.run([*run, *args(tmp_path / placement, placement)], env=env, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        text = (tmp_path / placement / "out" / "metrics.jsonl").read_text()
+        rows[placement] = [json.loads(r) for r in text.splitlines()]
+    assert [r["loss/total"] for r in rows["ray"]] == pytest.approx(
+        [r["loss/total"] for r in rows["local"]], rel=1e-6
+    )
+    for r in rows["ray"]:
+        assert r["teacher/requests"] == 2 and r["teacher/reply_bytes"] > 0  # one request per rank, summed
+
+
+def test_bench_step_teacher_placements_are_validated():
+    from trainer.bench_step import StepBenchSpec, paper_shape_payload
+
+    with pytest.raises(ValueError, match="local or ray:<replicas>"):
+        StepBenchSpec(teachers=["local", "ray:0"]).validate()
+    with pytest.raises(ValueError, match="full_kl"):
+        StepBenchSpec(methods=["oprd", "full_kl"], teachers=["ray:1"]).validate()
+    assert StepBenchSpec(teachers=["local", "ray:1", "ray:2"]).pools() == {"ray:1": 1, "ray:2": 2}
+    paper = paper_shape_payload()
+    assert paper["reference_bytes"] == 16_384 * 28 * 1536 * 4 and round(paper["ratio"], 3) == 0.5
