@@ -28,6 +28,7 @@ other ranks, which join it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -135,7 +136,8 @@ class _Pending:
                     ) from exc
                 self.pool.stats["retries"] += 1
                 if isinstance(exc, GetTimeoutError):
-                    ray.cancel(self.ref, force=False)
+                    with contextlib.suppress(Exception):  # best effort: the late reply is ignored anyway
+                        ray.cancel(self.ref, force=False)
                 self._send(exclude=self.replica)
                 continue
             self.pool._inflight[self.replica] -= 1
