@@ -310,6 +310,10 @@ def step(
     vllm_inprocess: bool = typer.Option(
         False, "--vllm-inprocess", help="vLLM engine inside this process (default: multiprocessing)."
     ),
+    teachers: str = typer.Option(
+        "local", help="Teacher placements, comma-separated: local, ray:<replicas> (e.g. local,ray:1,ray:2)."
+    ),
+    micro_batch_tokens: int = typer.Option(0, help="Micro-batch token budget with --teachers (0 = one)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """A whole on-policy step per method: rollout, old-log-prob pass, teacher pass, update, weight sync."""
@@ -322,7 +326,8 @@ def step(
             prompts=prompts, n=n, prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, dtype=dtype, optimizer=optimizer, rounds=rounds, warmup=warmup,
             methods=methods.split(","), top_k=top_k, kl_chunk_size=kl_chunk_size, threads=threads, seed=seed,
-            engine=engine, vllm_multiprocessing=not vllm_inprocess,
+            engine=engine, vllm_multiprocessing=not vllm_inprocess, teachers=teachers.split(","),
+            micro_batch_tokens=micro_batch_tokens or None,
         )  # fmt: skip
         spec.validate()
         if engine == "vllm":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check (issue 7): on ONE GPU, in at most ~8 minutes, from the project files alone:
+# GPU readiness check (issue 7): on ONE GPU, in at most ~9 minutes, from the project files alone:
 #   1. a venv that sees the machine's CUDA torch (no network needed; missing pure-Python packages come from
 #      a wheel folder made by scripts/gpu-wheels.sh, else from the index if reachable, else the step says what is
 #      missing);
@@ -9,6 +9,8 @@
 #   3. `oprd-ci bench step --engine hf` and `--engine vllm` (fails gracefully when vLLM or the flag is missing);
 #   4. the CUDA variants of the resume, NaN and micro-batch tests (the trainer picks CUDA when it is visible) and
 #      the vLLM tests when vLLM imports;
+#   4b. the teacher pool (teacher.placement: ray, issue 20): bitwise parity of a Ray replica sharing the GPU with
+#      the in-process teacher (oprd), and the identity/plan refusal, on a fresh local Ray (< 1 min);
 #   5. $OUT_DIR/summary.md (a table per step + the bench tables) and summary.json.
 #
 # Usage:  bash scripts/gpu-check.sh [--out DIR] [--wheels DIR] [--python PY] [--venv DIR] [--cpu-smoke]
@@ -128,20 +130,20 @@ if [ "$SMOKE" -eq 1 ]; then
   STEP_SHAPE=(--vocab 2000 --hidden 32 --intermediate 64 --layers 2 --heads 4 --kv-heads 2 --prompts 2 --n 1
     --max-new-tokens 8 --rounds 1 --threads 2)
   # generous: a shared 2-core box imports torch slowly; the 8-minute budget is for the GPU run
-  L_SETUP=300; L_UPDATE=300; L_STEP=300; L_TESTS=600; BUDGET_S=1800
+  L_SETUP=300; L_UPDATE=300; L_STEP=300; L_TESTS=600; L_POOL=600; BUDGET_S=2400
 else
   DEV=cuda
   UPDATE_SHAPE=(--vocab 151936 --hidden 1536 --intermediate 8960 --layers 28 --heads 12 --kv-heads 2 --seqs 1
     --prompt-len 1024 --response-len 16384 --oprd-k 2000 --rounds 2)
   STEP_SHAPE=(--rounds 2)
-  L_SETUP=90; L_UPDATE=210; L_STEP=50; L_TESTS=110
+  L_SETUP=90; L_UPDATE=210; L_STEP=50; L_TESTS=110; L_POOL=60; BUDGET_S=540
 fi
 
 export -f setup_venv
 export HOST_PY VENV PYX WHEELS SMOKE
 run_step setup "$L_SETUP" bash -c setup_venv
 if [ "$(tail -1 "$STEPS" | cut -f2)" != ok ]; then
-  for s in bench-update bench-step-hf bench-step-vllm tests-cuda tests-vllm; do record "$s" skipped 0 "no environment"; done
+  for s in bench-update bench-step-hf bench-step-vllm tests-cuda tests-teacher-pool tests-vllm; do record "$s" skipped 0 "no environment"; done
 else
   run_step bench-update "$L_UPDATE" "${BENCH[@]}" update --out "$OUT_DIR/update-paper.json" "${UPDATE_SHAPE[@]}" \
     --methods oprd,opd_sampled,opd_topk,floor --top-k 16 --oprd-layers all --oprd-positions last_k \
@@ -160,6 +162,13 @@ else
   run_step tests-cuda "$L_TESTS" "$PYX" -m pytest -q -p no:cacheprovider -o addopts="-ra -p tiny_pair" \
     tests/trainer/test_trainer_train.py tests/trainer/test_trainer_microbatch.py \
     -k "resume_reproduces or non_finite or cuda"
+  if "$PYX" -c 'import ray' >/dev/null 2>&1 && [ -f tests/trainer/test_teacher_pool.py ]; then
+    run_step tests-teacher-pool "$L_POOL" "$PYX" -m pytest -q -p no:cacheprovider -o addopts="-ra -p tiny_pair" \
+      "tests/trainer/test_teacher_pool.py::test_ray_teacher_matches_local_bitwise[oprd]" \
+      tests/trainer/test_teacher_pool.py::test_pool_refuses_another_teacher_and_a_foreign_layer_plan
+  else
+    record tests-teacher-pool skipped 0 "ray does not import or no teacher-pool tests in this checkout"
+  fi
   vllm_tests=$(ls tests/trainer/test_*vllm*.py tests/*/test_*vllm*.py 2>/dev/null | sort -u | tr '\n' ' ')
   if [ -z "$vllm_tests" ]; then
     record tests-vllm skipped 0 "no vLLM test files in this checkout"

@@ -17,6 +17,17 @@ the engine's start-up time is measured once (``engine.startup_seconds``).
 ``prepare`` runs the student pass first and then the teacher pass, so the split point is the first teacher forward
 (a forward pre-hook records the time); the two phases add up to ``prepare`` exactly.
 
+Teacher placement (``teachers``, e.g. ``local,ray:1,ray:2``): with any ``ray:<replicas>`` entry every method runs once
+per placement (rows ``<method>@<placement>``) through the trainer's micro-batched update
+(:func:`trainer.microbatch.accumulate_update`, ``micro_batch_tokens``): ``local`` prepares each micro-batch in
+process right before its update; ``ray:<n>`` submits every micro-batch's request to a :class:`trainer.teacher_pool.
+TeacherPool` of ``n`` replicas right after the rollout and consumes the replies in order, so the replicas compute
+while the student updates. ``teacher`` is then the time the step *waited* for targets (old-log-prob passes included,
+``old_logprob`` reads 0) and ``update`` the rest of the update; each such row also carries the step's payload
+(``teacher_reply_bytes``: states + mask + log-probs received; ``teacher_request_bytes``; ``teacher_reference_bytes``:
+the reference's layout, fp32 at every selected position for all planned layers), and the result carries the
+same comparison at the paper's shape (``payload_paper_shape``).
+
 Methods run round-robin each round, every method on a rollout sampled with the same seed (one shared student and
 optimizer with a tiny learning rate, so the samples stay the same up to rounding). The update's transient peak
 (``peak_memory_bytes``, profiler replay) is measured in one extra profiled round after the warm-up; the timed rounds
@@ -29,6 +40,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -49,7 +61,9 @@ from trainer.bench import (
     with_ratios,
 )
 from trainer.memory import PeakMemory
+from trainer.microbatch import accumulate_update, micro_batches
 from trainer.rollout import HFGenerateEngine
+from trainer.teacher import reference_nbytes
 
 __all__ = ["PHASES", "StepBenchSpec", "run_step_bench"]
 
@@ -85,9 +99,24 @@ class StepBenchSpec:
     engine: str = "hf"
     """``hf`` or ``vllm`` (the rollout engine; vLLM via its in-process or multiprocessing engine)."""
     vllm_multiprocessing: bool = True
+    teachers: list[str] = field(default_factory=lambda: ["local"])
+    """Teacher placements: ``local`` and/or ``ray:<replicas>`` (see the module docstring)."""
+    micro_batch_tokens: int | None = None
+    """Token budget of one micro-batch when teacher placements are compared (``None``: one micro-batch)."""
+
+    def pools(self) -> dict[str, int]:
+        """``{"ray:2": 2, ...}``: the Ray placements and their replica counts."""
+        return {t: int(t.split(":", 1)[1]) for t in self.teachers if t != "local"}
 
     def validate(self) -> None:
         """Raise ``ValueError`` (one readable line) for a bad combination of flags."""
+        for t in self.teachers:
+            if t != "local" and not (t.startswith("ray:") and t[4:].isdigit() and int(t[4:]) > 0):
+                raise ValueError(f"--teachers entries are local or ray:<replicas>, got {t!r}")
+        if self.pools():
+            bad = [m for m in self.methods if m not in ("oprd", "opd_sampled", "opd_topk", "combined")]
+            if bad:
+                raise ValueError(f"a ray teacher serves oprd / opd_sampled / opd_topk / combined, not {bad}")
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
         if self.engine == "vllm" and self.dtype != "fp32":
@@ -160,7 +189,55 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         for m in spec.methods
     }
     clock = _TeacherClock(teacher)
-    results = {m: Timings(m, extra={p: [] for p in (*PHASES, "rollout_tokens")}) for m in spec.methods}
+    pools = _start_pools(spec, teacher, log) if spec.pools() else {}
+    labels = (
+        [(m, t) for m in spec.methods for t in spec.teachers]
+        if pools
+        else [(m, "local") for m in spec.methods]
+    )
+    name = {(m, t): (f"{m}@{t}" if pools else m) for m, t in labels}
+    results = {
+        name[lt]: Timings(name[lt], extra={p: [] for p in (*PHASES, "rollout_tokens", *_PAYLOAD)})
+        for lt in labels
+    }
+
+    def placed(method: str, where: str, round_seed: int, meter: str | None):
+        """One step through the trainer's micro-batched update with the teacher at ``where``."""
+        obj = objectives[method]
+        backend = teacher if where == "local" else pools[where]
+        t0 = time.perf_counter()
+        torch.manual_seed(round_seed)
+        with autocast(spec.dtype):
+            batch = engine.generate(
+                student, prompts, n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
+                max_new_tokens=spec.max_new_tokens,
+            )  # fmt: skip
+        t1 = time.perf_counter()
+        micro = micro_batches(batch, spec.micro_batch_tokens)
+        den = obj.denominators(batch)
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        before = dict(backend.stats) if where != "local" else None
+        t3 = time.perf_counter()
+        with PeakMemory(meter) if meter else _null() as pm:
+            upd = accumulate_update(obj, student, backend, micro, den, autocast=lambda: autocast(spec.dtype))
+            opt.step()
+        t4 = time.perf_counter()
+        engine.load_weights(student)
+        t5 = time.perf_counter()
+        phases = {
+            "rollout": t1 - t0, "old_logprob": 0.0, "teacher": upd.prepare_seconds,
+            "update": t4 - t3 - upd.prepare_seconds, "sync": t5 - t4, "total": (t1 - t0) + (t5 - t3),
+            "rollout_tokens": float(batch.response_lengths.sum()),
+        }  # fmt: skip
+        if before is not None:
+            phases["teacher_reply_bytes"] = backend.stats["reply_bytes"] - before["reply_bytes"]
+            phases["teacher_request_bytes"] = backend.stats["request_bytes"] - before["request_bytes"]
+        else:
+            phases["teacher_reply_bytes"] = phases["teacher_request_bytes"] = 0.0
+        sel = int(den.selected) if obj.capture_states else 0
+        phases["teacher_reference_bytes"] = float(reference_nbytes(sel, len(obj.plan.teacher), shape.hidden))
+        return phases, (pm.peak_bytes if meter else None)
 
     def one(method: str, round_seed: int, meter: str | None) -> tuple[dict[str, float], int | None]:
         obj = objectives[method]
@@ -200,29 +277,38 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         }
         return phases, (pm.peak_bytes if meter else None)
 
+    def run(lt: tuple[str, str], round_seed: int, meter: str | None):
+        return placed(*lt, round_seed, meter) if pools else one(lt[0], round_seed, meter)
+
     try:
         for r in range(spec.warmup):
-            for m in spec.methods:
-                ph, _ = one(m, spec.seed + 100 + r, None)
-                log(f"warm-up {r + 1}/{spec.warmup} {m}: {ph['total']:.2f}s")
-        for m in spec.methods:
-            ph, peak = one(m, spec.seed + 99, "profiler")
-            results[m].peak_memory_bytes = peak
-            results[m].profiled_step_seconds = ph["update"]
-            log(f"profiled {m}: update peak {peak / 2**20:.1f} MiB")
+            for lt in labels:
+                ph, _ = run(lt, spec.seed + 100 + r, None)
+                log(f"warm-up {r + 1}/{spec.warmup} {name[lt]}: {ph['total']:.2f}s")
+        for lt in labels:
+            ph, peak = run(lt, spec.seed + 99, "profiler")
+            results[name[lt]].peak_memory_bytes = peak
+            results[name[lt]].profiled_step_seconds = ph["update"]
+            log(f"profiled {name[lt]}: update peak {peak / 2**20:.1f} MiB")
         for r in range(spec.rounds):
-            for m in spec.methods:
-                ph, _ = one(m, spec.seed + 1000 + r, None)
-                for p in (*PHASES, "rollout_tokens"):
-                    results[m].extra[p].append(ph[p])
-                results[m].step_seconds.append(ph["total"])
-                log(f"round {r + 1}/{spec.rounds} {m}: " + " ".join(f"{p} {ph[p]:.3f}s" for p in PHASES))
+            for lt in labels:
+                ph, _ = run(lt, spec.seed + 1000 + r, None)
+                for p in (*PHASES, "rollout_tokens", *(_PAYLOAD if pools else ())):
+                    results[name[lt]].extra[p].append(ph[p])
+                results[name[lt]].step_seconds.append(ph["total"])
+                log(
+                    f"round {r + 1}/{spec.rounds} {name[lt]}: "
+                    + " ".join(f"{p} {ph[p]:.3f}s" for p in PHASES)
+                )
     finally:
         clock.close()
         engine.close()
+        for pool in pools.values():
+            pool.close()
 
     rows = []
-    for m in spec.methods:
+    for lt in labels:
+        m = name[lt]
         d = results[m].as_dict()
         d.pop("rss_peak_bytes")
         d["median_step_seconds"] = median(d["step_seconds"])
@@ -233,8 +319,13 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         )
         d["sync_fraction"] = d["phases_median_seconds"]["sync"] / d["median_step_seconds"]
         d["phase_seconds"] = {p: results[m].extra[p] for p in PHASES}
-        d["has_old_logprob_pass"] = m in ("opd_sampled", "opd_topk")
-        d["builds_logits_in_update"] = m in ("opd_sampled", "opd_topk", "full_kl", "full_kl_chunked")
+        for p in _PAYLOAD:
+            vals = d.pop(p, None)
+            if pools:
+                d[p] = median(vals)
+        d["teacher"] = lt[1]
+        d["has_old_logprob_pass"] = lt[0] in ("opd_sampled", "opd_topk")
+        d["builds_logits_in_update"] = lt[0] in ("opd_sampled", "opd_topk", "full_kl", "full_kl_chunked")
         rows.append(d)
     with_ratios(rows)
     spec_dict = asdict(spec)
@@ -265,7 +356,60 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         **env,
         "loadavg_end": env_end.get("loadavg_start"),
         "methods": rows,
+        **(
+            {
+                "teachers": spec.teachers,
+                "micro_batch_tokens": spec.micro_batch_tokens,
+                "payload_paper_shape": paper_shape_payload(),
+                "ray_version": __import__("ray").__version__,
+            }
+            if pools
+            else {}
+        ),
     }
+
+
+_PAYLOAD = ("teacher_reply_bytes", "teacher_request_bytes", "teacher_reference_bytes")
+
+
+def paper_shape_payload(hidden: int = 1536, layers: int = 28, tokens: int = 16_384) -> dict:
+    """Teacher payload of OPRD at the paper's shape (hidden 1536, all 28 layers planned, ``tokens`` selected
+    positions): the pool sends bf16 states (the paper computes in bf16) plus a 1-byte mask per position; the
+    reference moves fp32 states. Padding of a compacted width beyond the valid positions is not counted (``all``
+    positions are not padded; ``last_k`` pads each row to k)."""
+    ref = reference_nbytes(tokens, layers, hidden)
+    pool = tokens * layers * hidden * 2 + tokens
+    return {"hidden": hidden, "layers": layers, "tokens": tokens, "reference_bytes": ref, "pool_bytes": pool,
+            "ratio": pool / ref}  # fmt: skip
+
+
+def _start_pools(spec: StepBenchSpec, teacher: torch.nn.Module, log: Callable[[str], None]) -> dict:
+    """One :class:`TeacherPool` per ``ray:<n>`` placement, over the bench teacher saved to a temporary directory
+    (replicas load it from disk, as in training)."""
+    import tempfile
+
+    from trainer.config import ModelsConfig, ModelSource, TeacherConfig
+    from trainer.teacher import teacher_identity
+    from trainer.teacher_pool import TeacherPool
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
+    teacher.save_pretrained(tmp, safe_serialization=True)
+    models = ModelsConfig(teacher=ModelSource(path=str(tmp)), embedded=False)
+    ident = teacher_identity(tmp, teacher)
+    import ray
+
+    if (
+        not ray.is_initialized()
+    ):  # one cluster with room for every pool (a pool alone would size it for itself)
+        ray.init(
+            address="local", num_cpus=sum(spec.pools().values()), include_dashboard=False, log_to_driver=False
+        )
+    pools = {}
+    for label, n in spec.pools().items():
+        t0 = time.perf_counter()
+        pools[label] = TeacherPool(TeacherConfig(placement="ray", replicas=n), models, ident)
+        log(f"teacher pool {label} up in {time.perf_counter() - t0:.1f}s")
+    return pools
 
 
 class _null:

@@ -14,6 +14,7 @@ Sections and who reads them:
 ``optim``       trainer: AdamW + warm-up/cosine schedule, clipping, precision
 ``parallel``    trainer: FSDP2 topology and launcher (torchrun or Ray)
 ``checkpoint``  trainer: DCP checkpoint cadence and retention
+``teacher``     trainer: where the teacher runs (in-process, or a pool of Ray actor replicas)
 ``evaluate``    pipelines: sampling and suites for the evaluate stage
 ``tracking``    pipelines: MLflow location and cost accounting
 ``gate``        pipelines/server: registry location, model name and policy file
@@ -50,6 +51,7 @@ __all__ = [
     "RepConfig",
     "RolloutConfig",
     "TaskConfig",
+    "TeacherConfig",
     "TinyModelSpec",
     "ToolCallModelSpec",
     "ToolCallTaskConfig",
@@ -389,6 +391,33 @@ class ParallelConfig(_Section):
     the newest complete DCP checkpoint under ``checkpoint.dir``)."""
 
 
+class TeacherConfig(_Section):
+    """Where the teacher's no-grad pass runs (``trainer/teacher.py``, ``trainer/teacher_pool.py``).
+
+    ``local`` (default): every rank loads the teacher in-process (FSDP2-sharded under torchrun), as before.
+    ``ray``: ``replicas`` Ray actors each load the teacher once and answer "selected hidden states / log-probs of
+    these token ids"; the ranks load only its config (for the pair check) and send each micro-batch's request as
+    soon as their rollout is done. All ranks share one pool.
+    """
+
+    placement: Literal["local", "ray"] = "local"
+    replicas: PosInt = 1
+    num_cpus: Annotated[float, Field(gt=0.0)] = 1.0
+    """Ray CPUs reserved per replica (also its torch intra-op thread count, rounded, at least 1)."""
+    num_gpus: NonNegFloat = 0.0
+    """Ray GPUs per replica (0 = the replica computes on CPU)."""
+    ray_address: str | None = None
+    """Address of a running Ray cluster (``ray.init(address=...)``); ``None``: join the cluster this process is
+    already in (a Ray Train worker), else start a local one (single process), else rank 0 starts one and the
+    other ranks join it."""
+    max_retries: int = Field(default=3, ge=0)
+    """Re-sends of one request after its replica died or timed out, before the step fails (weights untouched)."""
+    max_restarts: int = Field(default=3, ge=0)
+    """Ray restarts per replica (each reloads the teacher) after its process dies."""
+    call_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
+    """Seconds one request may take before it counts as failed and is re-sent."""
+
+
 class CheckpointConfig(_Section):
     dir: str = "artifacts/checkpoints"
     every: int = Field(default=50, ge=0)
@@ -543,6 +572,7 @@ class Params(_Section):
     optim: OptimConfig = OptimConfig()
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    teacher: TeacherConfig = TeacherConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     gate: GateConfig = GateConfig()
@@ -561,6 +591,11 @@ class Params(_Section):
         if method_spec(self.distill.method).top_k and self.distill.opd.top_k < 2:
             raise ValueError(
                 "distill.opd.top_k must be >= 2 for opd_topk (use opd_sampled for a single token)"
+            )
+        if self.teacher.placement == "ray" and method_spec(self.distill.method).full_vocab:
+            raise ValueError(
+                "teacher.placement: ray does not serve full_kl (it needs the full [tokens, vocab] teacher "
+                "distribution); use teacher.placement: local, or opd_topk / opd_sampled with a ray teacher"
             )
         return self
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from trainer.objectives import Denominators, Objective
+from trainer.objectives import Denominators, Objective, PendingTargets
 from trainer.rollout import RolloutBatch
+from trainer.teacher import TeacherBackend
 
 __all__ = ["UpdateResult", "accumulate_update", "micro_batches", "padded_tokens"]
 
@@ -102,7 +103,7 @@ class UpdateResult:
 def accumulate_update(
     objective: Objective,
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | TeacherBackend,
     micro: list[RolloutBatch],
     den: Denominators,
     *,
@@ -116,18 +117,35 @@ def accumulate_update(
     averages over ranks). Under FSDP2 the gradient reduce-scatter runs once, after the last micro-batch's backward
     (``set_requires_gradient_sync(False)`` before the others): unsharded gradients accumulate locally in between,
     one reduce-scatter per step instead of one per micro-batch. The caller zeroes gradients and steps.
+
+    ``teacher``: an ``nn.Module`` (in-process: each micro-batch's :meth:`Objective.prepare` runs right before its
+    update) or a :class:`trainer.teacher.TeacherBackend` (all requests submitted up front, replies consumed in
+    order; ``prepare_seconds`` then counts the submission and the waits, i.e. the teacher time *not* overlapped).
+    A teacher failure raises out of here before the caller's optimizer step: no update sees partial targets.
     """
     set_sync = getattr(student, "set_requires_gradient_sync", None)
     total = torch.zeros((), dtype=torch.float32)
     metrics: dict[str, float] = {}
     prep = 0.0
+    pending: list[PendingTargets] = []
+    if isinstance(teacher, TeacherBackend):
+        # Remote teacher: every micro-batch's request goes out now (student old-log-prob passes first, as the
+        # top-k ids are part of the request); replies are consumed in order below while the student updates.
+        t0 = time.perf_counter()
+        with autocast():
+            pending = [objective.submit(student, teacher, mb) for mb in micro]
+        prep += time.perf_counter() - t0
     try:
         for i, mb in enumerate(micro):
             if set_sync is not None:
                 set_sync(i == len(micro) - 1)
             t0 = time.perf_counter()
-            with autocast():
-                targets = objective.prepare(student, teacher, mb)
+            if pending:
+                targets = pending[i].result()
+                pending[i] = None  # type: ignore[call-overload]  # drop the reply once consumed
+            else:
+                with autocast():
+                    targets = objective.prepare(student, teacher, mb)
             prep += time.perf_counter() - t0
             with autocast():
                 loss, m = objective.loss(student, mb, targets, den)

@@ -28,6 +28,7 @@ __all__ = [
     "has_tokenizer",
     "load_model",
     "load_tokenizer",
+    "meta_model",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -177,7 +178,7 @@ def has_tokenizer(path: str | Path) -> bool:
     return (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
 
 
-def _meta_model(path: str | Path, cfg: ModelsConfig) -> nn.Module:
+def meta_model(path: str | Path, cfg: ModelsConfig) -> nn.Module:
     """The model of ``path`` built from its ``config.json`` on the meta device: its config and module tree
     (depth, hidden size) at no memory or read cost, so the pair check runs before any weights are loaded."""
     from transformers import AutoConfig
@@ -202,7 +203,7 @@ def check_pair(cfg: ModelsConfig, rep: RepConfig, *, uses_hidden_states: bool) -
     student_tok = load_tokenizer(cfg.tokenizer or cfg.student.path, cfg)
     teacher_tok = load_tokenizer(cfg.teacher.path, cfg) if has_tokenizer(cfg.teacher.path) else student_tok
     return check_compatibility(
-        _meta_model(cfg.student.path, cfg), _meta_model(cfg.teacher.path, cfg), student_tok, teacher_tok, rep,
+        meta_model(cfg.student.path, cfg), meta_model(cfg.teacher.path, cfg), student_tok, teacher_tok, rep,
         uses_hidden_states=uses_hidden_states,
     )  # fmt: skip
 

@@ -25,6 +25,7 @@ from trainer.losses import representation_cosine, representation_loss
 from trainer.models import LayerPlan
 from trainer.objectives import Denominators, Objective, Targets
 from trainer.rollout import RolloutBatch
+from trainer.teacher import TeacherReply
 
 __all__ = ["BridgeObjective"]
 
@@ -47,6 +48,12 @@ class BridgeObjective(Objective):
         args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
         t = capture_hidden_states(teacher, *args, self.plan.teacher, rep.positions, rep.k)
         return Targets(states=self.bank.teacher_codes(t.states), state_mask=t.mask)
+
+    def finish(self, out: Targets, reply: TeacherReply, device: torch.device) -> Targets:
+        """A remote teacher returns the mapped states; the codes are computed here, with the rank's bank."""
+        return Targets(
+            states=self.bank.teacher_codes(reply.states.to(device)), state_mask=reply.mask.to(device)
+        )
 
     def loss(
         self, student: nn.Module, batch: RolloutBatch, targets: Targets, den: Denominators

@@ -40,8 +40,9 @@ from trainer.losses import (
 from trainer.methods import method_spec
 from trainer.models import LayerPlan
 from trainer.rollout import RolloutBatch
+from trainer.teacher import PendingReply, TeacherBackend, TeacherReply, TeacherRequest
 
-__all__ = ["Denominators", "Objective", "Targets"]
+__all__ = ["Denominators", "Objective", "PendingTargets", "Targets"]
 
 
 @dataclass
@@ -87,6 +88,23 @@ def _compute_dtype(t: Tensor) -> Tensor:
     return t
 
 
+def _autocast_name(device_type: str) -> str | None:
+    """``"bfloat16"`` when bf16 autocast is on for ``device_type`` (the teacher pass then runs under it too)."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+        return "bfloat16"
+    return None
+
+
+class PendingTargets:
+    """The :class:`Targets` of one micro-batch whose teacher reply is still in flight; ``result()`` waits."""
+
+    def __init__(self, objective: Objective, out: Targets, pending: PendingReply, device: torch.device):
+        self.objective, self.out, self.pending, self.device = objective, out, pending, device
+
+    def result(self) -> Targets:
+        return self.objective.finish(self.out, self.pending.result(), self.device)
+
+
 class Objective:
     """Binds a :class:`DistillConfig` and a :class:`LayerPlan` to the no-grad and grad passes of one step."""
 
@@ -107,20 +125,28 @@ class Objective:
 
     # ----------------------------------------------------------------------------------------- no grad
     @torch.no_grad()
+    def _student_pass(self, student: nn.Module, batch: RolloutBatch, out: Targets) -> None:
+        """The reference's compute_log_prob pass (OPD methods; equal to the update's detached values on-policy):
+        fills ``out.old_logprobs`` and, for top-k, ``out.topk_ids``."""
+        if not self.spec.old_logprobs:
+            return
+        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
+        resp_ids = batch.input_ids[:, -batch.response_mask.shape[1] :]
+        s = capture_hidden_states(student, *args, [num_decoder_layers(student)], "last", with_logits=True)
+        if self.spec.top_k:
+            out.topk_ids = s.logits.topk(self.cfg.opd.top_k, dim=-1).indices
+            out.old_logprobs = token_logprobs(s.logits, out.topk_ids)
+        else:
+            out.old_logprobs = token_logprobs(s.logits, resp_ids)
+
+    @torch.no_grad()
     def prepare(self, student: nn.Module, teacher: nn.Module, batch: RolloutBatch) -> Targets:
+        """Both no-grad passes of one micro-batch with an in-process teacher module (``teacher.placement: local``)."""
         rep, opd = self.cfg.rep, self.cfg.opd
         args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
         resp_ids = batch.input_ids[:, -batch.response_mask.shape[1] :]
         out = Targets()
-        if self.spec.old_logprobs:
-            # The reference's compute_log_prob pass; equal to the update's detached values on-policy.
-            s = capture_hidden_states(student, *args, [num_decoder_layers(student)], "last", with_logits=True)
-            if self.spec.top_k:
-                out.topk_ids = s.logits.topk(opd.top_k, dim=-1).indices
-                out.old_logprobs = token_logprobs(s.logits, out.topk_ids)
-            else:
-                out.old_logprobs = token_logprobs(s.logits, resp_ids)
-            del s
+        self._student_pass(student, batch, out)
         if self.spec.full_vocab:
             if self.chunked_kl:
                 t = capture_hidden_states(teacher, *args, [num_decoder_layers(teacher)], "all", shift=1)
@@ -143,6 +169,50 @@ class Objective:
         elif self.spec.top_k:
             out.topk_logprobs = token_logprobs(t.logits, out.topk_ids, opd.teacher_temperature)
         return out
+
+    def teacher_request(self, out: Targets, batch: RolloutBatch) -> TeacherRequest:
+        """What a remote teacher must compute for ``batch`` (after :meth:`_student_pass` filled ``out``): the
+        same layers/positions/log-prob ids :meth:`prepare` asks its module for, in the current compute dtype."""
+        rep, opd = self.cfg.rep, self.cfg.opd
+        if self.spec.full_vocab:
+            raise ValueError(
+                "full_kl needs the full [tokens, vocab] teacher distribution: use a local teacher"
+            )
+        ids = None
+        if self.spec.sampled_token:
+            ids = batch.input_ids[:, -batch.response_mask.shape[1] :]
+        elif self.spec.top_k:
+            ids = out.topk_ids
+        return TeacherRequest(
+            layers=tuple(self.plan.teacher) if self.capture_states else (),
+            positions=rep.positions, k=rep.k, logprob_ids=ids, temperature=opd.teacher_temperature,
+            compute_dtype=_autocast_name(batch.input_ids.device.type),
+        )  # fmt: skip
+
+    def finish(self, out: Targets, reply: TeacherReply, device: torch.device) -> Targets:
+        """Fill ``out`` from a remote teacher's reply (moved to ``device``): the :class:`Targets` :meth:`prepare`
+        returns for the same batch."""
+        if reply.states is not None:
+            out.states, out.state_mask = reply.states.to(device), reply.mask.to(device)
+        if reply.logprobs is not None:
+            if self.spec.sampled_token:
+                out.token_logprobs = reply.logprobs.to(device)
+            else:
+                out.topk_logprobs = reply.logprobs.to(device)
+        return out
+
+    @torch.no_grad()
+    def submit(self, student: nn.Module, teacher: TeacherBackend, batch: RolloutBatch) -> PendingTargets:
+        """:meth:`prepare` with a :class:`trainer.teacher.TeacherBackend`: the student pass runs now, the teacher
+        request is sent now, and ``result()`` waits for the reply. Requests of several micro-batches can be in
+        flight at once (the trainer submits them all right after the rollout)."""
+        out = Targets()
+        self._student_pass(student, batch, out)
+        req = self.teacher_request(out, batch)
+        if getattr(teacher, "identity", None) is not None:
+            req = TeacherRequest(**{**req.__dict__, "identity": teacher.identity})
+        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
+        return PendingTargets(self, out, teacher.submit(*args, req), batch.input_ids.device)
 
     def denominators(self, batch: RolloutBatch, targets: Targets | None = None) -> Denominators:
         """Local counts of ``batch`` (the whole step's batch on this rank, not a micro-batch); the trainer

@@ -9,6 +9,10 @@ One step, as in the paper's Algorithm / oprd-method.md §1.1:
 4. one student forward with grad, the loss normalized by the **global** count of selected tokens, backward,
    finite check (all ranks agree) *before* ``optimizer.step``, clip, step.
 
+With ``teacher.placement: ray`` the teacher pass of step 3 runs on a pool of Ray replicas
+(:mod:`trainer.teacher_pool`): the ranks never load the teacher's weights, every micro-batch's request is sent right
+after the rollout, and the step's teacher traffic is logged (``teacher/*``).
+
 With ``distill.micro_batch_tokens`` steps 3-4 run per micro-batch (gradients accumulate, one optimizer step;
 :mod:`trainer.microbatch`), so the teacher targets of the whole batch are never alive at once.
 
@@ -65,12 +69,15 @@ from trainer.models import (
     has_tokenizer,
     load_model,
     load_tokenizer,
+    meta_model,
 )
 from trainer.objective_bridge import BridgeObjective
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.ray_job import in_ray_worker
 from trainer.rollout import build_engine
+from trainer.teacher import reference_nbytes, teacher_identity
+from trainer.teacher_pool import TeacherPool
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "fit_prompts", "main", "prompt_budget"]
 
@@ -129,7 +136,14 @@ class Trainer:
             from trainer.rollout_vllm import require_vllm
 
             require_vllm(self.student.config, self.env.device.type)
-        self.teacher = load_model(m.teacher, m, role="teacher", trainable=False).to(self.env.device)
+        # teacher.placement ray: the ranks never load the teacher's weights; its config (meta device) serves the
+        # pair check, and the replicas load the weights once each (trainer/teacher_pool.py).
+        remote = params.teacher.placement == "ray"
+        self.teacher = (
+            meta_model(m.teacher.path, m)
+            if remote
+            else load_model(m.teacher, m, role="teacher", trainable=False).to(self.env.device)
+        )
         self.plan = check_compatibility(
             self.student, self.teacher, self.tokenizer, teacher_tok, d.rep,
             uses_hidden_states=method_spec(d.method).hidden_states,
@@ -151,7 +165,14 @@ class Trainer:
         if params.optim.activation_checkpointing:
             enable_activation_checkpointing(self.student)
         shard_model(self.student, self.env, bf16=params.optim.bf16)
-        shard_model(self.teacher, self.env, bf16=params.optim.bf16)
+        self.pool: TeacherPool | None = None
+        if remote:
+            self.pool = TeacherPool(
+                params.teacher, m, teacher_identity(m.teacher.path, self.teacher),
+                rank=self.env.rank, world_size=self.env.world_size, device=self.env.device,
+            )  # fmt: skip
+        else:
+            shard_model(self.teacher, self.env, bf16=params.optim.bf16)
         self.fsdp_mixed_precision = uses_fsdp_mixed_precision(self.env, params.optim.bf16)
         # What the optimizer and the checkpoints hold: the student, plus the bridge projectors when trained jointly.
         self.trained: nn.Module = self.student
@@ -255,10 +276,16 @@ class Trainer:
         with PeakMemory("auto", device=env.device) if measure else nullcontext() as mem:
             # Each micro-batch's loss is already normalized by the global count; FSDP2 averages gradients over
             # ranks, so scale by the world size to get the gradient of the global loss.
-            upd = accumulate_update(
-                self.objective, self.student, self.teacher, micro, den,
-                loss_scale=env.world_size, autocast=self._autocast,
-            )  # fmt: skip
+            sent = dict(self.pool.stats) if self.pool is not None else {}
+            try:
+                upd = accumulate_update(
+                    self.objective, self.student, self.pool or self.teacher, micro, den,
+                    loss_scale=env.world_size, autocast=self._autocast,
+                )  # fmt: skip
+            except BaseException:
+                # A teacher (or any) failure mid-step: drop the partial gradients; the weights were not stepped.
+                self.optimizer.zero_grad(set_to_none=True)
+                raise
             self._checked_step(upd.loss.to(env.device))
         t_update = time.perf_counter()
         self.engine.load_weights(self.student)  # on-policy: the next rollout samples from the new weights
@@ -283,6 +310,8 @@ class Trainer:
             "optim/lr": self.scheduler.get_last_lr()[0],
             "optim/grad_norm": self._last_grad_norm,
         }
+        if self.pool is not None:
+            out |= self._payload_metrics(sent, den)
         if hasattr(self.engine, "syncs"):  # vLLM: weight syncs so far (one per step, +1 after a resume)
             out["rollout/weight_syncs"] = float(self.engine.syncs)
         if measure and mem.peak_bytes is not None:
@@ -315,6 +344,23 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _payload_metrics(self, before: dict[str, float], den: Denominators) -> dict[str, float]:
+        """This step's teacher traffic summed over ranks (bytes), and the reference's layout for the same
+        selection (fp32 states at every selected position, all planned layers) for comparison."""
+        keys = ("reply_bytes", "request_bytes", "requests", "retries")
+        delta = torch.tensor(
+            [self.pool.stats[k] - before[k] for k in keys], dtype=torch.float64, device=self.env.device
+        )
+        total = all_reduce_sum(delta)
+        out = {f"teacher/{k}": total[i].item() for i, k in enumerate(keys)}
+        if self.objective.capture_states:
+            out["teacher/reference_bytes"] = float(
+                reference_nbytes(
+                    int(den.selected.item()), len(self.plan.teacher), self.teacher.config.hidden_size
+                )
+            )
+        return out
 
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Every objective metric (loss terms, per-layer cosines) is this rank's share normalized by the step's
@@ -374,6 +420,8 @@ class Trainer:
         return self.export(final, extra={"step": state.step})
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         self.engine.close()
         self.logger.close()
         if dist.is_initialized():
