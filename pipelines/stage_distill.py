@@ -355,7 +355,7 @@ def _ray_job(run: StageRun, params: Params, params_path: str, overrides: list[st
         "OMP_NUM_THREADS": str(params.optim.num_threads or 1),
     }
     job = run_ray_job(params.parallel, "pipelines.stage_distill:worker", [params_path, overrides],
-                      job_dir=job_dir, name=name, env=env)  # fmt: skip
+                      job_dir=job_dir, name=name, env=env, teacher=params.teacher)  # fmt: skip
     run.set_tags(job.tags())
     shutil.rmtree(job_dir, ignore_errors=True)
     return 0

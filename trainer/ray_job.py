@@ -18,14 +18,17 @@ On a cluster of several machines the driver's working directory (params, artifac
 on a filesystem every node mounts at the same path; on one host it is simply the directory.
 
 Placement lives in one place, :func:`ray_placement`: the trainer workers' bundles (1 CPU, +1 GPU with CUDA, one
-bundle per rank, ``PACK``: fill a node before the next). A teacher pool on its own resources adds its bundles there
-and is created by the driver before the workers start (see ``docs/scaling.md``).
+bundle per rank, ``PACK``: fill a node before the next) and, with ``teacher.placement: ray``, the teacher replicas'
+own resources (``teacher.num_cpus`` / ``num_gpus`` each, on top of the workers'). Rank 0 creates the replicas in the
+job's cluster (:class:`trainer.teacher_pool.TeacherPool`; they are its actors, so a restarted worker group starts a
+fresh pool); the rollout engines stay inside the workers, colocated with their actor.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import socket
 import sys
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, ParallelConfig
+from trainer.config import ConfigError, ParallelConfig, TeacherConfig
 
 __all__ = [
     "PLACEMENT_FILE",
@@ -74,6 +77,10 @@ class RayPlacement:
     placement_strategy: str
     torch_backend: str
     """The process-group backend Ray Train initializes (``gloo`` / ``nccl``)."""
+    teacher_replicas: int = 0
+    """Teacher pool replicas (``teacher.placement: ray``) the job reserves room for; 0: the teacher is in-process."""
+    teacher_resources: dict[str, float] = field(default_factory=dict)
+    """Ray resources of one teacher replica."""
 
     def scaling_config(self):
         from ray.train import ScalingConfig
@@ -86,14 +93,28 @@ class RayPlacement:
         )
 
 
-def ray_placement(cfg: ParallelConfig, cluster_resources: dict[str, float]) -> RayPlacement:
+def teacher_resources(teacher: TeacherConfig | None) -> tuple[int, dict[str, float]]:
+    """(replicas, Ray resources of one replica) of a ``teacher.placement: ray`` pool; ``(0, {})`` otherwise."""
+    if teacher is None or teacher.placement != "ray":
+        return 0, {}
+    return teacher.replicas, {
+        "CPU": teacher.num_cpus,
+        **({"GPU": teacher.num_gpus} if teacher.num_gpus else {}),
+    }
+
+
+def ray_placement(
+    cfg: ParallelConfig, cluster_resources: dict[str, float], teacher: TeacherConfig | None = None
+) -> RayPlacement:
     """The job's placement from the config and the cluster's total resources (``ray.cluster_resources()``).
 
     Trainer workers: ``nproc_per_node x nnodes`` of them (the same world size as torchrun, so checkpoints carry
-    over), each 1 CPU and, with ``backend`` ``auto``/``nccl`` on a cluster with GPUs, 1 GPU.
+    over), each 1 CPU and, with ``backend`` ``auto``/``nccl`` on a cluster with GPUs, 1 GPU. With
+    ``teacher.placement: ray`` the cluster must also hold ``teacher.replicas`` x (``num_cpus``, ``num_gpus``).
 
     Raises:
-        ConfigError: ``backend: nccl`` on a cluster without GPUs, or more workers than the cluster has CPUs/GPUs.
+        ConfigError: ``backend: nccl`` on a cluster without GPUs, or workers plus teacher replicas need more
+        CPUs/GPUs than the cluster has.
     """
     world = cfg.nproc_per_node * cfg.nnodes
     gpus = float(cluster_resources.get("GPU", 0))
@@ -103,12 +124,15 @@ def ray_placement(cfg: ParallelConfig, cluster_resources: dict[str, float]) -> R
         )
     use_gpu = cfg.backend != "gloo" and gpus >= 1
     res = {"CPU": 1.0, **({"GPU": 1.0} if use_gpu else {})}
-    for key, per in res.items():
+    replicas, per_replica = teacher_resources(teacher)
+    for key in sorted(set(res) | set(per_replica)):
+        need = world * res.get(key, 0.0) + replicas * per_replica.get(key, 0.0)
         have = float(cluster_resources.get(key, 0))
-        if have < world * per:
+        if have < need:
+            pool = f" + {replicas} teacher replica(s) x {per_replica.get(key, 0.0):g}" if replicas else ""
             raise ConfigError(
-                f"parallel: {world} Ray workers need {world * per:g} {key} and the Ray cluster has {have:g} "
-                f"(lower parallel.nproc_per_node x nnodes or add nodes)"
+                f"parallel: {world} Ray workers x {res.get(key, 0.0):g}{pool} need {need:g} {key} and the Ray "
+                f"cluster has {have:g} (lower parallel.nproc_per_node x nnodes or teacher.replicas, or add nodes)"
             )
     return RayPlacement(
         num_workers=world,
@@ -116,6 +140,8 @@ def ray_placement(cfg: ParallelConfig, cluster_resources: dict[str, float]) -> R
         resources_per_worker=res,
         placement_strategy="PACK",
         torch_backend="nccl" if use_gpu else "gloo",
+        teacher_replicas=replicas,
+        teacher_resources=per_replica,
     )
 
 
@@ -203,6 +229,8 @@ class RayJobResult:
             "oprd.ray.attempts": str(len(self.attempts)),
             "oprd.ray.placement_strategy": p.placement_strategy,
             "oprd.ray.resources_per_worker": json.dumps(p.resources_per_worker, sort_keys=True),
+            "oprd.ray.teacher_replicas": str(p.teacher_replicas),
+            "oprd.ray.teacher_resources": json.dumps(p.teacher_resources, sort_keys=True),
             "oprd.ray.placement": json.dumps(
                 [
                     {"rank": w["rank"], "node_ip": w["node_ip"], "node_id": w["node_id"][:12]}
@@ -220,6 +248,7 @@ def run_ray_job(
     job_dir: str | Path,
     name: str | None = None,
     env: dict[str, str] | None = None,
+    teacher: TeacherConfig | None = None,
 ) -> RayJobResult:
     """Run ``entry(*args)`` on every worker of a Ray Train ``TorchTrainer`` (see the module docstring).
 
@@ -228,6 +257,8 @@ def run_ray_job(
         job_dir: the driver's directory for this job: :data:`PLACEMENT_FILE` and Ray Train's storage (``ray/``).
         name: the Ray Train run's name (default ``oprd-distill-<random>``: a fresh run state every job).
         env: extra environment for the workers (e.g. the MLflow run id rank 0 logs to).
+        teacher: the ``teacher`` section; with ``placement: ray`` the job checks (and a local cluster gets) room for
+            the pool's replicas next to the workers.
 
     Raises:
         ConfigError: bad address or placement (before any work). RayJobError: the job failed.
@@ -241,9 +272,11 @@ def run_ray_job(
     job_dir.mkdir(parents=True, exist_ok=True)
     record = job_dir / PLACEMENT_FILE
     record.unlink(missing_ok=True)
-    connect(cfg, local_cpus=max(os.cpu_count() or 1, cfg.nproc_per_node * cfg.nnodes))
+    replicas, per_replica = teacher_resources(teacher)
+    need_cpus = cfg.nproc_per_node * cfg.nnodes + math.ceil(replicas * per_replica.get("CPU", 0.0))
+    connect(cfg, local_cpus=max(os.cpu_count() or 1, need_cpus))
     try:
-        placement = ray_placement(cfg, ray.cluster_resources())
+        placement = ray_placement(cfg, ray.cluster_resources(), teacher)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         trainer = TorchTrainer(
             _worker_loop,

@@ -533,7 +533,9 @@ def _ray_driver(params: Params, args: argparse.Namespace, argv: list[str]) -> in
     if args.stop_after is not None:
         raise ConfigError("--stop-after is for single-process and torchrun runs, not parallel.launcher: ray")
     try:
-        job = run_ray_job(params.parallel, "trainer.train:main", [argv], job_dir=Path(args.out))
+        job = run_ray_job(
+            params.parallel, "trainer.train:main", [argv], job_dir=Path(args.out), teacher=params.teacher
+        )
     except RayJobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ import pytest
 from tiny_pair import assert_resumed
 
 from trainer.checkpoint import complete_checkpoints
-from trainer.config import ConfigError, ParallelConfig
+from trainer.config import ConfigError, ParallelConfig, TeacherConfig
 from trainer.distributed import torchrun_command
 from trainer.ray_job import PLACEMENT_FILE, ray_placement
 from trainer.train import main as train_main
@@ -218,8 +218,16 @@ def test_ray_placement_refuses_what_the_cluster_cannot_hold():
     assert not ray_placement(two.model_copy(update={"backend": "gloo"}), {"CPU": 2.0, "GPU": 2.0}).use_gpu
     with pytest.raises(ConfigError, match="nccl needs GPUs"):
         ray_placement(two.model_copy(update={"backend": "nccl"}), {"CPU": 2.0})
-    with pytest.raises(ConfigError, match="2 Ray workers need 2 CPU and the Ray cluster has 1"):
+    with pytest.raises(ConfigError, match="2 Ray workers x 1 need 2 CPU and the Ray cluster has 1"):
         ray_placement(two, {"CPU": 1.0})
+    pool = TeacherConfig(placement="ray", replicas=2, num_cpus=1.5)
+    with pytest.raises(
+        ConfigError, match=r"\+ 2 teacher replica\(s\) x 1.5 need 5 CPU and the Ray cluster has 4"
+    ):
+        ray_placement(two, {"CPU": 4.0}, pool)
+    p = ray_placement(two, {"CPU": 5.0}, pool)
+    assert (p.teacher_replicas, p.teacher_resources) == (2, {"CPU": 1.5})
+    assert ray_placement(two, {"CPU": 2.0}, TeacherConfig()).teacher_replicas == 0  # local: in the workers
 
 
 def test_oprd_ci_train_hands_a_ray_launcher_to_the_ray_driver_not_torchrun(tiny_pair, tmp_path):
@@ -253,3 +261,25 @@ def test_step_floor_passes_only_steps_a_restarted_sink_has_not_seen():
     for step in range(1, 7):  # a resumed trainer re-emits its restored steps 1..3 first
         floor.log_metrics({"loss/total": 1.0}, step)
     assert sink.steps == [4, 5, 6]
+
+
+@pytest.mark.slow
+def test_ray_job_with_the_teacher_in_a_ray_pool_matches_torchrun(tiny_pair, reference, cluster, tmp_path):
+    """``parallel.launcher: ray`` + ``teacher.placement: ray``: the workers hold no teacher; rank 0 starts one
+    replica in the job's cluster, on a third node's CPU (the two workers fill the other two). The teacher pool's
+    answer is bitwise the in-process teacher's (same ops, fp32, 1 thread), so the run equals the reference."""
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        cmd = [*_ray_cmd(tiny_pair, tmp_path, cluster.address), "--set", "teacher.placement=ray"]
+        out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.remove_node(node)
+    _ok(out, out.stderr)
+    assert _losses(tmp_path) == _losses(reference)
+    assert _weights(tmp_path) == _weights(reference)
+    rows = _rows(tmp_path)
+    assert all(r["teacher/requests"] >= 1 and r["teacher/reply_bytes"] > 0 for r in rows)  # the pool answered
+    tags = _job_tags(out.stderr)
+    assert (tags["oprd.ray.cluster_nodes"], tags["oprd.ray.teacher_replicas"]) == ("3", "1")
+    assert json.loads(tags["oprd.ray.teacher_resources"]) == {"CPU": 1.0}
