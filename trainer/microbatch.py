@@ -100,6 +100,24 @@ class UpdateResult:
     prepare_seconds: float = 0.0
 
 
+def submit_teacher_requests(
+    objective: Objective,
+    student: nn.Module,
+    teacher: TeacherBackend,
+    micro: list[RolloutBatch],
+    *,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[list[PendingTargets], float]:
+    """Send every micro-batch's teacher request now (after the student's old-log-prob pass where the method has
+    one, as the top-k ids are part of the request); returns the pending replies, in ``micro`` order, and the
+    seconds spent sending. The trainer calls this as soon as this rank's rollout is done, before the step's
+    collectives, so the teacher works while the rank waits for the others."""
+    t0 = time.perf_counter()
+    with autocast():
+        pending = [objective.submit(student, teacher, mb) for mb in micro]
+    return pending, time.perf_counter() - t0
+
+
 def accumulate_update(
     objective: Objective,
     student: nn.Module,
@@ -109,6 +127,7 @@ def accumulate_update(
     *,
     loss_scale: float = 1.0,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    pending: list[PendingTargets] | None = None,
 ) -> UpdateResult:
     """No-grad passes, student forward and ``backward`` per micro-batch; gradients accumulate in ``.grad``.
 
@@ -122,19 +141,17 @@ def accumulate_update(
     update) or a :class:`trainer.teacher.TeacherBackend` (all requests submitted up front, replies consumed in
     order; ``prepare_seconds`` then counts the submission and the waits, i.e. the teacher time *not* overlapped).
     A teacher failure raises out of here before the caller's optimizer step: no update sees partial targets.
+    ``pending``: the replies :func:`submit_teacher_requests` already requested for ``micro`` (then nothing is
+    sent here).
     """
     set_sync = getattr(student, "set_requires_gradient_sync", None)
     total = torch.zeros((), dtype=torch.float32)
     metrics: dict[str, float] = {}
     prep = 0.0
-    pending: list[PendingTargets] = []
-    if isinstance(teacher, TeacherBackend):
-        # Remote teacher: every micro-batch's request goes out now (student old-log-prob passes first, as the
-        # top-k ids are part of the request); replies are consumed in order below while the student updates.
-        t0 = time.perf_counter()
-        with autocast():
-            pending = [objective.submit(student, teacher, mb) for mb in micro]
-        prep += time.perf_counter() - t0
+    if pending is None and isinstance(teacher, TeacherBackend):
+        # Remote teacher: every request goes out now; replies are consumed in order below while the student updates.
+        pending, prep = submit_teacher_requests(objective, student, teacher, micro, autocast=autocast)
+    pending = list(pending or [])
     try:
         for i, mb in enumerate(micro):
             if set_sync is not None:

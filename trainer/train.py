@@ -62,7 +62,7 @@ from trainer.export import write_manifest
 from trainer.memory import PeakMemory
 from trainer.methods import method_spec
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
-from trainer.microbatch import accumulate_update, micro_batches
+from trainer.microbatch import accumulate_update, micro_batches, submit_teacher_requests
 from trainer.models import (
     check_compatibility,
     copy_tokenizer_files,
@@ -264,11 +264,17 @@ class Trainer:
         ).to(env.device)  # fmt: skip
         self.engine.release_memory()  # CUDA vLLM: free the KV cache for the update
         t_rollout = time.perf_counter()
+        micro = micro_batches(batch, d.micro_batch_tokens)
+        sent = dict(self.pool.stats) if self.pool is not None else {}
+        pending, send_s = None, 0.0
+        if self.pool is not None:  # this rank's teacher work goes out now, before the step's first collective
+            pending, send_s = submit_teacher_requests(
+                self.objective, self.student, self.pool, micro, autocast=self._autocast
+            )
         local = self.objective.denominators(batch)
         den = Denominators(
             *(all_reduce_sum(x.to(env.device)) for x in (local.selected, local.response, local.sequences))
         )
-        micro = micro_batches(batch, d.micro_batch_tokens)
         measure = self.p.distill.memory_every and (state.step % self.p.distill.memory_every == 0)
         # The measured region is the whole update: per micro-batch the no-grad passes (teacher, old log-probs),
         # the student forward and backward, then the optimizer step. (The reference's ∆peak excludes its teacher,
@@ -276,11 +282,10 @@ class Trainer:
         with PeakMemory("auto", device=env.device) if measure else nullcontext() as mem:
             # Each micro-batch's loss is already normalized by the global count; FSDP2 averages gradients over
             # ranks, so scale by the world size to get the gradient of the global loss.
-            sent = dict(self.pool.stats) if self.pool is not None else {}
             try:
                 upd = accumulate_update(
                     self.objective, self.student, self.pool or self.teacher, micro, den,
-                    loss_scale=env.world_size, autocast=self._autocast,
+                    loss_scale=env.world_size, autocast=self._autocast, pending=pending,
                 )  # fmt: skip
             except BaseException:
                 # A teacher (or any) failure mid-step: drop the partial gradients; the weights were not stepped.
@@ -300,8 +305,8 @@ class Trainer:
             "response/length_max": all_reduce_max(lengths.max()).item(),
             "perf/step_seconds": t_end - t0,
             "perf/rollout_seconds": t_rollout - t0,
-            "perf/teacher_seconds": upd.prepare_seconds,
-            "perf/update_seconds": t_update - t_rollout - upd.prepare_seconds,
+            "perf/teacher_seconds": upd.prepare_seconds + send_s,
+            "perf/update_seconds": t_update - t_rollout - upd.prepare_seconds - send_s,
             "perf/sync_seconds": t_end - t_update,
             "perf/micro_batches": all_reduce_max(
                 torch.tensor(float(upd.micro_batches), device=env.device)
