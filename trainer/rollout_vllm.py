@@ -104,8 +104,8 @@ def vllm_version() -> str | None:
     return "unknown"
 
 
-def require_vllm(config: Any | None = None, device_type: str = "cpu") -> str:
-    """Pre-flight for ``rollout.engine: vllm``: vLLM is importable and serves ``config``'s architecture (and, on
+def require_vllm(config: Any | None = None, device_type: str = "cpu", key: str = "rollout.engine") -> str:
+    """Pre-flight for ``rollout.engine: vllm`` (or ``evaluate.engine``: ``key`` names the setting in the message): vLLM is importable and serves ``config``'s architecture (and, on
     CPU, its attention head size: vLLM's CPU attention kernels exist for a fixed list, e.g. not 16).
 
     Returns the vLLM version. Raises :class:`~trainer.config.ConfigError` (one line that says what to do) before
@@ -114,21 +114,23 @@ def require_vllm(config: Any | None = None, device_type: str = "cpu") -> str:
     """
     version = vllm_version()
     if version is None:
-        raise ConfigError(f"rollout.engine: vllm but vLLM is not installed: {SETUP_HINT}")
+        raise ConfigError(
+            f"{key}: vllm but vLLM is not installed: {SETUP_HINT.replace('rollout.engine', key)}"
+        )
     try:
         from vllm import ModelRegistry
     except Exception as exc:  # a broken install (e.g. torchvision next to torch+cpu) fails here, not mid-run
         raise ConfigError(
-            f"rollout.engine: vllm but `import vllm` fails ({type(exc).__name__}: {exc}); re-run "
-            f"`bash scripts/setup.sh --vllm`, or set rollout.engine: hf"
+            f"{key}: vllm but `import vllm` fails ({type(exc).__name__}: {exc}); re-run "
+            f"`bash scripts/setup.sh --vllm`, or set {key}: hf"
         ) from exc
     if config is not None:
         archs = list(getattr(config, "architectures", None) or [])
         supported = set(ModelRegistry.get_supported_archs())
         if not archs or not any(a in supported for a in archs):
             raise ConfigError(
-                f"rollout.engine: vllm cannot serve this student (architectures={archs or 'not declared'}; "
-                f"vLLM {version} serves e.g. Qwen2ForCausalLM, LlamaForCausalLM): set rollout.engine: hf"
+                f"{key}: vllm cannot serve this model (architectures={archs or 'not declared'}; "
+                f"vLLM {version} serves e.g. Qwen2ForCausalLM, LlamaForCausalLM): set {key}: hf"
             )
         if device_type == "cpu":
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -137,9 +139,9 @@ def require_vllm(config: Any | None = None, device_type: str = "cpu") -> str:
             sizes = CPUAttentionBackend.get_supported_head_sizes()
             if head not in sizes:
                 raise ConfigError(
-                    f"rollout.engine: vllm cannot serve this student on CPU: attention head size {head} "
+                    f"{key}: vllm cannot serve this model on CPU: attention head size {head} "
                     f"(hidden_size / num_attention_heads) is not one of vLLM's CPU kernels {sizes}; "
-                    "set rollout.engine: hf"
+                    f"set {key}: hf"
                 )
     return version
 
@@ -221,31 +223,18 @@ class VLLMEngine:
         eos_token_id: int | Sequence[int],
         seed: int = 0,
     ) -> None:
-        if not isinstance(pad_token_id, int) or pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
-        self.cfg = cfg or VLLMConfig()
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = _as_id_list(eos_token_id)
         hf_config = model.config
         if not getattr(
             hf_config, "architectures", None
         ):  # a config-built model: what save_pretrained records
             hf_config = copy.deepcopy(hf_config)
             hf_config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard's subclass
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.version = require_vllm(hf_config, self.device.type)
-        self.cuda = self.device.type == "cuda"
-        self.syncs = 0
-        self.last_sync_seconds = float("nan")
-        self._sleeping = False
+        first = next(model.parameters())
+        self._setup(cfg, hf_config, first.device, first.dtype, pad_token_id, eos_token_id)
         t0 = time.perf_counter()
         weights = full_weights(
             model
         )  # collective under FSDP2: before anything that may fail on one rank only
-        shm = Path("/dev/shm")
-        self._dir = Path(tempfile.mkdtemp(prefix="oprd-vllm-", dir=shm if shm.is_dir() else None))
-        self._weights_file = self._dir / "sync.safetensors"
         model_dir = self._dir / "model"
         try:
             self._write_model_dir(model_dir, hf_config, weights)
@@ -257,6 +246,69 @@ class VLLMEngine:
         # The engine holds its own copy now; the start-up directory is not needed any more.
         shutil.rmtree(model_dir, ignore_errors=True)
         self.startup_seconds = time.perf_counter() - t0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        cfg: VLLMConfig | None = None,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int],
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> VLLMEngine:
+        """An engine serving a saved Hugging Face directory as it is on disk (evaluation: no trainer-side model).
+
+        ``model_dir`` holds ``config.json`` and safetensors weights (what ``save_pretrained`` writes); vLLM loads
+        them itself, ties a tied model's head as ``transformers`` does, and never reads the directory's tokenizer or
+        ``generation_config.json`` (sampling comes only from :meth:`generate`'s arguments). ``dtype`` is the
+        dtype the engine computes in (``torch.float32``: the HF evaluator's). :meth:`load_weights` works as for
+        an engine built from a model.
+        """
+        from transformers import AutoConfig
+
+        self = cls.__new__(cls)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        self._setup(
+            cfg, hf_config, torch.device(device), dtype, pad_token_id, eos_token_id, "evaluate.engine"
+        )
+        t0 = time.perf_counter()
+        try:
+            self.llm = self._start(Path(model_dir), hf_config, seed)
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        self.startup_seconds = time.perf_counter() - t0
+        return self
+
+    def _setup(
+        self,
+        cfg: VLLMConfig | None,
+        hf_config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int],
+        key: str = "rollout.engine",
+    ) -> None:
+        """Attributes every constructor sets, the pre-flight (:func:`require_vllm`) and the scratch directory."""
+        if not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
+        self.cfg = cfg or VLLMConfig()
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = _as_id_list(eos_token_id)
+        self.device = device
+        self.dtype = dtype
+        self.version = require_vllm(hf_config, device.type, key)
+        self.cuda = device.type == "cuda"
+        self.syncs = 0
+        self.last_sync_seconds = float("nan")
+        self._sleeping = False
+        shm = Path("/dev/shm")
+        self._dir = Path(tempfile.mkdtemp(prefix="oprd-vllm-", dir=shm if shm.is_dir() else None))
+        self._weights_file = self._dir / "sync.safetensors"
 
     # ---------------------------------------------------------------------------------------- start-up
     @staticmethod
