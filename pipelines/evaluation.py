@@ -69,6 +69,7 @@ __all__ = [
     "grade_responses",
     "prompt_suffix_for",
     "special_token_ids",
+    "start_vllm",
     "summarize",
     "with_suffix",
     "write_eval_outputs",
@@ -353,6 +354,23 @@ def evaluate_loaded(
     return summary, rows
 
 
+def start_vllm(
+    model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: EvaluateConfig, device: torch.device
+) -> tuple[ServedModel, RolloutEngine]:
+    """``evaluate.engine: vllm``: the :class:`ServedModel` of ``model_dir`` and a
+    :class:`trainer.rollout_vllm.VLLMEngine` serving it in fp32 (``cfg.vllm``; the caller closes it). Raises
+    :class:`~trainer.config.ConfigError` (one line) without vLLM or for a model it cannot serve."""
+    from trainer.rollout_vllm import VLLMEngine  # vLLM is an optional install; import it only when asked for
+
+    served = ServedModel.from_pretrained(model_dir)
+    pad_id, eos_ids = special_token_ids(served, tokenizer)
+    engine = VLLMEngine.from_pretrained(
+        model_dir, cfg.vllm, pad_token_id=pad_id, eos_token_id=eos_ids, seed=cfg.seed, dtype=torch.float32,
+        device=device,
+    )  # fmt: skip
+    return served, engine
+
+
 def evaluate_model(
     model_dir: str | Path,
     suites: Sequence[EvalSuite | LoadedSuite],
@@ -381,14 +399,7 @@ def evaluate_model(
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
         model.to(device).eval()
         return evaluate_loaded(model, tokenizer, suites, cfg, role, progress=progress)
-    from trainer.rollout_vllm import VLLMEngine  # vLLM is an optional install; import it only when asked for
-
-    served = ServedModel.from_pretrained(model_dir)
-    pad_id, eos_ids = special_token_ids(served, tokenizer)
-    engine = VLLMEngine.from_pretrained(
-        model_dir, cfg.vllm, pad_token_id=pad_id, eos_token_id=eos_ids, seed=cfg.seed, dtype=torch.float32,
-        device=device,
-    )  # fmt: skip
+    served, engine = start_vllm(model_dir, tokenizer, cfg, device)
     try:
         return evaluate_loaded(served, tokenizer, suites, cfg, role, engine=engine, progress=progress)
     finally:

