@@ -123,9 +123,8 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
         ("rollout.engine", params.rollout.engine),
         ("evaluate.engine", params.evaluate.engine),
     ):
-        if (
-            engine == "vllm"
-        ):  # the install only: the models' architectures are checked by the stages themselves
+        # the install only: the models' architectures are checked by the stages themselves
+        if engine == "vllm":
             from trainer.config import ConfigError
             from trainer.rollout_vllm import require_vllm
 

@@ -93,3 +93,26 @@ def test_sampled_layout_and_seed_reproducible():
     assert [r.responses for r in inproc] != greedy, "sampling at temperature 0.7 must differ from greedy"
     hf_sampled = [r.responses for r in hf_rows]
     assert [r.responses for r in inproc] != hf_sampled  # each engine has its own sampler: not a parity claim
+
+
+def test_bench_evaluate_cli_reports_both_engines(tmp_path):
+    """``oprd-ci bench evaluate``: one JSON row per engine with problems/s, start-up and load, greedy rows equal."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from oprd_ci.cli import app
+
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, [
+        "bench", "evaluate", "--out", str(out), "--model", str(MODELS["teacher"]), "--limit", "8", "--k", "1",
+        "--temperature", "0", "--max-new-tokens", "8", "--embedded-path", str(REPO / "artifacts/task/eval.jsonl"),
+        "--quiet",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    hf, vllm = result["engines"]
+    assert (hf["engine"], vllm["engine"]) == ("hf", "vllm") and hf["problems"] == vllm["problems"] == 8
+    assert vllm["rows_equal_first_engine"] and vllm["startup_seconds"] > 0 and hf["startup_seconds"] == 0
+    assert all(r["problems_per_second"] > 0 and isinstance(r["loadavg_before"], float) for r in (hf, vllm))
+    assert result["versions"]["vllm"] and "| vllm | 8 |" in res.output
