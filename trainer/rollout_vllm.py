@@ -106,8 +106,9 @@ def vllm_version() -> str | None:
 
 
 def require_vllm(config: Any | None = None, device_type: str = "cpu", key: str = "rollout.engine") -> str:
-    """Pre-flight for ``rollout.engine: vllm`` (or ``evaluate.engine``: ``key`` names the setting in the message): vLLM is importable and serves ``config``'s architecture (and, on
-    CPU, its attention head size: vLLM's CPU attention kernels exist for a fixed list, e.g. not 16).
+    """Pre-flight for ``rollout.engine: vllm`` (or ``evaluate.engine``: ``key`` names the setting in the message):
+    vLLM is importable and serves ``config``'s architecture (and, on CPU, its attention head size: vLLM's CPU
+    attention kernels exist for a fixed list, e.g. not 16).
 
     Returns the vLLM version. Raises :class:`~trainer.config.ConfigError` (one line that says what to do) before
     anything is trained or written. ``config`` is a ``transformers`` ``PretrainedConfig`` (or ``None`` to check the
@@ -274,6 +275,7 @@ class VLLMEngine:
     Construction writes the student's config and full weights to a private directory (``/dev/shm`` where it exists)
     and starts the engine from it, so the engine never reads the student's shipped ``generation_config.json``
     (``generation_config="vllm"`` as well) nor needs a tokenizer (token ids in, token ids out).
+    :meth:`from_pretrained` serves a saved model directory directly instead (evaluation).
 
     Attributes: ``version`` (vLLM), ``startup_seconds``, ``last_sync_seconds``, ``syncs`` (count).
     """
