@@ -160,11 +160,23 @@ def engine_table_markdown(hf: dict, vllm: dict) -> str:
             raise ValueError(f"expected a bench step result with --engine {name}")
     by_name = {r["name"]: r for r in vllm["methods"]}
     eng = vllm["engine"]
+    s = vllm["shape"]
+
+    def load(res: dict) -> str:
+        rounds = ", ".join(f"{v:.1f}" for v in res.get("loadavg_rounds") or [])
+        start, end = ((res.get(k) or [float("nan")])[0] for k in ("loadavg_start", "loadavg_end"))
+        return f"{start:.1f} -> {end:.1f} (rounds: {rounds or '-'})"
+
     lines = [
         f"`{_header(vllm)}`",
         "",
+        f"shape: {s['prompts']} prompts x {s['n']} responses, up to {s['max_new_tokens']} new tokens "
+        f"(prompts <= {s['prompt_len']} tokens); medians of {vllm['rounds']} rounds after {vllm['warmup']} "
+        f"warm-up; {vllm['cpu_count']} CPUs, {vllm['threads']} torch threads",
         f"vLLM engine start-up (once per run): {eng['startup_seconds']:.1f} s "
-        f"({'multiprocessing' if eng.get('multiprocessing') else 'in-process'} engine)",
+        f"({'multiprocessing' if eng.get('multiprocessing') else 'in-process'} engine, "
+        f"sync {eng.get('sync_route') or 'file'})",
+        f"1-min load average, HF run: {load(hf)}; vLLM run: {load(vllm)}",
         "",
         "| method | HF step s | vLLM step s | speed-up | HF rollout tok/s | vLLM rollout tok/s | rollout speed-up "
         "| vLLM sync s | sync / step |",
@@ -314,6 +326,11 @@ def step(
         "local", help="Teacher placements, comma-separated: local, ray:<replicas> (e.g. local,ray:1,ray:2)."
     ),
     micro_batch_tokens: int = typer.Option(0, help="Micro-batch token budget with --teachers (0 = one)."),
+    vllm_sync: str = typer.Option(
+        "shm",
+        "--vllm-sync",
+        help="Multiprocessing engine's weight sync: shm (shared mapping) | file (safetensors).",
+    ),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """A whole on-policy step per method: rollout, old-log-prob pass, teacher pass, update, weight sync."""
@@ -327,7 +344,7 @@ def step(
             top_p=top_p, dtype=dtype, optimizer=optimizer, rounds=rounds, warmup=warmup,
             methods=methods.split(","), top_k=top_k, kl_chunk_size=kl_chunk_size, threads=threads, seed=seed,
             engine=engine, vllm_multiprocessing=not vllm_inprocess, teachers=teachers.split(","),
-            micro_batch_tokens=micro_batch_tokens or None,
+            micro_batch_tokens=micro_batch_tokens or None, vllm_sync=vllm_sync,
         )  # fmt: skip
         spec.validate()
         if engine == "vllm":
@@ -405,3 +422,44 @@ def engines(
         typer.echo(engine_table_markdown(json.loads(hf.read_text()), json.loads(vllm.read_text())))
     except (OSError, ValueError, KeyError) as exc:
         raise _fail(f"not a pair of bench step results: {exc}") from None
+
+
+@bench_app.command("evaluate")
+def evaluate(
+    out: Path = typer.Option(..., "--out", help="Result JSON path."),
+    model: Path = typer.Option(Path("artifacts/models/teacher"), help="Hugging Face model directory."),
+    engines: str = typer.Option("hf,vllm", help="Comma-separated engines, run in this order: hf, vllm."),
+    suite: Path | None = typer.Option(None, help="Eval suite file (default: the embedded held-out set)."),
+    embedded_path: str = typer.Option("artifacts/task/eval.jsonl", help="The embedded suite's file."),
+    limit: int | None = typer.Option(None, help="First N problems only."),
+    k: int = typer.Option(4, help="Responses per problem (evaluate.k)."),
+    temperature: float = typer.Option(0.7, help="0 = greedy (then the engines' rows must be equal)."),
+    top_p: float = typer.Option(0.95),
+    max_new_tokens: int = typer.Option(42),
+    batch_size: int = typer.Option(128, help="Prompts per generate call (evaluate.batch_size)."),
+    threads: int = typer.Option(0, help="torch intra-op threads (0: leave as is)."),
+    inprocess: bool = typer.Option(True, "--vllm-inprocess/--vllm-multiprocessing", help="vLLM engine mode."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """The evaluate stage's throughput (problems/s) per engine on one model and suite, side by side."""
+    import torch
+
+    from pipelines.bench_evaluate import evaluate_bench_markdown, run_evaluate_bench
+    from trainer.config import ConfigError, EvalSuite, EvaluateConfig
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        cfg = EvaluateConfig(
+            k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            suites=[EvalSuite(name=suite.stem if suite else "embedded", path=str(suite) if suite else None,
+                              limit=limit)],
+            embedded_path=embedded_path, vllm={"multiprocessing": not inprocess},
+        )  # fmt: skip
+        result = run_evaluate_bench(model, cfg, [e.strip() for e in engines.split(",")])
+    except (ValueError, ConfigError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    _write(result, out)
+    typer.echo(evaluate_bench_markdown(result))
+    if not quiet:
+        typer.echo(f"wrote {out}")

@@ -2,11 +2,16 @@
 
 Flow for one model directory (:func:`evaluate_model`):
 
-1. Load ``AutoModelForCausalLM.from_pretrained(dir, use_safetensors=True)`` (fp32, eval mode) and its tokenizer
-   (``trainer.models.load_tokenizer``: stock ``AutoTokenizer``, refused if it disagrees with ``tokenizer.json``).
+1. Load the tokenizer (``trainer.models.load_tokenizer``: stock ``AutoTokenizer``, refused if it disagrees with
+   ``tokenizer.json``) and the engine ``evaluate.engine`` names: ``hf`` loads
+   ``AutoModelForCausalLM.from_pretrained(dir, use_safetensors=True)`` (fp32, eval mode) for
+   :class:`trainer.rollout.HFGenerateEngine`; ``vllm`` starts one :class:`trainer.rollout_vllm.VLLMEngine` on the
+   directory (fp32, ``evaluate.vllm``), closed when the model is done.
 2. For each suite (:mod:`pipelines.suites`): encode every prompt (:func:`encode_prompt`), then, in chunks of
-   ``evaluate.batch_size`` prompts, sample ``evaluate.k`` responses each with the rollout engine
-   (:class:`trainer.rollout.HFGenerateEngine`; ``temperature == 0`` is greedy).
+   ``evaluate.batch_size`` prompts, sample ``evaluate.k`` responses each with that engine (``temperature == 0`` is
+   greedy). Both engines share the sampling protocol of :mod:`trainer.rollout`: one ``generate`` call per chunk
+   after ``torch.manual_seed(evaluate.seed)`` per suite, the ``k`` rows of a prompt contiguous, first EOS kept;
+   greedy outputs are token-for-token equal (tested), sampled ones differ (each engine has its own sampler).
 3. Grade each chunk's responses with the problem's grader (:func:`grade_responses`: ``pipelines.graders.grade_many``
    per grader, so costly graders such as ``code_tests`` grade in parallel) and compute the metrics of
    :mod:`pipelines.eval_metrics`.
@@ -29,7 +34,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -49,10 +54,14 @@ from trainer.config import EvalSuite, EvaluateConfig
 from trainer.models import load_tokenizer
 from trainer.rollout import HFGenerateEngine, RolloutEngine
 
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PretrainedConfig
+
 __all__ = [
     "METRIC_KEYS",
     "ROLES",
     "ProblemResult",
+    "ServedModel",
     "encode_prompt",
     "evaluate_loaded",
     "evaluate_model",
@@ -60,6 +69,7 @@ __all__ = [
     "grade_responses",
     "prompt_suffix_for",
     "special_token_ids",
+    "start_vllm",
     "summarize",
     "with_suffix",
     "write_eval_outputs",
@@ -113,6 +123,29 @@ class ProblemResult:
             "n_correct": self.n_correct,
             "mean_length": self.mean_length,
         }
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the evaluator reads of a model whose weights an engine holds itself (vLLM): its ``config``
+    (``max_position_embeddings``) and ``generation_config`` (EOS ids). Passed where a ``PreTrainedModel`` goes;
+    the engine's ``generate`` ignores its ``model`` argument."""
+
+    config: PretrainedConfig
+    generation_config: GenerationConfig
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ServedModel:
+        """``config.json`` and ``generation_config.json`` of ``model_dir`` (the latter derived from the config when
+        absent), exactly what ``AutoModelForCausalLM.from_pretrained`` would attach to the model."""
+        from transformers import AutoConfig, GenerationConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        try:
+            gen = GenerationConfig.from_pretrained(model_dir)
+        except OSError:  # no generation_config.json
+            gen = GenerationConfig.from_model_config(config)
+        return cls(config=config, generation_config=gen)
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -174,7 +207,9 @@ def grade_responses(
     return out  # type: ignore[return-value]
 
 
-def special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, list[int]]:
+def special_token_ids(
+    model: PreTrainedModel | ServedModel, tokenizer: PreTrainedTokenizerBase
+) -> tuple[int, list[int]]:
     """``(pad_token_id, eos_token_ids)``: EOS from the generation config (it may list several, e.g. chat models stop
     on ``<|im_end|>`` and ``<|endoftext|>``), else the tokenizer's; pad from the tokenizer, else the first EOS."""
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -188,7 +223,7 @@ def special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 # ---------------------------------------------------------------------------------------------- evaluating
 def evaluate_suite(
-    model: PreTrainedModel,
+    model: PreTrainedModel | ServedModel,
     tokenizer: PreTrainedTokenizerBase,
     suite: LoadedSuite,
     cfg: EvaluateConfig,
@@ -198,6 +233,9 @@ def evaluate_suite(
     progress: bool = True,
 ) -> tuple[dict[str, Any], list[ProblemResult]]:
     """Sample, grade and summarize one suite; returns ``(metrics, per-problem results)`` (keys: :data:`METRIC_KEYS`).
+
+    ``engine``: any :class:`~trainer.rollout.RolloutEngine` (default: HF ``generate`` on ``model``); an engine that
+    holds its own weights (vLLM) takes a :class:`ServedModel`.
 
     Raises ``ValueError`` when a prompt plus ``max_new_tokens`` exceeds the model's ``max_position_embeddings``.
     """
@@ -287,15 +325,17 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def evaluate_loaded(
-    model: PreTrainedModel,
+    model: PreTrainedModel | ServedModel,
     tokenizer: PreTrainedTokenizerBase,
     suites: Sequence[EvalSuite | LoadedSuite],
     cfg: EvaluateConfig,
     role: str,
     *,
+    engine: RolloutEngine | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], list[ProblemResult]]:
-    """:func:`evaluate_model` for an already loaded model (e.g. the trainer's in-memory student)."""
+    """:func:`evaluate_model` for an already loaded model (e.g. the trainer's in-memory student) or a model an
+    ``engine`` serves (``model`` then a :class:`ServedModel`); ``engine`` is used, not closed."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if not suites:
@@ -308,10 +348,27 @@ def evaluate_loaded(
     rows: list[ProblemResult] = []
     for suite in loaded:
         summary[suite.name], suite_rows = evaluate_suite(
-            model, tokenizer, suite, cfg, role, progress=progress
+            model, tokenizer, suite, cfg, role, engine=engine, progress=progress
         )
         rows.extend(suite_rows)
     return summary, rows
+
+
+def start_vllm(
+    model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: EvaluateConfig, device: torch.device
+) -> tuple[ServedModel, RolloutEngine]:
+    """``evaluate.engine: vllm``: the :class:`ServedModel` of ``model_dir`` and a
+    :class:`trainer.rollout_vllm.VLLMEngine` serving it in fp32 (``cfg.vllm``; the caller closes it). Raises
+    :class:`~trainer.config.ConfigError` (one line) without vLLM or for a model it cannot serve."""
+    from trainer.rollout_vllm import VLLMEngine  # vLLM is an optional install; import it only when asked for
+
+    served = ServedModel.from_pretrained(model_dir)
+    pad_id, eos_ids = special_token_ids(served, tokenizer)
+    engine = VLLMEngine.from_pretrained(
+        model_dir, cfg.vllm, pad_token_id=pad_id, eos_token_id=eos_ids, seed=cfg.seed, dtype=torch.float32,
+        device=device,
+    )  # fmt: skip
+    return served, engine
 
 
 def evaluate_model(
@@ -322,12 +379,13 @@ def evaluate_model(
     *,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], list[ProblemResult]]:
-    """Evaluate the Hugging Face model in ``model_dir`` on ``suites`` as ``role``.
+    """Evaluate the Hugging Face model in ``model_dir`` on ``suites`` as ``role`` with the ``evaluate.engine``.
 
     Returns ``({suite: metrics}, per-problem results)``; metrics keys are :data:`METRIC_KEYS`, accuracies in [0, 1].
 
     Raises:
         ValueError: unknown ``role``, no or duplicate suites, a model without EOS, prompts too long for the model.
+        trainer.config.ConfigError: ``evaluate.engine: vllm`` without vLLM, or a model vLLM cannot serve.
         FileNotFoundError / pipelines.suites.SuiteFormatError: a missing or malformed suite file.
     """
     model_dir = Path(model_dir)
@@ -336,9 +394,16 @@ def evaluate_model(
     # The trainer's loader: stock AutoTokenizer, checked against the directory's own tokenizer.json (a model-type
     # tokenizer class can rebuild a custom vocabulary with a different pre-tokenizer).
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
-    model.to(_resolve_device(cfg.device)).eval()
-    return evaluate_loaded(model, tokenizer, suites, cfg, role, progress=progress)
+    device = _resolve_device(cfg.device)
+    if cfg.engine == "hf":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
+        model.to(device).eval()
+        return evaluate_loaded(model, tokenizer, suites, cfg, role, progress=progress)
+    served, engine = start_vllm(model_dir, tokenizer, cfg, device)
+    try:
+        return evaluate_loaded(served, tokenizer, suites, cfg, role, engine=engine, progress=progress)
+    finally:
+        engine.close()
 
 
 # -------------------------------------------------------------------------------------------------- output

@@ -119,6 +119,20 @@ def check_params(params: Params, *, check_tracking: bool = True) -> list[str]:
                     file=sys.stderr,
                 )
 
+    for key, engine in (
+        ("rollout.engine", params.rollout.engine),
+        ("evaluate.engine", params.evaluate.engine),
+    ):
+        # the install only: the models' architectures are checked by the stages themselves
+        if engine == "vllm":
+            from trainer.config import ConfigError
+            from trainer.rollout_vllm import require_vllm
+
+            try:
+                require_vllm(key=key)
+            except ConfigError as exc:
+                problems.append(str(exc))
+
     from pipelines.graders import UnknownGrader, get_grader
     from pipelines.suites import SuiteFormatError, load_suite
 

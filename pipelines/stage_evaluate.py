@@ -7,7 +7,7 @@ Writes ``metrics/eval.json`` ``{suite: {role: metrics}}``, ``artifacts/eval/per_
 comparisons; the gate's evidence), ``artifacts/eval/responses.jsonl`` and ``artifacts/eval/suites.json``
 ``{suite: {"digest", "graders": {name: version}}}`` (what the numbers are comparable by; strings stay out of the
 metrics file). The same record is on the run as tags ``oprd.eval.<suite>.grader`` / ``.grader_version`` /
-``.digest``. Each role is evaluated with the same seed, so the three models see the same sampling stream.
+``.digest``; the engine that sampled (``evaluate.engine``) as ``oprd.evaluate.engine`` / ``.engine_version``. Each role is evaluated with the same seed, so the three models see the same sampling stream.
 """
 
 from __future__ import annotations
@@ -47,6 +47,25 @@ def model_dirs(params: Params) -> dict[str, Path]:
     return {role: every[role] for role in params.evaluate.roles}
 
 
+def preflight_engine(params: Params) -> dict[str, str]:
+    """``evaluate.engine: vllm``: one clear :class:`~trainer.config.ConfigError` line, before any run is opened or
+    model loaded, when vLLM is missing or cannot serve one of the evaluated models. Returns the run's
+    ``oprd.evaluate.engine`` / ``oprd.evaluate.engine_version`` tags (``hf``: the transformers version)."""
+    if params.evaluate.engine == "hf":
+        import transformers
+
+        return {"oprd.evaluate.engine": "hf", "oprd.evaluate.engine_version": transformers.__version__}
+    from transformers import AutoConfig
+
+    from trainer.rollout_vllm import require_vllm
+
+    device = "cuda" if params.evaluate.device != "cpu" and torch.cuda.is_available() else "cpu"
+    version = require_vllm(key="evaluate.engine")
+    for path in model_dirs(params).values():
+        require_vllm(AutoConfig.from_pretrained(path), device, key="evaluate.engine")
+    return {"oprd.evaluate.engine": "vllm", "oprd.evaluate.engine_version": version}
+
+
 def run(params_path: str, overrides: list[str]) -> dict:
     params = load_params(params_path, overrides)
     if params.optim.num_threads:
@@ -56,8 +75,9 @@ def run(params_path: str, overrides: list[str]) -> dict:
     regression = regression_suites(params)  # the failure bank's held-out share: students and the champion
     digests = {f"eval_{s.name}": s.digest for s in [*suites, *regression]}
     records = {s.name: suite_record(s) for s in [*suites, *regression]}
+    engine_tags = preflight_engine(params)
     with StageRun("evaluate", params, upstream=[DISTILL_REF, ROLLOUT_REF], datasets=digests) as run:
-        run.set_tags(suite_tags(records))
+        run.set_tags({**suite_tags(records), **engine_tags})
         for s in [*suites, *regression]:
             log_dataset(run.run_id, s.path, f"eval_{s.name}", "evaluation", s.digest, client=run.client)
         models = {**run.upstream["rollout"].models, **run.upstream["distill"].models}

@@ -7,6 +7,8 @@
 #      151,936; 1 x (1,024 prompt + 16,384 response) tokens; bf16 autocast; activation checkpointing; fused AdamW)
 #      for oprd (layers all, last_k 2000) / opd_sampled / opd_topk (16) / floor, memory = CUDA ∆peak (§8);
 #   3. `oprd-ci bench step --engine hf` and `--engine vllm` (fails gracefully when vLLM or the flag is missing);
+#      `oprd-ci bench evaluate` (the evaluate stage with evaluate.engine hf then vllm, greedy, on the embedded
+#      teacher: rows must be equal; < 1 min) when vLLM imports and the flag exists;
 #   4. the CUDA variants of the resume, NaN and micro-batch tests (the trainer picks CUDA when it is visible) and
 #      the vLLM tests when vLLM imports;
 #   4b. the teacher pool (teacher.placement: ray, issue 20): bitwise parity of a Ray replica sharing the GPU with
@@ -130,20 +132,21 @@ if [ "$SMOKE" -eq 1 ]; then
   STEP_SHAPE=(--vocab 2000 --hidden 32 --intermediate 64 --layers 2 --heads 4 --kv-heads 2 --prompts 2 --n 1
     --max-new-tokens 8 --rounds 1 --threads 2)
   # generous: a shared 2-core box imports torch slowly; the 8-minute budget is for the GPU run
-  L_SETUP=300; L_UPDATE=300; L_STEP=300; L_TESTS=600; L_POOL=600; BUDGET_S=2400
+  L_SETUP=300; L_UPDATE=300; L_STEP=300; L_TESTS=600; L_POOL=600; L_EVAL=300; BUDGET_S=2400
 else
   DEV=cuda
   UPDATE_SHAPE=(--vocab 151936 --hidden 1536 --intermediate 8960 --layers 28 --heads 12 --kv-heads 2 --seqs 1
     --prompt-len 1024 --response-len 16384 --oprd-k 2000 --rounds 2)
   STEP_SHAPE=(--rounds 2)
-  L_SETUP=90; L_UPDATE=210; L_STEP=50; L_TESTS=110; L_POOL=60; BUDGET_S=540
+  # the whole GPU run stays within BUDGET_S=480 (8 minutes); a step that would pass it is recorded as skipped
+  L_SETUP=90; L_UPDATE=180; L_STEP=45; L_TESTS=90; L_POOL=45; L_EVAL=45
 fi
 
 export -f setup_venv
 export HOST_PY VENV PYX WHEELS SMOKE
 run_step setup "$L_SETUP" bash -c setup_venv
 if [ "$(tail -1 "$STEPS" | cut -f2)" != ok ]; then
-  for s in bench-update bench-step-hf bench-step-vllm tests-cuda tests-teacher-pool tests-vllm; do record "$s" skipped 0 "no environment"; done
+  for s in bench-update bench-step-hf bench-step-vllm bench-eval-engines tests-cuda tests-teacher-pool tests-vllm; do record "$s" skipped 0 "no environment"; done
 else
   run_step bench-update "$L_UPDATE" "${BENCH[@]}" update --out "$OUT_DIR/update-paper.json" "${UPDATE_SHAPE[@]}" \
     --methods oprd,opd_sampled,opd_topk,floor --top-k 16 --oprd-layers all --oprd-positions last_k \
@@ -157,6 +160,22 @@ else
     run_step bench-step-hf "$L_STEP" "${BENCH[@]}" step --out "$OUT_DIR/step-hf.json" "${STEP_SHAPE[@]}" \
       --methods oprd,opd_topk --quiet
     record bench-step-vllm skipped 0 "this checkout's bench step has no --engine flag (vLLM engine not merged)"
+  fi
+  # The evaluate-engine check: the evaluate stage's code with evaluate.engine hf, then vllm (one engine, in-process),
+  # greedy on the embedded teacher: problems/s of each and whether the per-problem rows are equal (they must be).
+  if ! "${BENCH[@]}" evaluate --help 2>/dev/null | grep -q -- '--engines'; then
+    record bench-eval-engines skipped 0 "this checkout's bench has no evaluate command"
+  elif ! "$PYX" -c 'import vllm' >/dev/null 2>&1; then
+    record bench-eval-engines skipped 0 "vllm does not import"
+  else
+    run_step bench-eval-engines "$L_EVAL" "${BENCH[@]}" evaluate --out "$OUT_DIR/eval-engines.json" \
+      --engines hf,vllm --limit 64 --k 2 --temperature 0 --quiet
+    if [ "$(tail -1 "$STEPS" | cut -f2)" = ok ] && ! "$PYX" -c '
+import json, sys
+rows = json.load(open(sys.argv[1]))["engines"]
+sys.exit(0 if all(r["rows_equal_first_engine"] for r in rows) else 1)' "$OUT_DIR/eval-engines.json"; then
+      record bench-eval-parity failed 0 "greedy per-problem rows differ between evaluate.engine hf and vllm"
+    fi
   fi
   # CUDA variants: the same tests; Trainer/init_distributed pick the GPU whenever torch sees one.
   run_step tests-cuda "$L_TESTS" "$PYX" -m pytest -q -p no:cacheprovider -o addopts="-ra -p tiny_pair" \
@@ -204,6 +223,13 @@ for name in ("update-paper", "step-hf", "step-vllm"):
         benches[name] = json.loads(f.read_text())
         if markdown is not None:
             lines += ["", f"## {name}", "", markdown(benches[name])]
+f = out / "eval-engines.json"
+if f.is_file():
+    try:
+        from pipelines.bench_evaluate import evaluate_bench_markdown
+        lines += ["", "## eval-engines", "", evaluate_bench_markdown(json.loads(f.read_text()))]
+    except Exception as exc:  # noqa: BLE001
+        lines += ["", f"(eval-engines table unavailable: {exc})"]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 (out / "summary.json").write_text(json.dumps({"when": when, "smoke": smoke, "steps": steps}, indent=2) + "\n")
 print("\n".join(lines))

@@ -9,7 +9,10 @@ Phases of one step (seconds each, plus ``total``):
 ``teacher``       the teacher's no-grad pass inside ``Objective.prepare`` (OPRD: hidden states only, no logits);
 ``update``        ``Objective.loss`` + ``backward`` + ``optimizer.step`` with grads set to ``None`` first;
 ``sync``          ``engine.load_weights(student)`` after the step (vLLM: the full state dict pushed into the
-                  engine; HF: nothing to do, ~0).
+                  engine, in-process by reference or through shared memory / a file; HF: nothing to do, ~0).
+
+The result records the 1-minute load average at the start and end and at each timed round (``loadavg_rounds``):
+on a shared machine the absolute times follow it.
 
 Per method the result also carries ``rollout_tokens_per_second`` (valid response tokens / rollout seconds, median);
 the engine's start-up time is measured once (``engine.startup_seconds``).
@@ -37,6 +40,7 @@ run without the profiler.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -108,6 +112,10 @@ class StepBenchSpec:
         """``{"ray:2": 2, ...}``: the Ray placements and their replica counts."""
         return {t: int(t.split(":", 1)[1]) for t in self.teachers if t != "local"}
 
+    vllm_sync: str = "shm"
+    """Multiprocessing engine's sync route: ``shm`` (one shared mapping; the default) or ``file`` (a safetensors
+    file per sync, the earlier route)."""
+
     def validate(self) -> None:
         """Raise ``ValueError`` (one readable line) for a bad combination of flags."""
         for t in self.teachers:
@@ -119,6 +127,8 @@ class StepBenchSpec:
                 raise ValueError(f"a ray teacher serves oprd / opd_sampled / opd_topk / combined, not {bad}")
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
+        if self.vllm_sync not in ("shm", "file"):
+            raise ValueError(f"--vllm-sync must be shm or file, got {self.vllm_sync!r}")
         if self.engine == "vllm" and self.dtype != "fp32":
             raise ValueError("--engine vllm samples in the student's dtype: use --dtype fp32")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -170,6 +180,7 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
             student, VLLMConfig(multiprocessing=spec.vllm_multiprocessing), pad_token_id=PAD_ID,
             eos_token_id=EOS_ID, seed=spec.seed,
         )  # fmt: skip
+        engine.sync_route = spec.vllm_sync
         startup = engine.startup_seconds
         log(f"vLLM {engine.version} engine up in {startup:.1f}s")
         engine_version = engine.version
@@ -239,6 +250,8 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         phases["teacher_reference_bytes"] = float(reference_nbytes(sel, len(obj.plan.teacher), shape.hidden))
         return phases, (pm.peak_bytes if meter else None)
 
+    loadavg: list[float] = []  # 1-minute load average at the start of each timed round
+
     def one(method: str, round_seed: int, meter: str | None) -> tuple[dict[str, float], int | None]:
         obj = objectives[method]
         t0 = time.perf_counter()
@@ -291,6 +304,7 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
             results[name[lt]].profiled_step_seconds = ph["update"]
             log(f"profiled {name[lt]}: update peak {peak / 2**20:.1f} MiB")
         for r in range(spec.rounds):
+            loadavg.append(os.getloadavg()[0])
             for lt in labels:
                 ph, _ = run(lt, spec.seed + 1000 + r, None)
                 for p in (*PHASES, "rollout_tokens", *(_PAYLOAD if pools else ())):
@@ -350,11 +364,15 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
             "name": spec.engine,
             "version": engine_version,
             "multiprocessing": spec.vllm_multiprocessing if spec.engine == "vllm" else None,
+            "sync_route": (spec.vllm_sync if spec.vllm_multiprocessing else "reference")
+            if spec.engine == "vllm"
+            else None,
             "startup_seconds": startup,
         },
         "memory_method": "profiler",
         **env,
         "loadavg_end": env_end.get("loadavg_start"),
+        "loadavg_rounds": loadavg,
         "methods": rows,
         **(
             {

@@ -456,6 +456,13 @@ class EvaluateConfig(_Section):
     never to rows of other graders); ``""`` = off. ``evaluate.suites[].prompt_suffix`` overrides it per suite."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where evaluation runs; ``auto`` = CUDA when available."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """``hf``: Hugging Face ``generate`` (the reference). ``vllm``: one vLLM engine per evaluated model, served from
+    its directory, with the same sampling protocol (temperature, top_p, ``seed``), results layout and greedy
+    outputs as ``hf`` (install it with ``bash scripts/setup.sh --vllm``)."""
+    vllm: VLLMConfig = VLLMConfig(multiprocessing=False)
+    """Options of the evaluation engines. In-process by default: evaluation never syncs weights, and an in-process
+    engine starts several times faster than the multiprocessing one (``multiprocessing: true`` also works)."""
     roles: list[Literal["teacher", "student_base", "student", "student_final"]] = [
         "teacher", "student_base", "student", "student_final",
     ]  # fmt: skip

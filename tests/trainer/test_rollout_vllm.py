@@ -198,3 +198,37 @@ def test_sampling_follows_the_policy_distribution(setup):
     r2 = engine.generate(model, PROMPTS, **kw)
     r3 = engine.generate(model, PROMPTS, **kw)
     assert torch.equal(r1.input_ids, r2.input_ids) and not torch.equal(r1.input_ids, r3.input_ids)
+
+
+def test_shared_weights_layout_aliases_and_relayout(tmp_path):
+    """The multiprocessing sync's shared mapping: every tensor readable at its layout offset from a second
+    mapping of the file (as the worker maps it), a tied duplicate stored once, in-place updates visible without a
+    new file, and a new file when a shape or the sharing changes."""
+    from trainer.rollout_vllm import _SharedWeights
+
+    def read(path, size, layout):
+        buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        out = {}
+        for name, dtype, shape, off in layout:
+            dt = getattr(torch, dtype)
+            out[name] = buf[off : off + dt.itemsize * int(torch.tensor(shape).prod())].view(dt).view(shape)
+        return out
+
+    emb = torch.randn(10, 3)
+    weights = {"embed.weight": emb, "norm.weight": torch.randn(5), "lm_head.weight": emb,
+               "half": torch.ones(2, 2, dtype=torch.bfloat16)}  # fmt: skip
+    shm = _SharedWeights(tmp_path / "sync.bin")
+    path, size, layout = shm.write(weights)
+    offsets = {name: off for name, _, _, off in layout}
+    assert offsets["lm_head.weight"] == offsets["embed.weight"] and all(o % 64 == 0 for o in offsets.values())
+    assert size == 128 + 64 + 64  # 64-byte aligned slots; the tied head has none of its own (else +128)
+    seen = read(path, size, layout)
+    assert all(torch.equal(seen[k], v) for k, v in weights.items())
+    emb.add_(1.0)  # an optimizer step: same layout, same file, new values
+    assert shm.write(weights) == (path, size, layout)
+    assert torch.equal(seen["lm_head.weight"], emb)
+    weights["lm_head.weight"] = emb.clone() * 2  # untied now: its own slot, in a new file
+    path2, size2, layout2 = shm.write(weights)
+    assert path2 != path and size2 > size
+    seen2 = read(path2, size2, layout2)
+    assert all(torch.equal(seen2[k], v) for k, v in weights.items())

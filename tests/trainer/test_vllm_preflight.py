@@ -55,7 +55,7 @@ def test_unservable_models_are_config_errors():
         vocab_size=32, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1
     )
     assert require_vllm(Qwen2Config(**ok, architectures=["Qwen2ForCausalLM"]))
-    with pytest.raises(ConfigError, match="cannot serve this student"):
+    with pytest.raises(ConfigError, match="cannot serve this model"):
         require_vllm(Qwen2Config(**ok, architectures=["NoSuchModelForCausalLM"]))
     with pytest.raises(ConfigError, match="head size 16"):
         require_vllm(Qwen2Config(**{**ok, "hidden_size": 32}, architectures=["Qwen2ForCausalLM"]))
