@@ -29,8 +29,6 @@ evaluation is comparable by (suite digest, grader names and versions) is :func:`
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ from pipelines.eval_metrics import (
     pass_at_k,
 )
 from pipelines.graders import DEFAULT_GRADER, GradeResult, grade_many
+from pipelines.stage_io import atomic_write_text
 from pipelines.suites import EvalProblem, LoadedSuite, load_suite
 from trainer.config import EvalSuite, EvaluateConfig
 from trainer.models import load_tokenizer
@@ -407,19 +406,6 @@ def evaluate_model(
 
 
 # -------------------------------------------------------------------------------------------------- output
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written metrics file for DVC to cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_eval_outputs(
     results: Mapping[str, tuple[Mapping[str, Mapping[str, Any]], Sequence[ProblemResult]]],
     metrics_path: str | Path = "metrics/eval.json",
@@ -440,13 +426,13 @@ def write_eval_outputs(
             if missing:
                 raise ValueError(f"metrics for {suite}/{role} lack {missing}")
             tree.setdefault(suite, {})[role] = {key: metrics[key] for key in METRIC_KEYS}
-    _atomic_write(Path(metrics_path), json.dumps(tree, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(Path(metrics_path), json.dumps(tree, indent=2, sort_keys=True) + "\n")
     rows = [r for _, (_, problem_rows) in results.items() for r in problem_rows]
-    _atomic_write(Path(per_problem_path), "".join(json.dumps(r.contract_row()) + "\n" for r in rows))
+    atomic_write_text(Path(per_problem_path), "".join(json.dumps(r.contract_row()) + "\n" for r in rows))
     if responses_path is not None:
         lines = []
         for r in rows:
             d = asdict(r)
             lines.append(json.dumps({key: d[key] for key in RESPONSE_KEYS}))
-        _atomic_write(Path(responses_path), "".join(line + "\n" for line in lines))
+        atomic_write_text(Path(responses_path), "".join(line + "\n" for line in lines))
     return tree

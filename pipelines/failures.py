@@ -33,9 +33,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.graders import DEFAULT_GRADER, InvalidReference, UnknownGrader, check_reference
+from pipelines.stage_io import atomic_write_text
 
 __all__ = [
     "INPUT_FIELDS",
@@ -297,20 +296,6 @@ def _locked(bank_path: Path) -> Iterator[None]:
         yield
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _dump(rows: Sequence[BankRow]) -> str:
     ordered = sorted(rows, key=lambda r: (r.suite, r.id))
     return "".join(json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) + "\n" for r in ordered)
@@ -392,7 +377,7 @@ def add_failures(
             raise FailureBankError(f"{src}: {len(errors)} bad row(s), nothing written: {shown}{more}")
         text = _dump(list(by_key.values()))
         if not dry_run:
-            _atomic_write(bank_path, text)
+            atomic_write_text(bank_path, text, fsync=True)
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return AddReport(suite, added, merged_file, merged_bank, digest, dry_run)
 
@@ -411,5 +396,5 @@ def write_regression_suite(bank: Bank, suite: str, path: str | Path) -> Path:
         if r.grader == "math":
             row["answer"] = str(r.reference)
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    _atomic_write(p, "".join(lines))
+    atomic_write_text(p, "".join(lines), fsync=True)
     return p

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ __all__ = [
     "TASK_DIR",
     "TASK_DIRS",
     "USER_ERRORS",
+    "atomic_write_text",
     "file_sha256",
     "prompts_file",
     "stage_cli",
@@ -63,15 +64,30 @@ def val_file(params: Params) -> Path | None:
     return path if params.models.embedded and path.is_file() else None
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (tmp file + rename): a killed stage never leaves a half-written metrics file."""
+def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same directory and a rename, so a killed
+    process never leaves a half-written file for DVC to cache. The file gets the usual ``0666 & ~umask`` mode
+    (``tempfile.mkstemp`` would make it ``0600``). ``fsync``: flush to disk before the rename (the failure bank,
+    which is committed to git, must survive a power cut)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (:func:`atomic_write_text`): a killed stage never leaves a half-written metrics file."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def stage_cli(
