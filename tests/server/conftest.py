@@ -301,3 +301,15 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """A lean ``mlflow server`` per test; yields its URL."""
     with running_mlflow_server(tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+def cli():
+    """The registry commands (``oprd_ci.registry_cli.register``) on a bare typer app, for ``CliRunner``."""
+    import typer
+
+    from oprd_ci.registry_cli import register
+
+    app = typer.Typer()
+    register(app)
+    return app

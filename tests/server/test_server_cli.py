@@ -16,17 +16,9 @@ from oprd_ci.registry_cli import (
     EXIT_SERVER,
     EXIT_USAGE,
     parse_target,
-    register,
 )
 
 POLICY_FILE = "tests/server/policies/permissive.yaml"  # synthetic ~0.5 students must PROMOTE
-
-
-@pytest.fixture
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    return app
 
 
 def _run(cli, args, **kw):

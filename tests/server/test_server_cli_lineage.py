@@ -7,24 +7,15 @@ import json
 import time
 
 import httpx
-import pytest
-import typer
 from conftest import ADMIN, LiveServer, evidence, free_port, server_env
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from typer.testing import CliRunner
 
-from oprd_ci.registry_cli import EXIT_CONFLICT, EXIT_SERVER, register
+from oprd_ci.registry_cli import EXIT_CONFLICT, EXIT_SERVER
 from pipelines.lineage import LINK_LABELS, lineage_links
 
 POLICY_FILE = "tests/server/policies/permissive.yaml"  # synthetic ~0.5 students must PROMOTE
-
-
-@pytest.fixture
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    return app
 
 
 def _run(cli, args):

@@ -8,24 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
 from conftest import evidence, server_env
 from typer.testing import CliRunner
 
-from oprd_ci.registry_cli import EXIT_CONFLICT, register
+from oprd_ci.registry_cli import EXIT_CONFLICT
 from server.policy import PolicySpec, load_policy_file, policy_differences, policy_digest
 from server.policy_sync import PolicyMismatch, plan_policy, read_installed_policy
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "policies/default.yaml"
-
-
-@pytest.fixture
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    return app
 
 
 def _run(cli, args):
