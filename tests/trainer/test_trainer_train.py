@@ -170,3 +170,19 @@ def test_tokenizer_is_loaded_as_saved_not_as_the_model_type_suggests(tiny_pair):
     text = "12+3=15 15-4=11"
     assert tok(text)["input_ids"] == ref(text)["input_ids"]
     assert tok.get_vocab() == ref.get_vocab()
+
+
+def test_fidelity_probe_longer_than_the_context_does_not_warn(tmp_path, caplog):
+    """The probe spans the vocabulary, so with a short ``model_max_length`` (the tool-call task's 128) it is longer
+    than the model's context; it never meets the model, so loading must not log transformers' length warning."""
+    import logging
+
+    from pipelines.task_toolcall import build_tokenizer
+    from trainer.models import load_tokenizer
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    assert tok.model_max_length == 128
+    with caplog.at_level(logging.WARNING):
+        load_tokenizer(tmp_path)
+    assert not [r for r in caplog.records if "longer than the specified maximum" in r.getMessage()]
