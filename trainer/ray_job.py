@@ -191,9 +191,11 @@ def connect(cfg: ParallelConfig, *, local_cpus: int | None = None) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
     if cfg.ray_address is None:
+        # address="local": a new cluster for this run; a bare ray.init() would attach to a cluster that
+        # `ray start` left on this host (and then refuse num_cpus).
         ray.init(
-            num_cpus=local_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
-            log_to_driver=True,
+            address="local", num_cpus=local_cpus or os.cpu_count(), include_dashboard=False,
+            runtime_env=runtime_env, log_to_driver=True,
         )  # fmt: skip
         return
     check_address(cfg)
