@@ -47,10 +47,24 @@ def own_tempdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+_BEFORE: set[int] = set()
+"""Children this test process already had when the test started (e.g. the ``multiprocessing`` resource tracker a
+vLLM test of the same session started: it lives until the test process exits); not the sandbox's leftovers."""
+
+
+@pytest.fixture(autouse=True)
+def _children_before():
+    _BEFORE.clear()
+    _BEFORE.update(c.pid for c in psutil.Process().children(recursive=True))
+    yield
+
+
 def leftovers(tmp: Path, uids: list[int]) -> tuple[list, list, list]:
     me = psutil.Process()
     children = [
-        c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+        c
+        for c in me.children(recursive=True)
+        if c.pid not in _BEFORE and c.is_running() and c.status() != psutil.STATUS_ZOMBIE
     ]
     by_uid = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real in uids]
     return children, by_uid, sorted(tmp.glob(f"{TEMP_PREFIX}*"))

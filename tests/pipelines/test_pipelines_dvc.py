@@ -516,6 +516,7 @@ def test_distill_stage_as_a_ray_job_records_launcher_and_cluster(project, tmp_pa
     shutil.copytree(project, ray_project, symlinks=True)
     params = yaml.safe_load((ray_project / "params.yaml").read_text())
     params["parallel"].update({"launcher": "ray", "nproc_per_node": 2})
+    params["distill"].update(TINY["distill"])  # the module's project may hold another test's settings
     (ray_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["dvc", "repro", "-s", "distill"], ray_project)
     summary = json.loads((ray_project / "metrics/distill.json").read_text())
