@@ -118,3 +118,12 @@ def wide_teacher(tiny_pair) -> Path:
     torch.manual_seed(7)
     teacher = Qwen2ForCausalLM(tiny_config(hidden=48, layers=3))
     return save_model(teacher, build_tokenizer(), tiny_pair["teacher"].parent / "teacher-wide")
+
+
+def train_argv(tmp: Path, sets: dict) -> list[str]:
+    """``python -m trainer.train`` arguments for a run under ``tmp``: an empty ``params.yaml``, ``--out tmp/out``
+    and one ``--set key=value`` per item of ``sets`` (the tests' subprocess runs)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "params.yaml").write_text("{}\n")
+    out = ["--params", str(tmp / "params.yaml"), "--out", str(tmp / "out")]
+    return out + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]

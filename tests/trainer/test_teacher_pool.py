@@ -14,10 +14,11 @@ import time
 
 import pytest
 import torch
-from tiny_pair import tiny_params
+from tiny_pair import tiny_params, train_argv
 
 from trainer.checkpoint import TrainState
-from trainer.config import ConfigError, ModelsConfig, ModelSource, TeacherConfig, load_params
+from trainer.config import ConfigError, ModelsConfig, ModelSource, ParallelConfig, TeacherConfig, load_params
+from trainer.distributed import torchrun_command
 from trainer.microbatch import micro_batches
 from trainer.models import load_model
 from trainer.teacher import TeacherIdentity, TeacherMismatchError, TeacherRequest, teacher_digest
@@ -228,7 +229,6 @@ def test_two_ranks_share_one_pool_and_match_a_local_teacher(tiny_pair, tmp_path)
     joins; both ranks' requests go to the same 2 replicas. Same losses as the local teacher under torchrun."""
     import json
     import subprocess
-    import sys
     from pathlib import Path
 
     def args(tmp, placement):
@@ -240,23 +240,12 @@ def test_two_ranks_share_one_pool_and_match_a_local_teacher(tiny_pair, tmp_path)
             "checkpoint.dir": tmp / "ckpt", "checkpoint.every": 0, "teacher.placement": placement,
             "teacher.replicas": 2,
         }  # fmt: skip
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "params.yaml").write_text("{}\n")
-        out = ["--params", str(tmp / "params.yaml"), "--out", str(tmp / "out")]
-        return out + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+        return train_argv(tmp, sets)
 
     # The ranks start their own Ray (this module's in-process cluster is not theirs).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env.pop("RAY_ADDRESS", None)
-    run = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "trainer.train",
-    ]
+    run = torchrun_command(ParallelConfig(nproc_per_node=2), "trainer.train")
     rows = {}
     for placement in ("local", "ray"):
         p = subprocess.run([*run, *args(tmp_path / placement, placement)], env=env, capture_output=True, text=True,

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_pair import tiny_params
+from tiny_pair import tiny_params, train_argv
 
 from pipelines.stage_bridge import build_bank
 from trainer.bridge import check_bank, load_bank, save_bank
@@ -178,12 +178,7 @@ def test_two_process_fsdp2_bridge_matches_single_process(tiny_pair, wide_teacher
             "distill.memory_every": 0, "optim.lr": 3e-3, "optim.num_threads": 1, "checkpoint.dir": tmp / "ckpt",
             "checkpoint.every": 2,
         }  # fmt: skip
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "params.yaml").write_text("{}\n")
-        out = ["--params", str(tmp / "params.yaml"), "--out", str(tmp / "out")]
-        for k, v in sets.items():
-            out += ["--set", f"{k}={v}"]
-        return out
+        return train_argv(tmp, sets)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     run = dict(env=env, capture_output=True, text=True, timeout=300)

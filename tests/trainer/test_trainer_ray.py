@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_pair import assert_resumed
+from tiny_pair import assert_resumed, train_argv
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.config import ConfigError, ParallelConfig, TeacherConfig
@@ -48,12 +48,7 @@ def _args(pair, tmp: Path, *extra: str) -> list[str]:
         "distill.memory_every": 0, "optim.lr": 3e-3, "optim.num_threads": 1, "checkpoint.dir": tmp / "ckpt",
         "checkpoint.every": 1,
     }  # fmt: skip
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "params.yaml").write_text("{}\n")
-    out = ["--params", str(tmp / "params.yaml"), "--out", str(tmp / "out")]
-    for k, v in sets.items():
-        out += ["--set", f"{k}={v}"]
-    return out + [a for e in extra for a in ("--set", e)]
+    return train_argv(tmp, sets) + [a for e in extra for a in ("--set", e)]
 
 
 def _env() -> dict[str, str]:
