@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipelines_dvc import _merge
 
 REPO = Path(__file__).resolve().parents[2]
 TEACHER = "oprd-teacher"
@@ -35,12 +36,6 @@ MICRO = {
 TINY_POLICY = """suites:
   embedded: {floor: 0.0, non_inferiority_margin: 1.0, max_teacher_gap: 1.0, min_problems: 10}
 """
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return base
 
 
 def _env() -> dict[str, str]:
