@@ -327,9 +327,10 @@ def step(
     ),
     micro_batch_tokens: int = typer.Option(0, help="Micro-batch token budget with --teachers (0 = one)."),
     vllm_sync: str = typer.Option(
-        "shm",
+        "direct",
         "--vllm-sync",
-        help="Multiprocessing engine's weight sync: shm (shared mapping) | file (safetensors).",
+        help="How the engine applies a weight sync: direct (the model's loaders, one re-pack per layer) | "
+        "reload (vLLM's layerwise reload) | file (multiprocessing: a safetensors file, then reload).",
     ),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:

@@ -112,9 +112,10 @@ class StepBenchSpec:
         """``{"ray:2": 2, ...}``: the Ray placements and their replica counts."""
         return {t: int(t.split(":", 1)[1]) for t in self.teachers if t != "local"}
 
-    vllm_sync: str = "shm"
-    """Multiprocessing engine's sync route: ``shm`` (one shared mapping; the default) or ``file`` (a safetensors
-    file per sync, the earlier route)."""
+    vllm_sync: str = "direct"
+    """The engine's sync route (``VLLMEngine.sync_route``): ``direct`` (the model's loaders, one re-pack per
+    layer; the default), ``reload`` (vLLM's layerwise reload) or ``file`` (multiprocessing only: a safetensors
+    file per sync and ``reload``, the first route)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` (one readable line) for a bad combination of flags."""
@@ -127,8 +128,10 @@ class StepBenchSpec:
                 raise ValueError(f"a ray teacher serves oprd / opd_sampled / opd_topk / combined, not {bad}")
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
-        if self.vllm_sync not in ("shm", "file"):
-            raise ValueError(f"--vllm-sync must be shm or file, got {self.vllm_sync!r}")
+        if self.vllm_sync not in ("direct", "reload", "file"):
+            raise ValueError(f"--vllm-sync must be direct, reload or file, got {self.vllm_sync!r}")
+        if self.vllm_sync == "file" and not self.vllm_multiprocessing:
+            raise ValueError("--vllm-sync file needs the multiprocessing engine (drop --vllm-inprocess)")
         if self.engine == "vllm" and self.dtype != "fp32":
             raise ValueError("--engine vllm samples in the student's dtype: use --dtype fp32")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -180,7 +183,8 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
             student, VLLMConfig(multiprocessing=spec.vllm_multiprocessing), pad_token_id=PAD_ID,
             eos_token_id=EOS_ID, seed=spec.seed,
         )  # fmt: skip
-        engine.sync_route = spec.vllm_sync
+        if spec.vllm_sync != "direct" or engine.sync_route == "direct":  # else: direct unavailable, reload
+            engine.sync_route = spec.vllm_sync
         startup = engine.startup_seconds
         log(f"vLLM {engine.version} engine up in {startup:.1f}s")
         engine_version = engine.version
@@ -364,9 +368,7 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
             "name": spec.engine,
             "version": engine_version,
             "multiprocessing": spec.vllm_multiprocessing if spec.engine == "vllm" else None,
-            "sync_route": (spec.vllm_sync if spec.vllm_multiprocessing else "reference")
-            if spec.engine == "vllm"
-            else None,
+            "sync_route": engine.sync_route if spec.engine == "vllm" else None,
             "startup_seconds": startup,
         },
         "memory_method": "profiler",

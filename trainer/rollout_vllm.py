@@ -376,9 +376,12 @@ class VLLMEngine:
         self._dir = Path(tempfile.mkdtemp(prefix="oprd-vllm-", dir=shm if shm.is_dir() else None))
         self._weights_file = self._dir / "sync.safetensors"
         self._shm = _SharedWeights(self._dir / "sync.bin")
-        self.sync_route = "shm"
-        """Multiprocessing CPU engines: ``shm`` (one shared mapping, layout by RPC) or ``file`` (a safetensors
-        file per sync, the earlier route; kept for ``bench step --vllm-sync file``)."""
+        self.sync_route = "direct"
+        """How a CPU engine applies a sync (:mod:`trainer.rollout_vllm_ext`): ``direct`` (the model's loaders into
+        the live parameters, one re-pack per layer; the default), ``reload`` (vLLM's layerwise
+        ``reload_weights``), or ``file`` (multiprocessing only: a safetensors file per sync and ``reload``, the
+        first route). In-process engines get the tensors by reference, multiprocessing ones through one shared
+        mapping in ``/dev/shm``; kept selectable for ``bench step --vllm-sync``. CUDA always reloads."""
 
     # ---------------------------------------------------------------------------------------- start-up
     @staticmethod
@@ -405,8 +408,7 @@ class VLLMEngine:
             "tensor_parallel_size": 1,
             "disable_log_stats": True,
         }
-        if self.cfg.multiprocessing:
-            kwargs["worker_extension_cls"] = "trainer.rollout_vllm_ext.WeightSyncExtension"
+        kwargs["worker_extension_cls"] = "trainer.rollout_vllm_ext.WeightSyncExtension"
         if self.cuda:
             kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.cfg.sleep_mode
@@ -416,7 +418,13 @@ class VLLMEngine:
         # thread count; both are put back by close().
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         with _engine_env(self.cfg):
-            return LLM(**kwargs)
+            llm = LLM(**kwargs)
+        if not self.cuda:
+            reason = llm.collective_rpc("oprd_prepare_direct")[0]
+            if reason:  # e.g. a quantized layer: vLLM's layerwise reload covers it
+                self.sync_route = "reload"
+                self.direct_unavailable = reason
+        return llm
 
     # ---------------------------------------------------------------------------------------- sampling
     def generate(
@@ -489,7 +497,7 @@ class VLLMEngine:
         weights = full_weights(model)
         if self.cuda:
             self._load_cuda(weights)
-        elif self.cfg.multiprocessing and self.sync_route == "file":
+        elif self.sync_route == "file":
             from safetensors.torch import save_file
 
             tmp = self._weights_file.with_suffix(".tmp")
@@ -498,7 +506,10 @@ class VLLMEngine:
             self.llm.collective_rpc("oprd_reload_from_file", args=(str(self._weights_file),))
         elif self.cfg.multiprocessing:
             path, size, layout = self._shm.write(weights)
-            self.llm.collective_rpc("oprd_reload_from_shm", args=(path, size, layout))
+            method = "oprd_load_direct_from_shm" if self.sync_route == "direct" else "oprd_reload_from_shm"
+            self.llm.collective_rpc(method, args=(path, size, layout))
+        elif self.sync_route == "direct":
+            self.llm.collective_rpc("oprd_load_direct", args=(list(weights.items()),))
         else:
             self.llm.collective_rpc(
                 "reload_weights",

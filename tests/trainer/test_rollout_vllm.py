@@ -93,13 +93,20 @@ def _greedy(engine, model) -> list[list[int]]:
 HF = HFGenerateEngine(pad_token_id=PAD, eos_token_id=EOS)
 
 
-@pytest.fixture(scope="module", params=["tied-inproc", "tied-multiproc", "untied-multiproc"])
+@pytest.fixture(
+    scope="module", params=["tied-inproc", "tied-multiproc", "untied-multiproc", "tied-inproc-reload"]
+)
 def setup(request):
+    """Engines on the ``direct`` sync route (the default; see trainer/rollout_vllm_ext.py), and one in-process
+    engine on vLLM's layerwise ``reload`` (CUDA's route, and the fallback for layers ``direct`` does not cover)."""
     tied = request.param.startswith("tied")
     model, a, b = _pair(tied)
     torch.set_num_threads(1)
-    cfg = VLLMConfig(multiprocessing=request.param.endswith("multiproc"), kv_cache_gib=0.25)
+    cfg = VLLMConfig(multiprocessing="multiproc" in request.param, kv_cache_gib=0.25)
     engine = VLLMEngine(model, cfg, pad_token_id=PAD, eos_token_id=EOS)
+    assert engine.sync_route == "direct"
+    if request.param.endswith("reload"):
+        engine.sync_route = "reload"
     yield model, a, b, engine
     engine.close()
 
@@ -205,14 +212,10 @@ def test_shared_weights_layout_aliases_and_relayout(tmp_path):
     mapping of the file (as the worker maps it), a tied duplicate stored once, in-place updates visible without a
     new file, and a new file when a shape or the sharing changes."""
     from trainer.rollout_vllm import _SharedWeights
+    from trainer.rollout_vllm_ext import _shm_views
 
-    def read(path, size, layout):
-        buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-        out = {}
-        for name, dtype, shape, off in layout:
-            dt = getattr(torch, dtype)
-            out[name] = buf[off : off + dt.itemsize * int(torch.tensor(shape).prod())].view(dt).view(shape)
-        return out
+    def read(path, size, layout):  # as the worker reads it
+        return dict(_shm_views(torch.from_file(path, shared=True, size=size, dtype=torch.uint8), layout))
 
     emb = torch.randn(10, 3)
     weights = {"embed.weight": emb, "norm.weight": torch.randn(5), "lm_head.weight": emb,
