@@ -19,7 +19,6 @@ from typing import Any
 from pipelines.stage_logs import quiet_third_party
 from trainer.config import ConfigError, Params
 from trainer.export import file_sha256  # dataset digests: content hashes, passed explicitly to MLflow
-from trainer.models import CompatibilityError
 
 __all__ = [
     "BOOTSTRAP_RECORDS",
@@ -36,9 +35,8 @@ __all__ = [
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
-    CompatibilityError,
     FileNotFoundError,
-    ValueError,
+    ValueError,  # includes trainer.models.CompatibilityError (not imported: it would pull torch into every CLI)
 )
 """Problems the user fixes (config, inputs, data): one ``error:`` line and exit 2, no traceback."""
 

@@ -48,3 +48,30 @@ def test_lineage_chain_has_short_hashes_and_mlflow_links():
     # the training data is linked where the version page links it: the run that trained on it
     assert rows["training data"] == ("train_prompts 121212121212", rows["distill run"][1])
     assert rows["rollout run"][1] == "http://ui:5123/#/experiments/7/runs/" + "o" * 32
+
+
+def _imports_torch(args: list[str], cwd: Path) -> tuple[int, bool]:
+    """Run ``oprd-ci ARGS`` in a fresh interpreter; its exit code and whether ``torch`` got imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['oprd-ci', *{args!r}]\n"
+        "try:\n    runpy.run_module('oprd_ci', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code or 0\nelse:\n    code = 0\n"
+        "print('RESULT', code, 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent)}, timeout=120)  # fmt: skip
+    _, rc, torch = out.stderr.strip().splitlines()[-1].split()
+    return int(rc), torch == "True"
+
+
+def test_daily_commands_do_not_import_torch(tmp_path):
+    """Daily commands answer in well under 2 s: importing torch (and transformers) alone costs ~8 s on a loaded
+    2-core box, so commands that need no model must not import it (a helper module's top-level import did, once)."""
+    (tmp_path / "params.yaml").write_text("failures:\n  regression_fraction: 0.5\n")
+    for args in (["--help"], ["failures", "show"], ["failures", "show", "--json"]):
+        rc, torch = _imports_torch(args, tmp_path)
+        assert rc == 0 and not torch, (args, rc, torch)

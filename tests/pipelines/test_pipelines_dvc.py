@@ -1,7 +1,8 @@
 """`dvc repro` end to end on a shrunken embedded default, in a scratch git repository.
 
 bootstrap -> rollout -> distill -> evaluate -> gate all run for real (tiny sizes); a second `dvc repro` re-runs
-only the always-changed gate; an experiment with another method runs side by side.
+only the always-changed gate; an experiment with another method (`oprd_bridge` on the wider teacher) runs side by
+side through its own gate. (OPD methods as DVC experiments: tests/pipelines/test_pipelines_grid.py.)
 """
 
 from __future__ import annotations
@@ -412,15 +413,6 @@ def test_bad_prompts_file_fails_first_and_deletes_nothing(project):
         params_path.write_text(original)
         (project / "empty.jsonl").unlink(missing_ok=True)
     _run(["dvc", "repro", "precheck"], project)
-
-
-@pytest.mark.slow
-def test_dvc_experiment_with_another_method(project):
-    _run(["git", "add", "-A"], project)
-    _run(["git", "commit", "-qm", "baseline", "--allow-empty"], project)
-    _run(["dvc", "exp", "run", "--temp", "-n", "opd", "-S", "distill.method=opd_sampled"], project)
-    table = _run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
-    assert "opd_sampled" in table
 
 
 @pytest.mark.slow
