@@ -385,6 +385,8 @@ class VLLMEngine:
         ``reload_weights``), or ``file`` (multiprocessing only: a safetensors file per sync and ``reload``, the
         first route). In-process engines get the tensors by reference, multiprocessing ones through one shared
         mapping in ``/dev/shm``; kept selectable for ``bench step --vllm-sync``. CUDA always reloads."""
+        self.direct_unavailable: str | None = None
+        """Why a CPU engine fell back to ``reload`` (e.g. a quantized layer); ``None`` when ``direct`` is served."""
 
     # ---------------------------------------------------------------------------------------- start-up
     @staticmethod
