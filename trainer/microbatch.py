@@ -1,10 +1,13 @@
 """Micro-batched actor update: split a rollout batch by a token budget, accumulate gradients, one optimizer step.
 
 ``distill.micro_batch_tokens`` bounds the *padded* token count of one forward: a micro-batch of ``b`` rows trimmed
-to its own longest prompt ``p`` and longest response ``r`` costs ``b * (p + r)`` tokens. Rows are packed longest
-first (first-fit in that order, so similar lengths share a micro-batch and little padding is wasted); a single row
-longer than the budget is a micro-batch of its own. ``None`` keeps the whole batch as one micro-batch (untrimmed,
-exactly the tensors the engine returned).
+to its own longest prompt ``p`` and longest response ``r`` costs ``b * (p + r)`` tokens. Rows are packed shortest
+first by real length (prompt + response, ties by row index; next-fit in that order, so similar lengths share a
+micro-batch and little padding is wasted); a single row longer than the budget is a micro-batch of its own. ``None``
+keeps the whole batch as one micro-batch (untrimmed, exactly the tensors the engine returned).
+
+Shortest first is what lets a remote teacher start before the rollout ends (:class:`MicroBatchStream`): rows finish
+roughly in that order, and a micro-batch is final once no unfinished row can sort before its last row.
 
 Why the result does not depend on the split: every loss term and every logged metric is a sum over tokens (or
 sequences) divided by the **global** count of the whole step (:class:`trainer.objectives.Denominators`, counted
@@ -23,15 +26,25 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from trainer.objectives import Denominators, Objective, PendingTargets
-from trainer.rollout import RolloutBatch
+from trainer.rollout import RolloutBatch, build_rollout_batch, expand_prompts
 from trainer.teacher import TeacherBackend
 
-__all__ = ["UpdateResult", "accumulate_update", "micro_batches", "padded_tokens"]
+__all__ = [
+    "MicroBatchStream",
+    "UpdateResult",
+    "accumulate_update",
+    "micro_batches",
+    "pack_rows",
+    "padded_tokens",
+]
+
+T = TypeVar("T")
 
 
 def padded_tokens(batch: RolloutBatch) -> int:
@@ -58,6 +71,50 @@ def _rows(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
     )
 
 
+def pack_rows(prompt_real: list[int], resp_real: list[int], max_tokens: int) -> list[list[int]]:
+    """Row indices of each micro-batch (see the module docstring): shortest ``prompt + response`` first, next-fit
+    under ``max_tokens`` padded tokens; each group sorted. :class:`MicroBatchStream` packs incrementally with
+    :class:`_NextFit`, which this function runs over the whole batch at once."""
+    order = sorted(range(len(resp_real)), key=lambda i: (prompt_real[i] + resp_real[i], i))
+    packer = _NextFit(max_tokens)
+    groups = [g for i in order for g in packer.add(i, prompt_real[i], resp_real[i])]
+    return [*groups, *packer.flush()]
+
+
+class _NextFit:
+    """Next-fit packing of rows given in sort order: :meth:`add` returns the group it closed, if any."""
+
+    def __init__(self, max_tokens: int) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1 or None, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.cur: list[int] = []
+        self.p = self.r = 0
+
+    def add(self, row: int, p_len: int, r_len: int) -> list[list[int]]:
+        p, r = max(p_len, self.p), max(r_len, self.r)
+        closed = []
+        if self.cur and (len(self.cur) + 1) * (p + r) > self.max_tokens:
+            closed = self.flush()
+            p, r = p_len, r_len
+        self.cur.append(row)
+        self.p, self.r = p, r
+        return closed
+
+    def flush(self) -> list[list[int]]:
+        out = [sorted(self.cur)] if self.cur else []
+        self.cur, self.p, self.r = [], 0, 0
+        return out
+
+
+def _real_lengths(batch: RolloutBatch) -> tuple[list[int], list[int]]:
+    """Per row: real prompt tokens and real response tokens (EOS included)."""
+    return (
+        batch.attention_mask[:, : batch.prompt_len].sum(dim=-1).tolist(),
+        batch.response_mask.sum(dim=-1).tolist(),
+    )
+
+
 def micro_batches(batch: RolloutBatch, max_tokens: int | None) -> list[RolloutBatch]:
     """Split ``batch`` into micro-batches of at most ``max_tokens`` padded tokens (see the module docstring).
 
@@ -65,24 +122,120 @@ def micro_batches(batch: RolloutBatch, max_tokens: int | None) -> list[RolloutBa
     """
     if max_tokens is None:
         return [batch]
-    if max_tokens < 1:
-        raise ValueError(f"micro_batch_tokens must be >= 1 or None, got {max_tokens}")
-    prompt_real = batch.attention_mask[:, : batch.prompt_len].sum(dim=-1).tolist()
-    resp_real = batch.response_mask.sum(dim=-1).tolist()
-    order = sorted(range(len(resp_real)), key=lambda i: (-(prompt_real[i] + resp_real[i]), i))
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    cur_p = cur_r = 0
-    for i in order:
-        p, r = max(prompt_real[i], cur_p), max(resp_real[i], cur_r)
-        if cur and (len(cur) + 1) * (p + r) > max_tokens:
-            groups.append(cur)
-            cur, p, r = [], prompt_real[i], resp_real[i]
-        cur.append(i)
-        cur_p, cur_r = p, r
-    if cur:
-        groups.append(cur)
-    return [_rows(batch, sorted(g)) for g in groups]
+    return [_rows(batch, g) for g in pack_rows(*_real_lengths(batch), max_tokens)]
+
+
+class MicroBatchStream(Generic[T]):
+    """The micro-batches of a rollout that is still running, each handed to ``submit`` as soon as it is final.
+
+    Feed it the engine's progress (:meth:`progress`: rows that just finished with their response tokens, and how
+    many tokens every unfinished row has so far), then the whole batch (:meth:`finish`). A finished row with key
+    ``k = prompt + response`` is *settled* once every unfinished row ``j`` has ``prompt_j + generated_j >= k``: such
+    a row still needs at least one token, so its final key exceeds ``k``. Settled rows come out in exactly the order
+    :func:`pack_rows` sorts the finished batch, so the same next-fit packing closes the same groups, and each closed
+    group goes to ``submit`` at once (e.g. a teacher request) while the engine keeps sampling the longer rows.
+
+    :meth:`finish` packs the finished batch with :func:`micro_batches` and returns those micro-batches with the
+    ``submit`` results of the streamed groups. A streamed group is built from the rows' own tokens exactly as
+    :func:`micro_batches` cuts it from the batch (same trimming and layout); should the groups ever differ (an
+    engine that reports lengths the batch layout does not reproduce), the streamed results are dropped and every
+    micro-batch is submitted again from the batch, so a mismatch costs time, never correctness.
+
+    ``prompts``/``n``/``pad_token_id``/``eos_token_id``: as given to the engine. ``device``: where the streamed
+    micro-batches are moved before ``submit`` (the batch's device in :meth:`finish`).
+    """
+
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | list[int],
+        max_tokens: int | None,
+        submit: Callable[[RolloutBatch], T],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.prompt_ids, self.prompt_mask, self.prompt_index = expand_prompts(prompts, n, pad_token_id)
+        self.prompt_real: list[int] = self.prompt_mask.sum(dim=-1).tolist()
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.submit, self.device = submit, device
+        self.packer = _NextFit(max_tokens) if max_tokens is not None else None
+        self.tokens: dict[int, list[int]] = {}  # finished rows, settled or not
+        self.waiting: dict[int, int] = {}  # finished, not yet settled: row -> key
+        self.groups: list[list[int]] = []
+        self.results: list[T] = []
+        self.submitted_early = 0
+        """Groups submitted while rows were still being sampled (the overlap the stream buys)."""
+        self.submit_seconds = 0.0
+
+    def progress(self, finished: dict[int, list[int]], open_lengths: dict[int, int]) -> None:
+        """``finished``: rows that finished since the last call -> their response token ids; ``open_lengths``:
+        every unfinished row -> tokens sampled so far (0 before its first)."""
+        for row, toks in finished.items():
+            self.tokens[row] = list(toks)
+            if self.packer is not None:
+                self.waiting[row] = self.prompt_real[row] + self._resp_real(self.tokens[row])
+        if self.packer is None or not self.waiting:
+            return
+        bound = min((self.prompt_real[j] + m for j, m in open_lengths.items()), default=None)
+        ready = sorted(((k, row) for row, k in self.waiting.items() if bound is None or k <= bound))
+        for k, row in ready:
+            del self.waiting[row]
+            for group in self.packer.add(row, self.prompt_real[row], k - self.prompt_real[row]):
+                self._submit(group, early=bool(open_lengths))
+
+    def finish(self, batch: RolloutBatch) -> tuple[list[RolloutBatch], list[T]]:
+        """The micro-batches of ``batch`` (:func:`micro_batches`) and one ``submit`` result per micro-batch, in
+        order: the streamed ones, then the rest submitted now."""
+        max_tokens = self.packer.max_tokens if self.packer is not None else None
+        micro = micro_batches(batch, max_tokens)
+        if self.packer is None:
+            return micro, [self._timed(micro[0])]
+        leftover = sorted((k, row) for row, k in self.waiting.items())
+        self.waiting.clear()
+        for k, row in leftover:
+            for group in self.packer.add(row, self.prompt_real[row], k - self.prompt_real[row]):
+                self._submit(group, early=False)
+        for group in self.packer.flush():
+            self._submit(group, early=False)
+        if self.groups != pack_rows(*_real_lengths(batch), max_tokens):
+            self.results, self.submitted_early = [self._timed(mb) for mb in micro], 0
+        return micro, self.results
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def _resp_real(self, toks: list[int]) -> int:
+        return int(self._response(toks).response_mask.sum())
+
+    def _response(self, toks: list[int], width: int | None = None) -> RolloutBatch:
+        w = max(1, width or len(toks))
+        ids = torch.full((1, w), self.pad_token_id, dtype=torch.long)
+        ids[0, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
+        return build_rollout_batch(
+            self.prompt_ids[:1], self.prompt_mask[:1], ids, self.prompt_index[:1],
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+        )  # fmt: skip
+
+    def _submit(self, group: list[int], *, early: bool) -> None:
+        rows = torch.as_tensor(group, dtype=torch.long)
+        width = max(1, max(len(self.tokens[g]) for g in group))
+        response = torch.full((len(group), width), self.pad_token_id, dtype=torch.long)
+        for i, g in enumerate(group):
+            response[i, : len(self.tokens[g])] = torch.as_tensor(self.tokens[g], dtype=torch.long)
+        part = build_rollout_batch(
+            self.prompt_ids[rows], self.prompt_mask[rows], response, self.prompt_index[rows],
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+        )  # fmt: skip
+        self.groups.append(group)
+        self.results.append(self._timed(_rows(part, list(range(len(group)))).to(self.device)))
+        self.submitted_early += int(early)
+
+    def _timed(self, mb: RolloutBatch) -> T:
+        t0 = time.perf_counter()
+        try:
+            return self.submit(mb)
+        finally:
+            self.submit_seconds += time.perf_counter() - t0
 
 
 @dataclass

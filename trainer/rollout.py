@@ -20,7 +20,7 @@ model's device. Call ``torch.manual_seed(s)`` before :meth:`HFGenerateEngine.gen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -97,6 +97,13 @@ class RolloutBatch:
         )
 
 
+ProgressCallback = Callable[[dict[int, list[int]], dict[int, int]], None]
+"""``on_progress(finished, open_lengths)``: rows (indices into the returned batch) that finished since the last
+call -> their response token ids (EOS included when sampled); every unfinished row -> tokens sampled so far. An
+engine that samples step by step (vLLM) calls it as rows finish; one that returns all rows at once (HF) calls it
+once at the end with every row and no open rows. :class:`trainer.microbatch.MicroBatchStream` consumes it."""
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """Anything that samples ``n`` responses per prompt from ``model`` and returns a :class:`RolloutBatch`.
@@ -116,6 +123,7 @@ class RolloutEngine(Protocol):
         top_p: float,
         max_new_tokens: int,
         synced_gpus: bool = False,
+        on_progress: ProgressCallback | None = None,
     ) -> RolloutBatch: ...
 
     def load_weights(self, model: nn.Module) -> float: ...
@@ -240,6 +248,7 @@ class HFGenerateEngine:
         top_p: float,
         max_new_tokens: int,
         synced_gpus: bool = False,
+        on_progress: ProgressCallback | None = None,
     ) -> RolloutBatch:
         """Sample ``n`` responses per prompt; see the module docstring for the returned layout.
 
@@ -278,7 +287,7 @@ class HFGenerateEngine:
             model.train(was_training)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         response_ids = sequences[:, prompt_ids.shape[1] :].cpu()
-        return build_rollout_batch(
+        batch = build_rollout_batch(
             prompt_ids,
             prompt_mask,
             response_ids,
@@ -286,6 +295,10 @@ class HFGenerateEngine:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
+        if on_progress is not None:  # every row finishes at once here
+            lengths = batch.response_lengths.tolist()
+            on_progress({i: batch.response_ids[i, :n].tolist() for i, n in enumerate(lengths)}, {})
+        return batch
 
     def load_weights(self, model: nn.Module) -> float:
         """No-op: ``generate`` samples from the live model passed to it. Returns 0 seconds."""

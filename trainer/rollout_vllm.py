@@ -62,7 +62,14 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, VLLMConfig
-from trainer.rollout import RolloutBatch, _as_id_list, build_rollout_batch, check_sampling, expand_prompts
+from trainer.rollout import (
+    ProgressCallback,
+    RolloutBatch,
+    _as_id_list,
+    build_rollout_batch,
+    check_sampling,
+    expand_prompts,
+)
 
 __all__ = [
     "SETUP_HINT",
@@ -442,9 +449,13 @@ class VLLMEngine:
         top_p: float,
         max_new_tokens: int,
         synced_gpus: bool = False,
+        on_progress: ProgressCallback | None = None,
     ) -> RolloutBatch:
         """Sample ``n`` responses per prompt from the engine's weights (``model`` and ``synced_gpus`` are unused:
-        each rank's engine is independent). ``temperature == 0`` is greedy. Same layout as the HF engine."""
+        each rank's engine is independent). ``temperature == 0`` is greedy. Same layout as the HF engine.
+
+        The engine is stepped here (what ``LLM.generate`` does internally), so ``on_progress`` hears of every row
+        the step it finishes, with how far the others are (:data:`trainer.rollout.ProgressCallback`)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -477,8 +488,7 @@ class VLLMEngine:
             for i in range(len(prompt_index))
         ]
         requests = [TokensPrompt(prompt_token_ids=list(prompts[int(j)])) for j in prompt_index]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        rows = [list(o.outputs[0].token_ids) for o in outputs]
+        rows = self._run(requests, params, on_progress)
         width = max(1, max(len(r) for r in rows))
         response = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -491,6 +501,33 @@ class VLLMEngine:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
+
+    def _run(self, requests: list, params: list, on_progress: ProgressCallback | None) -> list[list[int]]:
+        """Enqueue one request per row and step the engine to completion; returns each row's token ids."""
+        engine = self.llm.llm_engine
+        self._calls = getattr(self, "_calls", 0) + 1
+        row_of = {}
+        for i, (req, sp) in enumerate(zip(requests, params, strict=True)):
+            # Our own request ids (what the outputs carry), unique per call: no dependence on LLM's counter.
+            row_of[rid := f"oprd-{self._calls}-{i}"] = i
+            engine.add_request(rid, req, sp)
+        rows: list[list[int] | None] = [None] * len(requests)
+        open_lengths = dict.fromkeys(range(len(requests)), 0)
+        while engine.has_unfinished_requests():
+            finished: dict[int, list[int]] = {}
+            for out in engine.step():
+                i = row_of[out.request_id]
+                if out.finished:
+                    rows[i] = finished[i] = list(out.outputs[0].token_ids)
+                    open_lengths.pop(i)
+                else:  # cumulative outputs (vLLM's default): the tokens so far
+                    open_lengths[i] = len(out.outputs[0].token_ids)
+            if on_progress is not None:  # every step: a finished row may settle as the open ones grow
+                on_progress(finished, open_lengths)
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            raise RuntimeError(f"vLLM finished without an output for rows {missing[:8]} (of {len(rows)})")
+        return rows  # type: ignore[return-value]
 
     # ---------------------------------------------------------------------------------------- weights
     def load_weights(self, model: nn.Module) -> float:

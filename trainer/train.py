@@ -62,7 +62,7 @@ from trainer.export import write_manifest
 from trainer.memory import PeakMemory
 from trainer.methods import method_spec
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
-from trainer.microbatch import accumulate_update, micro_batches, submit_teacher_requests
+from trainer.microbatch import MicroBatchStream, accumulate_update, micro_batches, submit_teacher_requests
 from trainer.models import (
     check_compatibility,
     copy_tokenizer_files,
@@ -75,7 +75,7 @@ from trainer.objective_bridge import BridgeObjective
 from trainer.objectives import Denominators, Objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.ray_job import in_ray_worker
-from trainer.rollout import build_engine
+from trainer.rollout import RolloutBatch, build_engine
 from trainer.teacher import reference_nbytes, teacher_identity
 from trainer.teacher_pool import TeacherPool
 
@@ -258,19 +258,28 @@ class Trainer:
         idx, state.epoch, state.cursor = self.sampler.take(state.epoch, state.cursor, d.prompts_per_step)
         per_rank = d.prompts_per_step // env.world_size
         mine = idx[env.rank * per_rank : (env.rank + 1) * per_rank]
+        prompts = [self.prompt_ids[i] for i in mine]
+        sent = dict(self.pool.stats) if self.pool is not None else {}
+        stream = self._teacher_stream(prompts)
         batch = self.engine.generate(
-            self.student, [self.prompt_ids[i] for i in mine], n=d.n_responses, temperature=r.temperature,
-            top_p=r.top_p, max_new_tokens=r.max_new_tokens, synced_gpus=env.distributed,
+            self.student, prompts, n=d.n_responses, temperature=r.temperature, top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens, synced_gpus=env.distributed,
+            on_progress=stream.progress if stream is not None else None,
         ).to(env.device)  # fmt: skip
         self.engine.release_memory()  # CUDA vLLM: free the KV cache for the update
-        t_rollout = time.perf_counter()
-        micro = micro_batches(batch, d.micro_batch_tokens)
-        sent = dict(self.pool.stats) if self.pool is not None else {}
         pending, send_s = None, 0.0
-        if self.pool is not None:  # this rank's teacher work goes out now, before the step's first collective
-            pending, send_s = submit_teacher_requests(
-                self.objective, self.student, self.pool, micro, autocast=self._autocast
-            )
+        if stream is not None:  # teacher requests went out as micro-batches settled; the rest goes now
+            micro, pending = stream.finish(batch)
+            send_s = stream.submit_seconds
+        else:
+            micro = micro_batches(batch, d.micro_batch_tokens)
+            if (
+                self.pool is not None
+            ):  # this rank's teacher work goes out now, before the step's first collective
+                pending, send_s = submit_teacher_requests(
+                    self.objective, self.student, self.pool, micro, autocast=self._autocast
+                )
+        t_rollout = time.perf_counter()
         local = self.objective.denominators(batch)
         den = Denominators(
             *(all_reduce_sum(x.to(env.device)) for x in (local.selected, local.response, local.sequences))
@@ -304,9 +313,9 @@ class Trainer:
             ).item(),
             "response/length_max": all_reduce_max(lengths.max()).item(),
             "perf/step_seconds": t_end - t0,
-            "perf/rollout_seconds": t_rollout - t0,
+            "perf/rollout_seconds": t_rollout - t0 - send_s,
             "perf/teacher_seconds": upd.prepare_seconds + send_s,
-            "perf/update_seconds": t_update - t_rollout - upd.prepare_seconds - send_s,
+            "perf/update_seconds": t_update - t_rollout - upd.prepare_seconds,
             "perf/sync_seconds": t_end - t_update,
             "perf/micro_batches": all_reduce_max(
                 torch.tensor(float(upd.micro_batches), device=env.device)
@@ -316,7 +325,7 @@ class Trainer:
             "optim/grad_norm": self._last_grad_norm,
         }
         if self.pool is not None:
-            out |= self._payload_metrics(sent, den)
+            out |= self._payload_metrics(sent, den, stream.submitted_early if stream is not None else 0)
         if hasattr(self.engine, "syncs"):  # vLLM: weight syncs so far (one per step, +1 after a resume)
             out["rollout/weight_syncs"] = float(self.engine.syncs)
         if measure and mem.peak_bytes is not None:
@@ -324,6 +333,25 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------------------------------ pieces
+    def _teacher_stream(self, prompts: list[list[int]]) -> MicroBatchStream | None:
+        """With a teacher pool: a stream that sends each micro-batch's teacher request the moment the rollout has
+        finished all of its rows (vLLM finishes short rows first), so the pool works while the engine samples.
+
+        Not with FSDP over several ranks when the method runs a student pass before its request (top-k ids,
+        old log-probs): that pass all-gathers, and ranks must not enter it from inside their own rollout loops."""
+        if self.pool is None or (self.env.distributed and self.objective.spec.old_logprobs):
+            return None
+
+        def submit(mb: RolloutBatch):
+            with self._autocast():
+                return self.objective.submit(self.student, self.pool, mb)
+
+        return MicroBatchStream(
+            prompts, self.p.distill.n_responses, pad_token_id=self.engine.pad_token_id,
+            eos_token_id=self.engine.eos_token_id, max_tokens=self.p.distill.micro_batch_tokens, submit=submit,
+            device=self.env.device,
+        )  # fmt: skip
+
     def _autocast(self):
         # Under FSDP2 mixed precision the parameters are already bf16 in forward (see shard_model).
         if not self.p.optim.bf16 or self.fsdp_mixed_precision:
@@ -350,15 +378,19 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _payload_metrics(self, before: dict[str, float], den: Denominators) -> dict[str, float]:
-        """This step's teacher traffic summed over ranks (bytes), and the reference's layout for the same
-        selection (fp32 states at every selected position, all planned layers) for comparison."""
+    def _payload_metrics(self, before: dict[str, float], den: Denominators, early: int) -> dict[str, float]:
+        """This step's teacher traffic summed over ranks (bytes, requests; ``early``: this rank's requests sent
+        while its rollout was still sampling), and the reference's layout for the same selection (fp32 states at
+        every selected position, all planned layers) for comparison."""
         keys = ("reply_bytes", "request_bytes", "requests", "retries")
         delta = torch.tensor(
-            [self.pool.stats[k] - before[k] for k in keys], dtype=torch.float64, device=self.env.device
+            [*(self.pool.stats[k] - before[k] for k in keys), early],
+            dtype=torch.float64,
+            device=self.env.device,
         )
         total = all_reduce_sum(delta)
         out = {f"teacher/{k}": total[i].item() for i, k in enumerate(keys)}
+        out["teacher/requests_during_rollout"] = total[len(keys)].item()
         if self.objective.capture_states:
             out["teacher/reference_bytes"] = float(
                 reference_nbytes(

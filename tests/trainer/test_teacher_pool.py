@@ -260,6 +260,47 @@ def test_two_ranks_share_one_pool_and_match_a_local_teacher(tiny_pair, tmp_path)
         assert r["teacher/requests"] == 2 and r["teacher/reply_bytes"] > 0  # one request per rank, summed
 
 
+@pytest.mark.slow
+def test_vllm_rollout_streams_teacher_requests_as_rows_finish(tmp_path):
+    """vLLM engine (in-process) + teacher pool on the embedded teacher, whose responses end at different lengths: the
+    micro-batches of short rows go to the pool while the engine still samples the long ones, and every reply is
+    bitwise the in-process teacher's targets for exactly the micro-batches the finished batch splits into."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail("vLLM is not installed in CI: .ci/run must run `bash scripts/setup.sh --vllm`")
+        pytest.skip("vLLM not installed (bash scripts/setup.sh --vllm)")
+    root = Path(__file__).resolve().parents[2]
+    # The teacher as its own student: it answers the task, so its greedy responses end at different lengths.
+    teacher = root / "artifacts/models/teacher"
+    pair = {"teacher": teacher, "student": teacher, "prompts": root / "artifacts/task/train.jsonl"}
+    params = _params(pair, tmp_path, "ray", **{
+        "rollout.engine": "vllm", "rollout.vllm.multiprocessing": False, "rollout.max_new_tokens": 48,
+        "distill.prompts_per_step": 8, "distill.n_responses": 1, "distill.micro_batch_tokens": 130,
+    })  # fmt: skip
+    trainer = Trainer(params, tmp_path / "o")
+    try:
+        stream = trainer._teacher_stream(trainer.prompt_ids[:8])
+        batch = trainer.engine.generate(
+            trainer.student, trainer.prompt_ids[:8], n=1, temperature=0.0, top_p=1.0, max_new_tokens=48,
+            on_progress=stream.progress,
+        )  # fmt: skip
+        micro, pending = stream.finish(batch)
+        assert len(set(batch.response_lengths.tolist())) > 2 and len(micro) > 2
+        assert stream.submitted_early >= 1  # sent while the engine was still sampling
+        assert [sorted(g) for g in stream.groups] == stream.groups and len(pending) == len(micro)
+        teacher = load_model(trainer.p.models.teacher, trainer.p.models, role="teacher", trainable=False)
+        for mb, p in zip(micro, pending, strict=True):
+            _same_targets(trainer.objective.prepare(trainer.student, teacher, mb), p.result())
+        rows = _steps(trainer, 2)
+    finally:
+        trainer.close()
+    assert all(r["teacher/requests_during_rollout"] >= 1 for r in rows)
+    assert all(r["teacher/requests"] == r["perf/micro_batches"] for r in rows)
+
+
 def test_bench_step_teacher_placements_are_validated():
     from trainer.bench_step import StepBenchSpec, paper_shape_payload
 

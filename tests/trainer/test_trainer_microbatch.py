@@ -296,3 +296,78 @@ def test_bench_memory_sweep_is_flat_with_micro_batches(tmp_path):
         assert mb6 < 1.25 * mb2 and mb6 < 0.5 * one6  # micro-batched: flat
     bad = CliRunner().invoke(app, ["bench", "update", "--out", str(out), "--micro-batch-tokens", "none,x"])
     assert bad.exit_code == 2 and "--micro-batch-tokens" in bad.output
+
+
+# ------------------------------------------------------------------------------------------------- streaming
+def _stream_run(prompt_lens, resp_lens, budget, starts, seed=0):
+    """Feed a :class:`MicroBatchStream` the progress an engine would report: row ``i`` starts sampling at step
+    ``starts[i]`` and gains one token per step until it reaches ``resp_lens[i]`` (EOS last). Returns the stream,
+    the finished batch, and per submission the number of rows still open at that moment."""
+    from trainer.microbatch import MicroBatchStream
+
+    width = max(resp_lens)
+    batch = _batch(prompt_lens, resp_lens, width, seed=seed)
+    prompts = [
+        batch.input_ids[i, : batch.prompt_len][batch.attention_mask[i, : batch.prompt_len].bool()].tolist()
+        for i in range(len(prompt_lens))
+    ]
+    tokens = [batch.response_ids[i, :n].tolist() for i, n in enumerate(resp_lens)]
+    open_at_submit: list[int] = []
+    sent: list[RolloutBatch] = []
+    state = {"open": len(resp_lens)}
+
+    def submit(mb):
+        open_at_submit.append(state["open"])
+        sent.append(mb)
+        return len(sent) - 1
+
+    stream = MicroBatchStream(
+        prompts, 1, pad_token_id=PAD, eos_token_id=EOS, max_tokens=budget, submit=submit
+    )
+    done: set[int] = set()
+    for t in range(max(s + n for s, n in zip(starts, resp_lens, strict=True)) + 1):
+        finished = {
+            i: tokens[i] for i in range(len(tokens)) if i not in done and t - starts[i] == resp_lens[i]
+        }
+        done |= finished.keys()
+        state["open"] = len(tokens) - len(done)
+        opened = {i: max(0, min(t - starts[i], resp_lens[i])) for i in range(len(tokens)) if i not in done}
+        stream.progress(finished, opened)
+    micro, results = stream.finish(batch)
+    return stream, batch, micro, results, sent, open_at_submit
+
+
+@pytest.mark.parametrize("starts", ["together", "staggered"])
+@pytest.mark.parametrize("budget", [17, 30, 60])
+def test_stream_sends_the_same_micro_batches_as_they_settle(budget, starts):
+    """The streamed micro-batches are exactly :func:`micro_batches` of the finished batch (same rows, same trimmed
+    tensors, same order), and the short ones went out while longer rows were still being sampled."""
+    prompt_lens = [3, 5, 2, 4, 5, 1, 6, 2, 3, 4]
+    resp_lens = [7, 12, 1, 12, 4, 9, 2, 5, 12, 3]
+    st = [0] * 10 if starts == "together" else [0, 3, 1, 0, 2, 4, 0, 1, 5, 2]
+    stream, batch, micro, results, sent, open_at = _stream_run(prompt_lens, resp_lens, budget, st)
+    assert results == list(range(len(micro)))  # one submission per micro-batch, in order, none resent
+    expected = micro_batches(batch, budget)
+    assert len(micro) == len(expected) == len(sent) > 1
+    for a, b, c in zip(micro, expected, sent, strict=True):
+        for name in ("input_ids", "attention_mask", "position_ids", "response_mask", "prompt_index"):
+            assert torch.equal(getattr(a, name), getattr(b, name)) and torch.equal(
+                getattr(c, name), getattr(b, name)
+            )
+        assert a.prompt_len == b.prompt_len == c.prompt_len
+    assert stream.submitted_early == sum(n > 0 for n in open_at) >= 1
+
+
+def test_stream_never_sends_a_group_a_later_row_could_join():
+    """A short row that finishes while a row with a longer prompt but fewer tokens so far is still open must wait:
+    that row may still end up sorting before it."""
+    # row 0: prompt 1 + 2 tokens (key 3) finishes at step 2; row 1: prompt 8 starts at step 5 and ends with 1
+    # token (key 9); row 2: prompt 1, 1 token, starts at step 6 (key 2 < 3): it must share row 0's group.
+    stream, _, micro, results, _sent, _open_at = _stream_run([1, 8, 1], [2, 1, 1], 9, [0, 5, 6])
+    assert [mb.input_ids.shape[0] for mb in micro] == [2, 1]
+    assert [sorted(g) for g in stream.groups] == [[0, 2], [1]] and results == [0, 1]
+
+
+def test_stream_without_a_budget_sends_the_whole_batch_once():
+    _stream, batch, micro, results, sent, open_at = _stream_run([3, 5], [2, 4], None, [0, 0])
+    assert micro == [batch] and results == [0] and len(sent) == 1 and open_at == [0]
