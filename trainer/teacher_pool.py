@@ -10,8 +10,9 @@ retried).
 
 Client side (:class:`TeacherPool`, one per rank, all ranks sharing the same named actors):
 
-* ``submit`` returns at once (a Ray object ref); the trainer submits every micro-batch of a step right after its
-  rollout and consumes the replies in order while the student updates, so the teacher overlaps the update.
+* ``submit`` returns at once (a Ray object ref); the trainer submits each micro-batch as soon as the rollout has
+  finished its rows (:class:`trainer.microbatch.MicroBatchStream`) and consumes the replies in order while the
+  student updates, so the teacher overlaps the rollout's tail and the update.
 * Load balancing: each request goes to the replica with the fewest of this client's requests in flight (ties:
   round robin).
 * Faults: a replica that dies is restarted by Ray (``teacher.max_restarts``, reloading the teacher); a request

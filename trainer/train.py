@@ -10,8 +10,9 @@ One step, as in the paper's Algorithm / oprd-method.md §1.1:
    finite check (all ranks agree) *before* ``optimizer.step``, clip, step.
 
 With ``teacher.placement: ray`` the teacher pass of step 3 runs on a pool of Ray replicas
-(:mod:`trainer.teacher_pool`): the ranks never load the teacher's weights, every micro-batch's request is sent right
-after the rollout, and the step's teacher traffic is logged (``teacher/*``).
+(:mod:`trainer.teacher_pool`): the ranks never load the teacher's weights, each micro-batch's request is sent as soon
+as the rollout has finished its rows (:class:`trainer.microbatch.MicroBatchStream`), and the step's teacher traffic
+is logged (``teacher/*``).
 
 With ``distill.micro_batch_tokens`` steps 3-4 run per micro-batch (gradients accumulate, one optimizer step;
 :mod:`trainer.microbatch`), so the teacher targets of the whole batch are never alive at once.
