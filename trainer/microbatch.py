@@ -42,6 +42,7 @@ __all__ = [
     "micro_batches",
     "pack_rows",
     "padded_tokens",
+    "split_to",
 ]
 
 T = TypeVar("T")
@@ -123,6 +124,28 @@ def micro_batches(batch: RolloutBatch, max_tokens: int | None) -> list[RolloutBa
     if max_tokens is None:
         return [batch]
     return [_rows(batch, g) for g in pack_rows(*_real_lengths(batch), max_tokens)]
+
+
+def split_to(micro: list[RolloutBatch], count: int) -> tuple[list[RolloutBatch], list[int | None]]:
+    """Split micro-batches until there are ``count`` of them: the one with the most rows is halved (each half
+    trimmed to its own lengths, as :func:`micro_batches` trims) until the count is reached. Returns the new list and,
+    per entry, the index in ``micro`` it is unchanged from (``None`` for a half).
+
+    Why: under FSDP2 every forward and backward is a collective, so all ranks must run the same number of
+    micro-batches; a rank whose rollout packed into fewer splits until it matches the largest count (every rank has
+    the same number of rows, so this is always possible). The loss does not depend on the split (module docstring).
+    """
+    out: list[RolloutBatch] = list(micro)
+    origin: list[int | None] = list(range(len(micro)))
+    while len(out) < count:
+        i = max(range(len(out)), key=lambda j: (out[j].input_ids.shape[0], -j))
+        rows = out[i].input_ids.shape[0]
+        if rows < 2:
+            raise ValueError(f"cannot split {len(micro)} micro-batches into {count}: too few rows")
+        half = rows // 2
+        out[i : i + 1] = [_rows(out[i], list(range(half))), _rows(out[i], list(range(half, rows)))]
+        origin[i : i + 1] = [None, None]
+    return out, origin
 
 
 class MicroBatchStream(Generic[T]):

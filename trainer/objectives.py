@@ -104,6 +104,12 @@ class PendingTargets:
     def result(self) -> Targets:
         return self.objective.finish(self.out, self.pending.result(), self.device)
 
+    def cancel(self) -> None:
+        """The reply is no longer wanted (its micro-batch was split): cancel it where the backend can."""
+        cancel = getattr(self.pending, "cancel", None)
+        if cancel is not None:
+            cancel()
+
 
 class Objective:
     """Binds a :class:`DistillConfig` and a :class:`LayerPlan` to the no-grad and grad passes of one step."""

@@ -115,6 +115,17 @@ class _Pending:
         self.pool._inflight[self.replica] += 1
         self.ref = self.pool._actors[self.replica].answer.remote(self.args_ref, self.request)
 
+    def cancel(self) -> None:
+        """Drop a request whose reply is no longer wanted (best effort: a running call finishes, its reply is
+        discarded); frees its slot in the load balancing."""
+        import ray
+
+        if self.ref is not None:
+            with contextlib.suppress(Exception):
+                ray.cancel(self.ref, force=False)
+            self.pool._inflight[self.replica] -= 1
+            self.ref = None
+
     def result(self) -> TeacherReply:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError

@@ -63,7 +63,13 @@ from trainer.export import write_manifest
 from trainer.memory import PeakMemory
 from trainer.methods import method_spec
 from trainer.metrics import ConsoleLogger, JsonlLogger, LoggerGroup, MetricLogger, NullLogger
-from trainer.microbatch import MicroBatchStream, accumulate_update, micro_batches, submit_teacher_requests
+from trainer.microbatch import (
+    MicroBatchStream,
+    accumulate_update,
+    micro_batches,
+    split_to,
+    submit_teacher_requests,
+)
 from trainer.models import (
     check_compatibility,
     copy_tokenizer_files,
@@ -271,15 +277,22 @@ class Trainer:
         pending, send_s = None, 0.0
         if stream is not None:  # teacher requests went out as micro-batches settled; the rest goes now
             micro, pending = stream.finish(batch)
+            micro, origin = self._same_count(micro)
+            if len(origin) > len(pending):  # halves of a streamed micro-batch get their own requests
+                for i in set(range(len(pending))) - set(origin):
+                    pending[i].cancel()
+                pending = [
+                    pending[o] if o is not None else stream.submit(mb)
+                    for o, mb in zip(origin, micro, strict=True)
+                ]
             send_s = stream.submit_seconds
         else:
-            micro = micro_batches(batch, d.micro_batch_tokens)
-            if (
-                self.pool is not None
-            ):  # this rank's teacher work goes out now, before the step's first collective
+            micro, origin = self._same_count(micro_batches(batch, d.micro_batch_tokens))
+            if self.pool is not None:  # this rank's teacher work goes out now
                 pending, send_s = submit_teacher_requests(
                     self.objective, self.student, self.pool, micro, autocast=self._autocast
                 )
+        splits = origin.count(None)
         t_rollout = time.perf_counter()
         local = self.objective.denominators(batch)
         den = Denominators(
@@ -321,6 +334,8 @@ class Trainer:
             "perf/micro_batches": all_reduce_max(
                 torch.tensor(float(upd.micro_batches), device=env.device)
             ).item(),
+            # halves made so that every rank runs as many micro-batches as the one with the most (summed over ranks)
+            "perf/micro_batch_splits": all_reduce_sum(torch.tensor(float(splits), device=env.device)).item(),
             "perf/tokens_per_second": n_tok.item() / (t_end - t0),
             "optim/lr": self.scheduler.get_last_lr()[0],
             "optim/grad_norm": self._last_grad_norm,
@@ -334,6 +349,14 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------------------------------ pieces
+    def _same_count(self, micro: list[RolloutBatch]) -> tuple[list[RolloutBatch], list[int | None]]:
+        """Under FSDP2 over several ranks, split this rank's micro-batches up to the largest count of any rank
+        (:func:`trainer.microbatch.split_to`): each forward/backward is a collective, so the counts must match."""
+        if not self.env.distributed:
+            return micro, list(range(len(micro)))
+        count = int(all_reduce_max(torch.tensor(float(len(micro)), device=self.env.device)).item())
+        return split_to(micro, count)
+
     def _teacher_stream(self, prompts: list[list[int]]) -> MicroBatchStream | None:
         """With a teacher pool: a stream that sends each micro-batch's teacher request the moment the rollout has
         finished all of its rows (vLLM finishes short rows first), so the pool works while the engine samples.

@@ -202,11 +202,18 @@ def test_two_process_fsdp2_micro_batches_and_checkpointing_match_one_micro_batch
         "-m",
         "trainer.train",
     ]
+    # Prompts of 4 to 13 characters: ranks pack their 4 rows into different numbers of micro-batches, which FSDP2
+    # cannot run (every forward/backward is a collective) unless the trainer splits up to the largest count.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(f'{{"prompt": "{10**a + b}+{b}="}}\n' for a in range(1, 9) for b in range(3, 7))
+    )
     runs = {
-        "one": {},
-        # 4 prompts per rank of ~5 + 8 tokens: a 30-token budget gives 2-4 micro-batches per rank
-        "many": {"distill.micro_batch_tokens": 30, "optim.activation_checkpointing": True},
-    }
+        "one": {"task.prompts_file": prompts},
+        # 4 prompts per rank of 5-14 + 8 tokens: a 30-token budget gives 2-4 micro-batches per rank
+        "many": {"task.prompts_file": prompts, "distill.micro_batch_tokens": 30,
+                 "optim.activation_checkpointing": True},
+    }  # fmt: skip
     for name, extra in runs.items():
         res = subprocess.run([*cmd, *_train_args(tiny_pair, tmp_path / name, extra)], env=env,
                              capture_output=True, text=True, timeout=400)  # fmt: skip
@@ -214,6 +221,7 @@ def test_two_process_fsdp2_micro_batches_and_checkpointing_match_one_micro_batch
     one, many = _rows(tmp_path / "one"), _rows(tmp_path / "many")
     assert [r["perf/micro_batches"] for r in one] == [1.0] * 3
     assert all(r["perf/micro_batches"] >= 2 for r in many)
+    assert sum(r["perf/micro_batch_splits"] for r in many) >= 1  # the ranks' counts differed and were evened
     for key in ("loss/total", "rep/cosine/mean", "optim/grad_norm"):
         assert [r[key] for r in many] == pytest.approx([r[key] for r in one], rel=2e-5, abs=1e-7), key
     assert many[-1]["loss/total"] < many[0]["loss/total"]  # and it trains
@@ -371,3 +379,30 @@ def test_stream_never_sends_a_group_a_later_row_could_join():
 def test_stream_without_a_budget_sends_the_whole_batch_once():
     _stream, batch, micro, results, sent, open_at = _stream_run([3, 5], [2, 4], None, [0, 0])
     assert micro == [batch] and results == [0] and len(sent) == 1 and open_at == [0]
+
+
+def test_split_to_reaches_the_count_with_the_same_rows_trimmed():
+    from trainer.microbatch import split_to
+
+    batch = _batch(PROMPTS, RESPONSES, WIDTH)
+    micro = micro_batches(batch, 40)
+    for count in range(len(micro), len(PROMPTS) + 1):
+        out, origin = split_to(micro, count)
+        assert len(out) == len(origin) == count
+        assert sorted(int(i) for mb in out for i in mb.prompt_index) == list(range(len(PROMPTS)))
+        for mb, o in zip(out, origin, strict=True):
+            if o is not None:
+                assert mb is micro[o]
+            expected = micro_batches(_rows_of(batch, mb.prompt_index.tolist()), None)[0]
+            ref = micro_batches(expected, 10**6)[0]  # trimmed to its own lengths
+            assert torch.equal(mb.input_ids, ref.input_ids) and torch.equal(
+                mb.response_mask, ref.response_mask
+            )
+    with pytest.raises(ValueError, match="too few rows"):
+        split_to(micro, len(PROMPTS) + 1)
+
+
+def _rows_of(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
+    from trainer.microbatch import _rows
+
+    return _rows(batch, rows)
