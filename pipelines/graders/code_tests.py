@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +24,10 @@ from typing import Any
 from pipelines.graders.base import Grader, GradeResult, InvalidReference
 from pipelines.graders.json_values import fenced_blocks
 from pipelines.graders.sandbox import SandboxLimits, run_tests, sandbox_mode
+
+_PARSE_LOCK = threading.Lock()
+"""CPython 3.11's AST validation keeps its recursion depth in per-interpreter state, so two threads parsing at
+once can fail with ``SystemError: AST constructor recursion depth mismatch`` (seen here under ``grade_many``)."""
 
 __all__ = ["CodeTestsGrader", "extract_code"]
 
@@ -66,7 +71,8 @@ class CodeTestsGrader(Grader):
             if not isinstance(text, str):
                 raise InvalidReference(f"code_tests {key!r} must be a string")
             try:
-                tree = ast.parse(text, filename=f"<{key}>")
+                with _PARSE_LOCK:
+                    tree = ast.parse(text, filename=f"<{key}>")
             except SyntaxError as exc:
                 raise InvalidReference(
                     f"code_tests {key!r} do not compile: {exc.msg} (line {exc.lineno})"
@@ -84,6 +90,10 @@ class CodeTestsGrader(Grader):
 
     def grade(self, response: str, reference: Any) -> GradeResult:
         self.check_reference(reference)
+        return self._run(response, reference)
+
+    def _run(self, response: str, reference: dict) -> GradeResult:
+        """Run the (already checked) reference's tests on the response in the sandbox."""
         result = run_tests(
             self._program(response, reference),
             reference["tests"],
@@ -101,4 +111,4 @@ class CodeTestsGrader(Grader):
         if workers == 1:
             return [self.grade(r, ref) for r, ref in pairs]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code_tests") as pool:
-            return list(pool.map(lambda pair: self.grade(*pair), pairs))
+            return list(pool.map(lambda pair: self._run(*pair), pairs))  # references checked above
