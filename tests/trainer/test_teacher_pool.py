@@ -226,19 +226,28 @@ def test_ray_teacher_refuses_full_kl():
 @pytest.mark.slow
 def test_two_ranks_share_one_pool_and_match_a_local_teacher(tiny_pair, tmp_path):
     """torchrun, 2 ranks (gloo): rank 0 starts a fresh Ray and the replicas, broadcasts the address and names, rank 1
-    joins; both ranks' requests go to the same 2 replicas. Same losses as the local teacher under torchrun."""
+    joins; both ranks' requests go to the same 2 replicas. Same losses as the local teacher under torchrun.
+
+    Prompts of different lengths under a token budget: the ranks pack their rows into different numbers of
+    micro-batches, so the rank with fewer splits streamed micro-batches after the fact (their requests cancelled,
+    the halves sent): the losses still match the local teacher, which splits the same way."""
     import json
     import subprocess
     from pathlib import Path
 
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(f'{{"prompt": "{10**a + b}+{b}="}}\n' for a in range(1, 9) for b in range(3, 7))
+    )
+
     def args(tmp, placement):
         sets = {
             "models.teacher.path": tiny_pair["teacher"], "models.student.path": tiny_pair["student"],
-            "models.embedded": False, "task.prompts_file": tiny_pair["prompts"], "rollout.max_new_tokens": 8,
-            "rollout.temperature": 0, "distill.steps": 2, "distill.prompts_per_step": 4, "distill.n_responses": 1,
-            "distill.eval_every": 0, "distill.memory_every": 0, "optim.num_threads": 1,
-            "checkpoint.dir": tmp / "ckpt", "checkpoint.every": 0, "teacher.placement": placement,
-            "teacher.replicas": 2,
+            "models.embedded": False, "task.prompts_file": prompts, "rollout.max_new_tokens": 8,
+            "rollout.temperature": 0, "distill.steps": 2, "distill.prompts_per_step": 8, "distill.n_responses": 1,
+            "distill.micro_batch_tokens": 30, "distill.eval_every": 0, "distill.memory_every": 0,
+            "optim.num_threads": 1, "checkpoint.dir": tmp / "ckpt", "checkpoint.every": 0,
+            "teacher.placement": placement, "teacher.replicas": 2,
         }  # fmt: skip
         return train_argv(tmp, sets)
 
@@ -256,8 +265,13 @@ def test_two_ranks_share_one_pool_and_match_a_local_teacher(tiny_pair, tmp_path)
     assert [r["loss/total"] for r in rows["ray"]] == pytest.approx(
         [r["loss/total"] for r in rows["local"]], rel=1e-6
     )
+    assert (
+        sum(r["perf/micro_batch_splits"] for r in rows["ray"]) >= 1
+    )  # the counts differed: halves were made
     for r in rows["ray"]:
-        assert r["teacher/requests"] == 2 and r["teacher/reply_bytes"] > 0  # one request per rank, summed
+        # each rank's micro-batches, plus the requests of split micro-batches (cancelled, then sent as halves)
+        assert r["teacher/requests"] == 2 * r["perf/micro_batches"] + r["perf/micro_batch_splits"] / 2
+        assert r["teacher/reply_bytes"] > 0
 
 
 @pytest.mark.slow
