@@ -4,6 +4,7 @@ caller's transaction. Rollback is a new event (a move back), never a deletion of
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -206,8 +207,14 @@ def promote(
     expected_revision: int,
     reason: str,
     override: bool,
+    under_lock: Callable[[RegisteredModel], None] | None = None,
 ) -> Alias:
+    """Point ``alias`` at ``version`` when its latest decision allows it under the current policy (or ``override``),
+    compare-and-set on ``expected_revision``. ``under_lock(model)`` runs first, under the model lock this takes (the
+    route's policy-unchanged check), so the row is locked once per request."""
     model = get_model(s, name, lock=True)
+    if under_lock is not None:
+        under_lock(model)
     check_revision(s, model, alias, expected_revision)
     mv = get_version(s, model, version)
     decision, policy = check_promotable(s, who, model, mv, override=override)

@@ -92,7 +92,6 @@ def promote(
     signing_policy = _verify_before_move(db, request, who, name, alias, body, settings)
 
     def work(s: Session) -> AliasOut:
-        ensure_policy_unchanged(s, get_model(s, name, lock=True), signing_policy)
         row = ops.promote(
             s,
             who,
@@ -102,6 +101,7 @@ def promote(
             expected_revision=body.expected_revision,
             reason=body.reason,
             override=body.override,
+            under_lock=lambda model: ensure_policy_unchanged(s, model, signing_policy),
         )
         return alias_out(s.get(RegisteredModel, row.model_id), row)  # identity map: no query
 
