@@ -129,7 +129,8 @@ if [ "$SMOKE" -eq 1 ]; then
   DEV=cpu
   UPDATE_SHAPE=(--vocab 2000 --hidden 32 --intermediate 64 --layers 2 --heads 4 --kv-heads 2 --seqs 1
     --prompt-len 16 --response-len 64 --oprd-k 32 --rounds 1 --threads 2)
-  STEP_SHAPE=(--vocab 2000 --hidden 32 --intermediate 64 --layers 2 --heads 4 --kv-heads 2 --prompts 2 --n 1
+  # head size 32: the smallest vLLM's CPU attention kernels take (the update shape above is HF-only)
+  STEP_SHAPE=(--vocab 2000 --hidden 64 --intermediate 128 --layers 2 --heads 2 --kv-heads 1 --prompts 2 --n 1
     --max-new-tokens 8 --rounds 1 --threads 2)
   # generous: a shared 2-core box imports torch slowly; the 8-minute budget is for the GPU run
   L_SETUP=300; L_UPDATE=300; L_STEP=300; L_TESTS=600; L_POOL=600; L_EVAL=300; BUDGET_S=2400
