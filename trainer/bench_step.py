@@ -23,10 +23,12 @@ the engine's start-up time is measured once (``engine.startup_seconds``).
 Teacher placement (``teachers``, e.g. ``local,ray:1,ray:2``): with any ``ray:<replicas>`` entry every method runs once
 per placement (rows ``<method>@<placement>``) through the trainer's micro-batched update
 (:func:`trainer.microbatch.accumulate_update`, ``micro_batch_tokens``): ``local`` prepares each micro-batch in
-process right before its update; ``ray:<n>`` submits every micro-batch's request to a :class:`trainer.teacher_pool.
-TeacherPool` of ``n`` replicas right after the rollout and consumes the replies in order, so the replicas compute
-while the student updates. ``teacher`` is then the time the step *waited* for targets (old-log-prob passes included,
-``old_logprob`` reads 0) and ``update`` the rest of the update; each such row also carries the step's payload
+process right before its update; ``ray:<n>`` submits each micro-batch's request to a :class:`trainer.teacher_pool.
+TeacherPool` of ``n`` replicas as the rollout finishes its rows (:class:`trainer.microbatch.MicroBatchStream`, as
+the trainer does; ``teacher_requests_during_rollout`` counts those sent while rows were still sampled) and consumes
+the replies in order, so the replicas compute while the engine and the student work. ``teacher`` is then the time
+spent sending plus the time the step *waited* for targets (old-log-prob passes included, ``old_logprob`` reads 0)
+and ``update`` the rest of the update; each such row also carries the step's payload
 (``teacher_reply_bytes``: states + mask + log-probs received; ``teacher_request_bytes``; ``teacher_reference_bytes``:
 the reference's layout, fp32 at every selected position for all planned layers), and the result carries the
 same comparison at the paper's shape (``payload_paper_shape``).
@@ -65,7 +67,7 @@ from trainer.bench import (
     with_ratios,
 )
 from trainer.memory import PeakMemory
-from trainer.microbatch import accumulate_update, micro_batches
+from trainer.microbatch import MicroBatchStream, accumulate_update, micro_batches
 from trainer.rollout import HFGenerateEngine
 from trainer.teacher import reference_nbytes
 
@@ -220,30 +222,48 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         """One step through the trainer's micro-batched update with the teacher at ``where``."""
         obj = objectives[method]
         backend = teacher if where == "local" else pools[where]
+        before = dict(backend.stats) if where != "local" else None
+        stream = None
+        if where != "local":  # as the trainer does: requests go out as the rollout finishes rows
+
+            def submit(mb):
+                with autocast(spec.dtype):
+                    return obj.submit(student, backend, mb)
+
+            stream = MicroBatchStream(
+                prompts, spec.n, pad_token_id=engine.pad_token_id, eos_token_id=engine.eos_token_id,
+                max_tokens=spec.micro_batch_tokens, submit=submit,
+            )  # fmt: skip
         t0 = time.perf_counter()
         torch.manual_seed(round_seed)
         with autocast(spec.dtype):
             batch = engine.generate(
                 student, prompts, n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
-                max_new_tokens=spec.max_new_tokens,
+                max_new_tokens=spec.max_new_tokens, on_progress=stream.progress if stream is not None else None,
             )  # fmt: skip
-        t1 = time.perf_counter()
-        micro = micro_batches(batch, spec.micro_batch_tokens)
+        if stream is not None:
+            micro, pending = stream.finish(batch)
+        else:
+            micro, pending = micro_batches(batch, spec.micro_batch_tokens), None
+        t2 = time.perf_counter()
+        sent = stream.submit_seconds if stream is not None else 0.0
         den = obj.denominators(batch)
         opt.zero_grad(set_to_none=True)
         gc.collect()
-        before = dict(backend.stats) if where != "local" else None
         t3 = time.perf_counter()
         with PeakMemory(meter) if meter else _null() as pm:
-            upd = accumulate_update(obj, student, backend, micro, den, autocast=lambda: autocast(spec.dtype))
+            upd = accumulate_update(
+                obj, student, backend, micro, den, autocast=lambda: autocast(spec.dtype), pending=pending
+            )
             opt.step()
         t4 = time.perf_counter()
         engine.load_weights(student)
         t5 = time.perf_counter()
         phases = {
-            "rollout": t1 - t0, "old_logprob": 0.0, "teacher": upd.prepare_seconds,
-            "update": t4 - t3 - upd.prepare_seconds, "sync": t5 - t4, "total": (t1 - t0) + (t5 - t3),
+            "rollout": t2 - t0 - sent, "old_logprob": 0.0, "teacher": upd.prepare_seconds + sent,
+            "update": t4 - t3 - upd.prepare_seconds, "sync": t5 - t4, "total": (t2 - t0) + (t5 - t3),
             "rollout_tokens": float(batch.response_lengths.sum()),
+            "teacher_requests_during_rollout": float(stream.submitted_early if stream is not None else 0),
         }  # fmt: skip
         if before is not None:
             phases["teacher_reply_bytes"] = backend.stats["reply_bytes"] - before["reply_bytes"]
@@ -389,7 +409,9 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
     }
 
 
-_PAYLOAD = ("teacher_reply_bytes", "teacher_request_bytes", "teacher_reference_bytes")
+_PAYLOAD = (
+    "teacher_reply_bytes", "teacher_request_bytes", "teacher_reference_bytes", "teacher_requests_during_rollout",
+)  # fmt: skip
 
 
 def paper_shape_payload(hidden: int = 1536, layers: int = 28, tokens: int = 16_384) -> dict:

@@ -315,6 +315,24 @@ def test_vllm_rollout_streams_teacher_requests_as_rows_finish(tmp_path):
     assert all(r["teacher/requests"] == r["perf/micro_batches"] for r in rows)
 
 
+def test_bench_step_runs_local_and_pool_placements_side_by_side():
+    """``bench step --teachers local,ray:1`` at a micro shape: one row per method and placement, the pool rows with
+    a payload and the reference's layout to compare with, the local rows without a payload."""
+    from trainer.bench_step import ModelShape, StepBenchSpec, run_step_bench
+
+    shape = ModelShape(vocab=200, hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1)
+    spec = StepBenchSpec(shape=shape, prompts=2, n=2, max_new_tokens=8, rounds=1, methods=["oprd", "opd_topk"],
+                         teachers=["local", "ray:1"], micro_batch_tokens=24, threads=1)  # fmt: skip
+    out = run_step_bench(spec)
+    rows = {r["name"]: r for r in out["methods"]}
+    assert set(rows) == {"oprd@local", "oprd@ray:1", "opd_topk@local", "opd_topk@ray:1"}
+    for method in ("oprd", "opd_topk"):
+        assert rows[f"{method}@local"]["teacher_reply_bytes"] == 0
+        assert rows[f"{method}@ray:1"]["teacher_reply_bytes"] > 0
+    assert rows["oprd@ray:1"]["teacher_reference_bytes"] > 0
+    assert all(r["teacher_requests_during_rollout"] >= 0 for r in rows.values())
+
+
 def test_bench_step_teacher_placements_are_validated():
     from trainer.bench_step import StepBenchSpec, paper_shape_payload
 
