@@ -199,14 +199,29 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def repo_relative(path: str | Path, root: str | Path | None = None) -> str:
     """``path`` relative to the project root when it lies inside it (what tags and metrics files record, so
-    they read the same on every machine), else the absolute path (an external model directory)."""
+    they read the same on every machine), else the absolute path (an external model directory).
+
+    Inside a queued DVC experiment (a temporary workspace at ``<repo>/.dvc/tmp/exps/<name>``), a path in the
+    repository that queued it (e.g. a teacher ``oprd-ci watch`` downloaded to ``teachers/``) is recorded relative
+    to that repository."""
     base = Path(root).resolve() if root is not None else project_root()
     p = Path(path)
     p = (p if p.is_absolute() else base / p).resolve()
-    try:
-        return p.relative_to(base).as_posix()
-    except ValueError:
-        return str(p)
+    for parent in (base, *_queueing_repo(base)):
+        try:
+            return p.relative_to(parent).as_posix()
+        except ValueError:
+            continue
+    return str(p)
+
+
+def _queueing_repo(base: Path) -> list[Path]:
+    """``[<repo>]`` when ``base`` is a DVC experiment workspace ``<repo>/.dvc/tmp/exps/...``, else ``[]``."""
+    parts = base.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return [Path(*parts[:i])]
+    return []
 
 
 def short_commit(root: str | Path | None = None) -> str:

@@ -494,3 +494,17 @@ def test_metric_logger_survives_server_restart_and_fails_loudly_when_it_stays_do
     assert server.uri in str(ei.value) and "2 metrics" in str(ei.value)
     spilled = [json.loads(x) for x in (tmp_path / "spill.jsonl").read_text().splitlines()]
     assert [(r["key"], r["step"], r["value"]) for r in spilled] == [("late", 1, 2.0), ("late", 2, 3.0)]
+
+
+def test_repo_relative_inside_a_queued_dvc_experiment(tmp_path):
+    """A queued experiment runs in ``<repo>/.dvc/tmp/exps/<name>``: its own files are relative to that workspace, a
+    file of the repository that queued it (a teacher ``oprd-ci watch`` downloaded to ``teachers/``) relative to that
+    repository, anything else stays absolute."""
+    from pipelines.tracking import repo_relative
+
+    repo = tmp_path / "repo"
+    ws = repo / ".dvc/tmp/exps/tmpab12cd"
+    assert repo_relative(ws / "artifacts/models/student", ws) == "artifacts/models/student"
+    assert repo_relative(repo / "teachers/oprd-teacher/v2", ws) == "teachers/oprd-teacher/v2"
+    assert repo_relative(tmp_path / "elsewhere/teacher", ws) == str(tmp_path / "elsewhere/teacher")
+    assert repo_relative(tmp_path / "elsewhere/teacher", repo) == str(tmp_path / "elsewhere/teacher")
