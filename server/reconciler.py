@@ -179,24 +179,27 @@ class OutboxStats:
 def outbox_stats(db: Database) -> OutboxStats:
     """Counts, the oldest pending write and the root-cause error, in one short read transaction."""
     with db.read() as s:
-        pending, oldest = s.execute(
-            _pending(select(func.count(), func.min(OutboxItem.created_at)).select_from(OutboxItem))
-        ).one()
-        failing = (
-            s.scalar(
-                _pending(select(func.count()).select_from(OutboxItem)).where(
-                    OutboxItem.last_error.is_not(None)
-                )
-            )
-            or 0
+        return read_outbox_stats(s)
+
+
+def read_outbox_stats(s: Session) -> OutboxStats:
+    """:func:`outbox_stats` inside the caller's transaction (``/health`` reads it with the webhook counts)."""
+    pending, oldest = s.execute(
+        _pending(select(func.count(), func.min(OutboxItem.created_at)).select_from(OutboxItem))
+    ).one()
+    failing = (
+        s.scalar(
+            _pending(select(func.count()).select_from(OutboxItem)).where(OutboxItem.last_error.is_not(None))
         )
-        parked = s.scalar(_parked(select(func.count()).select_from(OutboxItem))) or 0
-        oldest_error = s.scalar(
-            select(OutboxItem.last_error)
-            .where(OutboxItem.applied_at.is_(None), OutboxItem.last_error.is_not(None))
-            .order_by(OutboxItem.id)
-            .limit(1)
-        )
+        or 0
+    )
+    parked = s.scalar(_parked(select(func.count()).select_from(OutboxItem))) or 0
+    oldest_error = s.scalar(
+        select(OutboxItem.last_error)
+        .where(OutboxItem.applied_at.is_(None), OutboxItem.last_error.is_not(None))
+        .order_by(OutboxItem.id)
+        .limit(1)
+    )
     return OutboxStats(
         pending=pending or 0,
         parked=parked,

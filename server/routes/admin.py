@@ -20,7 +20,7 @@ from server.gating import set_policy as _set_policy
 from server.idempotency import run_mutation
 from server.orm import ModelVersion, OutboxItem, Policy, RegisteredModel
 from server.policy import policy_digest
-from server.reconciler import OutboxStats, drop_parked, list_outbox, outbox_stats, retry_parked
+from server.reconciler import OutboxStats, drop_parked, list_outbox, read_outbox_stats, retry_parked
 from server.registry import checked_policy, get_model, get_version, lock_or_create_model, retire
 from server.schemas import (
     HealthOut,
@@ -102,9 +102,8 @@ async def health(request: Request) -> HealthOut:
 
 def _health_reads(db) -> tuple[OutboxStats, DeliveryStats]:
     """The MLflow outbox and the webhook deliveries, as the database holds them now."""
-    stats = outbox_stats(db)
-    with db.read() as s:
-        return stats, delivery_stats(s)
+    with db.read() as s:  # one read transaction: both counts of the same instant
+        return read_outbox_stats(s), delivery_stats(s)
 
 
 @router.get("/v1/models/{name}/policy", name="get_policy", response_model=PolicyOut)
