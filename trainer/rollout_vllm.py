@@ -380,6 +380,7 @@ class VLLMEngine:
         self.version = require_vllm(hf_config, device.type, key)
         self.cuda = device.type == "cuda"
         self.syncs = 0
+        self._calls = 0  # generate calls so far: part of each request id
         self.last_sync_seconds = float("nan")
         self._sleeping = False
         shm = Path("/dev/shm")
@@ -505,7 +506,7 @@ class VLLMEngine:
     def _run(self, requests: list, params: list, on_progress: ProgressCallback | None) -> list[list[int]]:
         """Enqueue one request per row and step the engine to completion; returns each row's token ids."""
         engine = self.llm.llm_engine
-        self._calls = getattr(self, "_calls", 0) + 1
+        self._calls += 1
         row_of = {}
         for i, (req, sp) in enumerate(zip(requests, params, strict=True)):
             # Our own request ids (what the outputs carry), unique per call: no dependence on LLM's counter.
