@@ -67,7 +67,7 @@ from trainer.bench import (
     with_ratios,
 )
 from trainer.memory import PeakMemory
-from trainer.microbatch import MicroBatchStream, accumulate_update, micro_batches
+from trainer.microbatch import accumulate_update, micro_batches, teacher_request_stream
 from trainer.rollout import HFGenerateEngine
 from trainer.teacher import reference_nbytes
 
@@ -225,14 +225,10 @@ def _run(spec: StepBenchSpec, log: Callable[[str], None]) -> dict:
         before = dict(backend.stats) if where != "local" else None
         stream = None
         if where != "local":  # as the trainer does: requests go out as the rollout finishes rows
-
-            def submit(mb):
-                with autocast(spec.dtype):
-                    return obj.submit(student, backend, mb)
-
-            stream = MicroBatchStream(
-                prompts, spec.n, pad_token_id=engine.pad_token_id, eos_token_id=engine.eos_token_id,
-                max_tokens=spec.micro_batch_tokens, submit=submit,
+            stream = teacher_request_stream(
+                obj, student, backend, prompts, spec.n, pad_token_id=engine.pad_token_id,
+                eos_token_id=engine.eos_token_id, max_tokens=spec.micro_batch_tokens,
+                autocast=lambda: autocast(spec.dtype),
             )  # fmt: skip
         t0 = time.perf_counter()
         torch.manual_seed(round_seed)

@@ -43,6 +43,7 @@ __all__ = [
     "pack_rows",
     "padded_tokens",
     "split_to",
+    "teacher_request_stream",
 ]
 
 T = TypeVar("T")
@@ -165,7 +166,8 @@ class MicroBatchStream(Generic[T]):
     micro-batch is submitted again from the batch, so a mismatch costs time, never correctness.
 
     ``prompts``/``n``/``pad_token_id``/``eos_token_id``: as given to the engine. ``device``: where the streamed
-    micro-batches are moved before ``submit`` (the batch's device in :meth:`finish`).
+    micro-batches are moved before ``submit`` (the batch's device in :meth:`finish`). ``cancel``: called on a
+    ``submit`` result that is dropped (after a mismatch, or when :meth:`resplit` halves its micro-batch).
     """
 
     def __init__(
@@ -177,12 +179,13 @@ class MicroBatchStream(Generic[T]):
         eos_token_id: int | list[int],
         max_tokens: int | None,
         submit: Callable[[RolloutBatch], T],
+        cancel: Callable[[T], None] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         self.prompt_ids, self.prompt_mask, self.prompt_index = expand_prompts(prompts, n, pad_token_id)
         self.prompt_real: list[int] = self.prompt_mask.sum(dim=-1).tolist()
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
-        self.submit, self.device = submit, device
+        self.submit, self.cancel, self.device = submit, cancel, device
         self.packer = _NextFit(max_tokens) if max_tokens is not None else None
         self.tokens: dict[int, list[int]] = {}  # finished rows, settled or not
         self.waiting: dict[int, int] = {}  # finished, not yet settled: row -> key
@@ -211,10 +214,10 @@ class MicroBatchStream(Generic[T]):
     def finish(self, batch: RolloutBatch) -> tuple[list[RolloutBatch], list[T]]:
         """The micro-batches of ``batch`` (:func:`micro_batches`) and one ``submit`` result per micro-batch, in
         order: the streamed ones, then the rest submitted now."""
-        max_tokens = self.packer.max_tokens if self.packer is not None else None
-        micro = micro_batches(batch, max_tokens)
         if self.packer is None:
-            return micro, [self._timed(micro[0])]
+            return [batch], [self._timed(batch)]
+        groups = pack_rows(*_real_lengths(batch), self.packer.max_tokens)
+        micro = [_rows(batch, g) for g in groups]  # = micro_batches(batch, max_tokens)
         leftover = sorted((k, row) for row, k in self.waiting.items())
         self.waiting.clear()
         for k, row in leftover:
@@ -222,22 +225,40 @@ class MicroBatchStream(Generic[T]):
                 self._submit(group, early=False)
         for group in self.packer.flush():
             self._submit(group, early=False)
-        if self.groups != pack_rows(*_real_lengths(batch), max_tokens):
+        if self.groups != groups:
+            self._drop(self.results)
             self.results, self.submitted_early = [self._timed(mb) for mb in micro], 0
         return micro, self.results
 
+    def resplit(
+        self, micro: list[RolloutBatch], results: list[T], count: int
+    ) -> tuple[list[RolloutBatch], list[T], int]:
+        """:func:`split_to` for :meth:`finish`'s output: a halved micro-batch's result is cancelled and each half
+        submitted now. Returns the micro-batches, their results and how many halves were made."""
+        split, origin = split_to(micro, count)
+        if len(split) == len(micro):
+            return micro, results, 0
+        self._drop([r for i, r in enumerate(results) if i not in origin])
+        results = [
+            results[o] if o is not None else self._timed(mb) for o, mb in zip(origin, split, strict=True)
+        ]
+        return split, results, origin.count(None)
+
     # ------------------------------------------------------------------------------------------ pieces
     def _resp_real(self, toks: list[int]) -> int:
-        return int(self._response(toks).response_mask.sum())
-
-    def _response(self, toks: list[int], width: int | None = None) -> RolloutBatch:
-        w = max(1, width or len(toks))
-        ids = torch.full((1, w), self.pad_token_id, dtype=torch.long)
+        """Real response tokens of one row as :func:`build_rollout_batch` counts them (up to the first EOS)."""
+        ids = torch.full((1, max(1, len(toks))), self.pad_token_id, dtype=torch.long)
         ids[0, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
-        return build_rollout_batch(
+        one = build_rollout_batch(
             self.prompt_ids[:1], self.prompt_mask[:1], ids, self.prompt_index[:1],
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
         )  # fmt: skip
+        return int(one.response_mask.sum())
+
+    def _drop(self, results: list[T]) -> None:
+        if self.cancel is not None:
+            for r in results:
+                self.cancel(r)
 
     def _submit(self, group: list[int], *, early: bool) -> None:
         rows = torch.as_tensor(group, dtype=torch.long)
@@ -292,6 +313,32 @@ def submit_teacher_requests(
     with autocast():
         pending = [objective.submit(student, teacher, mb) for mb in micro]
     return pending, time.perf_counter() - t0
+
+
+def teacher_request_stream(
+    objective: Objective,
+    student: nn.Module,
+    teacher: TeacherBackend,
+    prompts: list[list[int]],
+    n: int,
+    *,
+    pad_token_id: int,
+    eos_token_id: int | list[int],
+    max_tokens: int | None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    device: torch.device | str = "cpu",
+) -> MicroBatchStream[PendingTargets]:
+    """A :class:`MicroBatchStream` whose ``submit`` is :meth:`Objective.submit` to ``teacher`` (under ``autocast``):
+    what :func:`submit_teacher_requests` does after the rollout, done as the rollout finishes each micro-batch."""
+
+    def submit(mb: RolloutBatch) -> PendingTargets:
+        with autocast():
+            return objective.submit(student, teacher, mb)
+
+    return MicroBatchStream(
+        prompts, n, pad_token_id=pad_token_id, eos_token_id=eos_token_id, max_tokens=max_tokens, submit=submit,
+        cancel=PendingTargets.cancel, device=device,
+    )  # fmt: skip
 
 
 def accumulate_update(

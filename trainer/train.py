@@ -69,6 +69,7 @@ from trainer.microbatch import (
     micro_batches,
     split_to,
     submit_teacher_requests,
+    teacher_request_stream,
 )
 from trainer.models import (
     check_compatibility,
@@ -277,22 +278,16 @@ class Trainer:
         pending, send_s = None, 0.0
         if stream is not None:  # teacher requests went out as micro-batches settled; the rest goes now
             micro, pending = stream.finish(batch)
-            micro, origin = self._same_count(micro)
-            if len(origin) > len(pending):  # halves of a streamed micro-batch get their own requests
-                for i in set(range(len(pending))) - set(origin):
-                    pending[i].cancel()
-                pending = [
-                    pending[o] if o is not None else stream.submit(mb)
-                    for o, mb in zip(origin, micro, strict=True)
-                ]
+            micro, pending, splits = stream.resplit(micro, pending, self._micro_count(micro))
             send_s = stream.submit_seconds
         else:
-            micro, origin = self._same_count(micro_batches(batch, d.micro_batch_tokens))
+            micro = micro_batches(batch, d.micro_batch_tokens)
+            micro, origin = split_to(micro, self._micro_count(micro))
+            splits = origin.count(None)
             if self.pool is not None:  # this rank's teacher work goes out now
                 pending, send_s = submit_teacher_requests(
                     self.objective, self.student, self.pool, micro, autocast=self._autocast
                 )
-        splits = origin.count(None)
         t_rollout = time.perf_counter()
         local = self.objective.denominators(batch)
         den = Denominators(
@@ -349,13 +344,12 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------------------------------ pieces
-    def _same_count(self, micro: list[RolloutBatch]) -> tuple[list[RolloutBatch], list[int | None]]:
-        """Under FSDP2 over several ranks, split this rank's micro-batches up to the largest count of any rank
-        (:func:`trainer.microbatch.split_to`): each forward/backward is a collective, so the counts must match."""
+    def _micro_count(self, micro: list[RolloutBatch]) -> int:
+        """How many micro-batches every rank runs this step: the most any rank packed (all-reduce MAX under FSDP2,
+        where each forward/backward is a collective, so a rank with fewer splits up to it: :func:`split_to`)."""
         if not self.env.distributed:
-            return micro, list(range(len(micro)))
-        count = int(all_reduce_max(torch.tensor(float(len(micro)), device=self.env.device)).item())
-        return split_to(micro, count)
+            return len(micro)
+        return int(all_reduce_max(torch.tensor(float(len(micro)), device=self.env.device)).item())
 
     def _teacher_stream(self, prompts: list[list[int]]) -> MicroBatchStream | None:
         """With a teacher pool: a stream that sends each micro-batch's teacher request the moment the rollout has
@@ -365,15 +359,10 @@ class Trainer:
         old log-probs): that pass all-gathers, and ranks must not enter it from inside their own rollout loops."""
         if self.pool is None or (self.env.distributed and self.objective.spec.old_logprobs):
             return None
-
-        def submit(mb: RolloutBatch):
-            with self._autocast():
-                return self.objective.submit(self.student, self.pool, mb)
-
-        return MicroBatchStream(
-            prompts, self.p.distill.n_responses, pad_token_id=self.engine.pad_token_id,
-            eos_token_id=self.engine.eos_token_id, max_tokens=self.p.distill.micro_batch_tokens, submit=submit,
-            device=self.env.device,
+        return teacher_request_stream(
+            self.objective, self.student, self.pool, prompts, self.p.distill.n_responses,
+            pad_token_id=self.engine.pad_token_id, eos_token_id=self.engine.eos_token_id,
+            max_tokens=self.p.distill.micro_batch_tokens, autocast=self._autocast, device=self.env.device,
         )  # fmt: skip
 
     def _autocast(self):
